@@ -1,0 +1,99 @@
+"""Run every benchmark in this folder and write one table a reader can compare across commits.
+
+    python benchmarks/run_all.py            # all benchmarks, full size
+    python benchmarks/run_all.py --quick    # smaller sizes (a smoke run)
+    python benchmarks/run_all.py image      # only the benchmarks whose name contains "image"
+
+Convention: each ``bench_<name>.py`` defines ``run(quick: bool) -> list[dict]``; every row is one
+measured figure: ``{"metric": str, "value": float, "unit": str, "baseline": float | None,
+"note": str}``. The script prints its own human-readable table while it runs; this runner appends
+the rows, stamped with the git commit and date, to ``benchmarks/results.jsonl`` and rewrites
+``benchmarks/RESULTS.md`` (latest figures per benchmark, plus the previous commit's for comparison).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import importlib.util
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True)
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=HERE, capture_output=True, text=True).stdout
+        return out.stdout.strip() + ("+dirty" if dirty.strip() else "") or "unknown"
+    except OSError:
+        return "unknown"
+
+
+def load(path: Path):
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def write_markdown(history: list[dict]) -> None:
+    by_bench: dict[str, list[dict]] = {}
+    for row in history:
+        by_bench.setdefault(row["benchmark"], []).append(row)
+    lines = ["# Benchmark results", "", "Written by `python benchmarks/run_all.py`; raw rows in `results.jsonl`.", ""]
+    for bench, rows in sorted(by_bench.items()):
+        commits = list(dict.fromkeys(r["commit"] for r in rows))
+        latest = commits[-1]
+        prev = commits[-2] if len(commits) > 1 else None
+        lines += [f"## {bench}", "", f"latest: `{latest}` ({rows[-1]['date']})" + (f", previous: `{prev}`" if prev else ""), ""]
+        lines += ["| metric | value | unit | baseline | previous | note |", "|---|---:|---|---:|---:|---|"]
+        prev_vals = {r["metric"]: r["value"] for r in rows if r["commit"] == prev}
+        for r in rows:
+            if r["commit"] != latest:
+                continue
+            base = "" if r.get("baseline") is None else f"{r['baseline']:.4g}"
+            pv = prev_vals.get(r["metric"])
+            lines.append(
+                f"| {r['metric']} | {r['value']:.4g} | {r.get('unit', '')} | {base} | "
+                f"{'' if pv is None else f'{pv:.4g}'} | {r.get('note', '')} |"
+            )
+        lines.append("")
+    (HERE / "RESULTS.md").write_text("\n".join(lines))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("filter", nargs="?", default="", help="run only benchmarks whose name contains this")
+    ap.add_argument("--quick", action="store_true", help="smaller sizes, for a smoke run")
+    args = ap.parse_args()
+    scripts = sorted(p for p in HERE.glob("bench_*.py") if args.filter in p.stem)
+    if not scripts:
+        print(f"no benchmark matches {args.filter!r}", file=sys.stderr)
+        return 2
+    commit, date = git_commit(), dt.datetime.now().isoformat(timespec="seconds")
+    results = HERE / "results.jsonl"
+    new_rows = []
+    for path in scripts:
+        name = path.stem.removeprefix("bench_")
+        print(f"=== {name} ===", flush=True)
+        t0 = time.perf_counter()
+        rows = load(path).run(quick=args.quick)
+        for r in rows:
+            new_rows.append({"benchmark": name, "commit": commit, "date": date, "quick": args.quick, **r})
+        print(f"=== {name}: {len(rows)} figures in {time.perf_counter() - t0:.0f} s ===", flush=True)
+    with results.open("a") as f:
+        for r in new_rows:
+            f.write(json.dumps(r) + "\n")
+    history = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
+    write_markdown(history)
+    print(f"wrote {len(new_rows)} figures to {results.name} and RESULTS.md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
