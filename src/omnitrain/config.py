@@ -29,7 +29,7 @@ class ConfigError(ValueError):
     """A user-controlled setting is wrong; the message says which and how to fix it."""
 
 
-def _suggest(word: str, choices: typing.Iterable[str]) -> str:
+def suggest(word: str, choices: typing.Iterable[str]) -> str:
     close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
     return f" Did you mean '{close[0]}'?" if close else ""
 
@@ -53,13 +53,15 @@ def _typename(tp: Any) -> str:
 def _convert(value: Any, tp: Any, key: str) -> Any:
     """Check ``value`` against the annotation ``tp`` and return it converted (e.g. str -> Path)."""
     origin = get_origin(tp)
+    if value == "???":  # OmegaConf's "must be given" marker left in a recipe
+        raise ConfigError(f"{key} must be set: the recipe leaves it as ???; add {key}=... to the command line")
     if tp is Any:
         return value
     if origin is Literal:
         choices = get_args(tp)
         if value not in choices:
             valid = ", ".join(repr(c) for c in choices)
-            hint = _suggest(str(value), [str(c) for c in choices])
+            hint = suggest(str(value), [str(c) for c in choices])
             raise ConfigError(f"{key}={value!r} is not a valid choice; valid choices: {valid}.{hint}")
         return value
     if origin in (Union, types.UnionType):
@@ -137,7 +139,7 @@ def from_dict(cls: type[T], data: typing.Mapping[str, Any] | None, prefix: str =
     if unknown:
         k = unknown[0]
         valid = ", ".join(sorted(fields))
-        raise ConfigError(f"unknown config key '{where}{k}'.{_suggest(k, fields)} Valid keys here: {valid}")
+        raise ConfigError(f"unknown config key '{where}{k}'.{suggest(k, fields)} Valid keys here: {valid}")
     kwargs = {}
     for name, f in fields.items():
         if name in data:

@@ -1,0 +1,204 @@
+"""The ``omnitrain`` command: one entry point, a subcommand per job, configs composed by Hydra.
+
+    omnitrain tokenizer train-text tokenizer.vocab_size=16000 corpus=files corpus.files=[data/*.jsonl]
+    omnitrain tokenizer report tokenizer=runs/tokenizer/text
+    omnitrain demo
+    omnitrain <command> --cfg        # print the composed config and exit
+
+Each command composes ``recipes/<recipe>.yaml`` (Hydra: config groups, ``key=value``, ``+key``,
+``group=choice``) and validates the result against the command's config dataclass *before any
+work*: an unknown key, a wrong type or an unknown choice stops with a message naming the key and
+what is valid. Hydra and OmegaConf are imported here only; the library takes dataclasses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, get_args, get_origin, get_type_hints
+
+from omnitrain.config import ConfigError, from_dict, suggest
+
+
+@dataclass
+class Command:
+    name: str  # "tokenizer train-text"
+    help: str
+    recipe: str  # config name under recipes/
+    schema: Callable[[], type]  # lazy: importing torch-heavy modules costs seconds
+    run: Callable[[Any], Any]
+
+
+def _lazy(module: str, attr: str) -> Callable[..., Any]:
+    def get(*args: Any) -> Any:
+        import importlib
+
+        obj = getattr(importlib.import_module(module), attr)
+        return obj(*args) if args else obj
+
+    return get
+
+
+COMMANDS = [
+    Command("tokenizer train-text", "Train the SentencePiece BPE text tokenizer (exact round trip, byte fallback).",
+            "tokenizer_text", _lazy("omnitrain.tokenizer.text", "TrainTextTokenizerConfig"),
+            _lazy("omnitrain.tokenizer.text", "train_text_tokenizer")),
+    Command("tokenizer report", "Compression report: tokens/char of our tokenizer vs o200k_base and cl100k_base, 20 languages.",
+            "tokenizer_report", _lazy("omnitrain.tokenizer.report", "TokenizerReportConfig"),
+            _lazy("omnitrain.tokenizer.report", "write_report")),
+    Command("tokenizer layout", "Build layout.json (the unified id space) from the text, image and audio tokenizers.",
+            "tokenizer_layout", _lazy("omnitrain.tokenizer.build", "LayoutConfig"),
+            _lazy("omnitrain.tokenizer.build", "build_layout")),
+    Command("demo", "Run the embedded demo end to end on data made from local packages (CPU, minutes).",
+            "demo", _lazy("omnitrain.demo", "DemoConfig"), _lazy("omnitrain.demo", "run_demo")),
+]  # fmt: skip
+
+
+def recipes_dir(explicit: str | None = None) -> Path:
+    """--recipes, else $OMNITRAIN_RECIPES, else ./recipes, else the checkout's recipes/."""
+    for cand in (explicit, os.environ.get("OMNITRAIN_RECIPES"), "recipes"):
+        if cand and (Path(cand) / "demo.yaml").is_file():
+            return Path(cand).resolve()
+        if cand and cand != "recipes":
+            raise ConfigError(f"recipes folder {cand} has no demo.yaml; point --recipes at an omnitrain recipes/ tree")
+    here = Path(__file__).resolve().parents[2] / "recipes"
+    if here.is_dir():
+        return here
+    raise ConfigError("cannot find the recipes/ folder: run from an omnitrain checkout or pass --recipes DIR")
+
+
+def _groups(recipes: Path) -> dict[str, list[str]]:
+    """Config group -> its choices (sub-folders of recipes/ holding yaml files)."""
+    out = {}
+    for d in sorted(p for p in recipes.rglob("*") if p.is_dir()):
+        choices = sorted(f.stem for f in d.glob("*.yaml"))
+        if choices:
+            out[d.relative_to(recipes).as_posix().replace("/", ".")] = choices
+    return out
+
+
+def _check_key(schema: type, dotted: str) -> None:
+    """Raise ConfigError if ``dotted`` is not a path of fields in the dataclass ``schema``."""
+    tp: Any = schema
+    walked = []
+    for part in dotted.split("."):
+        while get_origin(tp) is not None and type(None) in get_args(tp):  # Optional[X] -> X
+            tp = next(a for a in get_args(tp) if a is not type(None))
+        if get_origin(tp) is dict or tp is Any:
+            return  # free-form mapping below this point
+        if not dataclasses.is_dataclass(tp):
+            raise ConfigError(f"'{'.'.join(walked)}' is a value, it has no sub-key '{part}'")
+        hints = get_type_hints(tp)
+        if part not in hints:
+            where = ".".join(walked + [part])
+            valid = ", ".join(sorted(hints))
+            raise ConfigError(f"unknown config key '{where}'.{suggest(part, hints)} Valid keys here: {valid}")
+        tp = hints[part]
+        walked.append(part)
+
+
+def compose(cmd: Command, overrides: list[str], recipes: Path) -> tuple[Any, dict[str, Any]]:
+    """Compose the command's recipe with overrides; validate; return (dataclass, plain dict)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    schema = cmd.schema()
+    groups = _groups(recipes)
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except HydraException as e:
+        raise ConfigError(f"cannot parse overrides {overrides}: {e}. The syntax is key=value, +key=value, group=choice") from e
+    for o in parsed:
+        key = o.key_or_group
+        if key.startswith("hydra") or o.is_delete():
+            continue
+        if key in groups:
+            value = o.value()
+            if isinstance(value, str) and value not in groups[key]:
+                raise ConfigError(f"unknown choice {key}={value}; valid choices: {', '.join(groups[key])}.{suggest(value, groups[key])}")
+            continue
+        _check_key(schema, key)
+    try:
+        with initialize_config_dir(config_dir=str(recipes), version_base="1.3", job_name="omnitrain"):
+            composed = hydra_compose(config_name=cmd.recipe, overrides=overrides)
+        plain = OmegaConf.to_container(composed, resolve=True)
+    except (HydraException, OmegaConfBaseException) as e:
+        raise ConfigError(f"cannot compose recipe '{cmd.recipe}' with {overrides}: {e}") from e
+    plain.pop("hydra", None)
+    return from_dict(schema, plain), plain
+
+
+def _describe(cmd: Command, recipes: Path) -> str:
+    hints = get_type_hints(cmd.schema())
+    groups = _groups(recipes)
+    lines = [f"recipe: {recipes / cmd.recipe}.yaml (print it composed with --cfg)", f"top-level keys: {', '.join(hints)}"]
+    lines += [f"group {g}: {' | '.join(c)}" for g, c in groups.items() if g.split(".")[0] in hints]
+    return "\n  ".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="omnitrain", description="Train one decoder over text, image and audio tokens.",
+        epilog="Each command takes Hydra overrides (key=value, group=choice, +key=value) and --cfg.",
+    )  # fmt: skip
+    parser.add_argument("--recipes", help="recipes/ folder to compose from (default: ./recipes or the checkout's)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    nested: dict[str, argparse._SubParsersAction] = {}
+    for cmd in COMMANDS:
+        head, _, tail = cmd.name.partition(" ")
+        if tail:
+            if head not in nested:
+                group = sub.add_parser(head, help=f"{head} commands", description=f"omnitrain {head} <action>")
+                nested[head] = group.add_subparsers(dest="action", metavar="ACTION")
+            p = nested[head].add_parser(tail, help=cmd.help, description=cmd.help)
+        else:
+            p = sub.add_parser(head, help=cmd.help, description=cmd.help)
+        p.formatter_class = argparse.RawDescriptionHelpFormatter
+        p.epilog = f"config: recipes/{cmd.recipe}.yaml (see it composed with --cfg)"
+        p.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. key=value group=choice +new.key=value")
+        p.add_argument("--cfg", action="store_true", help="print the composed, validated config and exit")
+        p.set_defaults(_cmd=cmd)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    cmd: Command | None = getattr(args, "_cmd", None)
+    if cmd is None:
+        parser.print_help()
+        return 2
+    try:
+        recipes = recipes_dir(args.recipes)
+        cfg, plain = compose(cmd, args.overrides, recipes)
+    except ConfigError as e:
+        print(f"omnitrain {cmd.name}: config error: {e}", file=sys.stderr)
+        if "recipes" in locals():
+            print(f"nothing was run. {_describe(cmd, recipes)}", file=sys.stderr)
+        return 2
+    if args.cfg:
+        import yaml
+
+        print(yaml.safe_dump(plain, sort_keys=False, allow_unicode=True), end="")
+        return 0
+    try:
+        cmd.run(cfg)
+    except (ValueError, FileNotFoundError) as e:  # user-fixable problems: one clear line, no traceback
+        if os.environ.get("OMNITRAIN_DEBUG"):
+            raise
+        print(f"omnitrain {cmd.name}: error: {e}  (OMNITRAIN_DEBUG=1 shows the traceback)", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,116 @@
+"""Reading raw text from files and Hugging Face datasets, with errors that name the file and line.
+
+Supported: ``.txt`` (a file is one document), ``.jsonl`` (one JSON object per line, the text in
+``text_field``), ``.parquet`` (column ``text_field``), each optionally ``.gz``-compressed; glob
+patterns; and any Hugging Face dataset: by hub name (online), a local data folder, or a
+``save_to_disk`` folder (offline).
+"""
+
+from __future__ import annotations
+
+import glob
+import gzip
+import io
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+TEXT_SUFFIXES = (".txt", ".jsonl", ".parquet", ".md", ".rst")
+
+
+def expand_paths(patterns: list[str] | list[Path]) -> list[Path]:
+    """Expand globs and folders (recursively, supported suffixes) into a sorted file list.
+
+    Raises:
+        FileNotFoundError: when a pattern matches nothing (naming the pattern).
+    """
+    out: list[Path] = []
+    for pat in patterns:
+        pat = str(pat)
+        matches = sorted(glob.glob(pat, recursive=True)) if any(c in pat for c in "*?[") else [pat]
+        if not matches or not Path(matches[0]).exists():
+            raise FileNotFoundError(f"no file matches {pat!r}: check the path (relative paths start at {Path.cwd()})")
+        for m in matches:
+            p = Path(m)
+            if p.is_dir():
+                out += sorted(f for f in p.rglob("*") if f.is_file() and _base_suffix(f) in TEXT_SUFFIXES)
+            else:
+                out.append(p)
+    return out
+
+
+def _base_suffix(path: Path) -> str:
+    return Path(path.stem).suffix if path.suffix == ".gz" else path.suffix
+
+
+def _open_text(path: Path) -> io.TextIOBase:
+    if path.suffix == ".gz":
+        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8", newline="")
+    return open(path, encoding="utf-8", newline="")
+
+
+def iter_file_documents(path: Path, text_field: str = "text") -> Iterator[str]:
+    """Documents of one file. Raises ValueError naming file (and line) on malformed content."""
+    suffix = _base_suffix(path)
+    try:
+        if suffix in (".txt", ".md", ".rst"):
+            with _open_text(path) as f:
+                yield f.read()
+        elif suffix == ".jsonl":
+            with _open_text(path) as f:
+                for lineno, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        record = json.loads(line)
+                    except json.JSONDecodeError as e:
+                        raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg}); fix or remove that line") from e
+                    if not isinstance(record, dict) or text_field not in record:
+                        keys = sorted(record) if isinstance(record, dict) else type(record).__name__
+                        raise ValueError(f"{path}:{lineno}: no '{text_field}' field (has {keys}); set text_field")
+                    if not isinstance(record[text_field], str):
+                        raise ValueError(f"{path}:{lineno}: '{text_field}' is not a string")
+                    yield record[text_field]
+        elif suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            table = pq.read_table(path)
+            if text_field not in table.column_names:
+                raise ValueError(f"{path}: no column '{text_field}' (columns: {table.column_names}); set text_field")
+            for value in table.column(text_field).to_pylist():
+                if value is not None:
+                    yield value
+        else:
+            raise ValueError(f"{path}: unsupported file type {path.suffix!r}; use .txt, .jsonl or .parquet (or .gz)")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); convert it to UTF-8") from e
+
+
+def load_hf_dataset(name_or_path: str, split: str = "train", config: str | None = None) -> Any:
+    """A Hugging Face ``Dataset``: a ``save_to_disk`` folder, a local data folder, or a hub name."""
+    import datasets
+
+    path = Path(name_or_path)
+    if path.is_dir() and ((path / "state.json").exists() or (path / "dataset_dict.json").exists()):
+        ds = datasets.load_from_disk(str(path))
+        if isinstance(ds, datasets.DatasetDict):
+            if split not in ds:
+                raise ValueError(f"{path} has splits {list(ds)}, not '{split}'; set the split")
+            ds = ds[split]
+        return ds
+    try:
+        return datasets.load_dataset(name_or_path, config, split=split)
+    except (FileNotFoundError, ConnectionError, OSError) as e:
+        raise ValueError(
+            f"could not load Hugging Face dataset {name_or_path!r} (split {split!r}): {e}. Offline, pass a local "
+            "folder or a `save_to_disk` folder; online, check the name and split."
+        ) from e
+
+
+def iter_hf_documents(name_or_path: str, split: str, field: str, config: str | None = None) -> Iterator[str]:
+    ds = load_hf_dataset(name_or_path, split, config)
+    if field not in ds.column_names:
+        raise ValueError(f"dataset {name_or_path!r} has no column '{field}' (columns: {ds.column_names})")
+    for batch in ds.select_columns([field]).iter(batch_size=1024):  # streams; never the whole column
+        yield from (v for v in batch[field] if v is not None)

@@ -1,0 +1,98 @@
+"""The omnitrain command: subcommands, --help, --cfg, and config errors that stop before any work."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from omnitrain.cli import COMMANDS, main
+
+from .conftest import REPO
+
+
+def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
+    code = main(args)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.mark.parametrize("cmd", COMMANDS, ids=[c.name for c in COMMANDS])
+def test_every_command_has_help_and_composes_its_recipe(cmd, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main([*cmd.name.split(), "--help"])
+    assert exit_.value.code == 0
+    assert cmd.help in " ".join(capsys.readouterr().out.split())
+    code, out, err = run_cli([*cmd.name.split(), "--cfg"], capsys)
+    assert code == 0, err
+    assert out.strip()  # the composed config, as YAML
+
+
+@pytest.mark.parametrize(
+    ("overrides", "fragments"),
+    [
+        (["tokenizer.vocab_sise=100"], ["unknown config key 'tokenizer.vocab_sise'", "Did you mean 'vocab_size'?"]),
+        (["+tokenizer.extra=1"], ["unknown config key 'tokenizer.extra'", "Valid keys here:"]),
+        (["tokenizer.model_type=wordpiece"], ["tokenizer.model_type='wordpiece' is not a valid choice", "'bpe', 'unigram'"]),
+        (["tokenizer.vocab_size=lots"], ["tokenizer.vocab_size='lots' has the wrong type: expected an integer"]),
+        (["corpus=webtext"], ["unknown choice corpus=webtext", "valid choices: debian, files, hf"]),
+        (["corpus=files"], ["corpus.files must be set"]),
+        (["tokenizer.vocab_size=10"], ["vocab_size=10 is too small"]),
+        (["tokenizer.vocab_size"], ["cannot parse overrides"]),
+    ],
+)
+def test_bad_overrides_fail_before_any_work(overrides, fragments, capsys, tmp_path):
+    run_dir = tmp_path / "never"
+    code, out, err = run_cli(["tokenizer", "train-text", f"run_dir={run_dir}", *overrides], capsys)
+    assert code == 2
+    for fragment in fragments:
+        assert fragment in err
+    assert "nothing was run" in err
+    assert not run_dir.exists()
+
+
+def test_runtime_errors_are_one_line_with_a_hint(capsys, tmp_path):
+    code, _, err = run_cli(["tokenizer", "report", f"tokenizer={tmp_path}", f"out_dir={tmp_path / 'r'}"], capsys)
+    assert code == 1
+    assert "no text tokenizer at" in err and "omnitrain tokenizer train-text" in err
+    assert "Traceback" not in err
+
+
+def test_train_text_then_layout_through_the_cli(capsys, tmp_path):
+    src = tmp_path / "code.txt"
+    src.write_text(Path(__file__).read_text() * 3)
+    code, out, err = run_cli(
+        ["tokenizer", "train-text", f"run_dir={tmp_path / 'tok'}", "corpus=files", f"corpus.files=[{src}]", "tokenizer.vocab_size=500"],
+        capsys,
+    )
+    assert code == 0, err
+    assert "exact round trip" in out
+    code, out, err = run_cli(["tokenizer", "layout", f"text={tmp_path / 'tok'}", f"out={tmp_path / 'layout.json'}"], capsys)
+    assert code == 0, err
+    from omnitrain.tokenizer.layout import TokenLayout
+
+    layout = TokenLayout.load(tmp_path / "layout.json")
+    assert layout.text_vocab_size == 500 and layout.hash in out
+
+
+@pytest.mark.slow
+def test_demo_command_runs_end_to_end(tmp_path):
+    """The README's main command, as a user runs it: the console script in a fresh process."""
+    exe = Path(sys.executable).with_name("omnitrain")
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run(
+        [str(exe), "demo", f"run_dir={tmp_path / 'demo'}"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "demo done" in proc.stdout
+    for f in ("layout.json", "summary.json", "tokenizer/text/text_tokenizer.model", "tokenizer/report/report.md", "tokenizer/report/compression.png"):
+        assert (tmp_path / "demo" / f).is_file(), f
+
+
+def test_import_omnitrain_is_free_of_side_effects():
+    code = "import sys, omnitrain; heavy = [m for m in ('torch', 'hydra', 'lightning', 'sentencepiece') if m in sys.modules]; print(heavy)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
