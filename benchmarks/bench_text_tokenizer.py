@@ -25,7 +25,12 @@ def run(quick: bool = False) -> list[dict]:
 
     from omnitrain import corpora
     from omnitrain.tokenizer.report import load_tiktoken
-    from omnitrain.tokenizer.text import TextCorpusConfig, TextTokenizerConfig, TrainTextTokenizerConfig, train_text_tokenizer
+    from omnitrain.tokenizer.text import (
+        TextCorpusConfig,
+        TextTokenizerConfig,
+        TrainTextTokenizerConfig,
+        train_text_tokenizer,
+    )
 
     repeats = 3 if quick else 7
     with tempfile.TemporaryDirectory() as tmp:

@@ -51,9 +51,19 @@ COMMANDS = [
     Command("tokenizer report", "Compression report: tokens/char of our tokenizer vs o200k_base and cl100k_base, 20 languages.",
             "tokenizer_report", _lazy("omnitrain.tokenizer.report", "TokenizerReportConfig"),
             _lazy("omnitrain.tokenizer.report", "write_report")),
+    Command("tokenizer train-image", "Train the VQ image tokenizer; reports PSNR and codebook usage on held-out images.",
+            "tokenizer_image", _lazy("omnitrain.tokenizer.image_train", "ImageTrainConfig"),
+            _lazy("omnitrain.tokenizer.image_train", "train_image_tokenizer")),
+    Command("tokenizer train-audio", "Train the RVQ audio codec; reports SI-SNR, mel distance and per-level codebook usage.",
+            "tokenizer_audio", _lazy("omnitrain.tokenizer.audio_train", "AudioTrainConfig"),
+            _lazy("omnitrain.tokenizer.audio_train", "train_audio_codec")),
     Command("tokenizer layout", "Build layout.json (the unified id space) from the text, image and audio tokenizers.",
             "tokenizer_layout", _lazy("omnitrain.tokenizer.build", "LayoutConfig"),
             _lazy("omnitrain.tokenizer.build", "build_layout")),
+    Command("data build", "Turn one source (data_pipelines/pipeline/) into webdataset token shards + manifest.json.",
+            "data_build", _lazy("omnitrain.pipeline.build", "BuildConfig"), _lazy("omnitrain.pipeline.build", "build_shards")),
+    Command("data inspect", "Decode shard samples back to text, PNG and WAV; print a manifest's statistics.",
+            "data_inspect", _lazy("omnitrain.pipeline.inspect", "InspectConfig"), _lazy("omnitrain.pipeline.inspect", "inspect_shards")),
     Command("demo", "Run the embedded demo end to end on data made from local packages (CPU, minutes).",
             "demo", _lazy("omnitrain.demo", "DemoConfig"), _lazy("omnitrain.demo", "run_demo")),
 ]  # fmt: skip
@@ -72,13 +82,20 @@ def recipes_dir(explicit: str | None = None) -> Path:
     raise ConfigError("cannot find the recipes/ folder: run from an omnitrain checkout or pass --recipes DIR")
 
 
+def pipelines_dir(recipes: Path) -> Path | None:
+    """data_pipelines/ beside recipes/ (or $OMNITRAIN_DATA_PIPELINES): Hydra's second search path."""
+    cand = Path(os.environ.get("OMNITRAIN_DATA_PIPELINES", recipes.parent / "data_pipelines"))
+    return cand.resolve() if cand.is_dir() else None
+
+
 def _groups(recipes: Path) -> dict[str, list[str]]:
-    """Config group -> its choices (sub-folders of recipes/ holding yaml files)."""
-    out = {}
-    for d in sorted(p for p in recipes.rglob("*") if p.is_dir()):
-        choices = sorted(f.stem for f in d.glob("*.yaml"))
-        if choices:
-            out[d.relative_to(recipes).as_posix().replace("/", ".")] = choices
+    """Config group -> its choices (sub-folders of recipes/ and data_pipelines/ holding yaml files)."""
+    out: dict[str, list[str]] = {}
+    for root in (recipes, pipelines_dir(recipes)):
+        for d in sorted(p for p in root.rglob("*") if p.is_dir()) if root else []:
+            choices = sorted(f.stem for f in d.glob("*.yaml"))
+            if choices:
+                out.setdefault(d.relative_to(root).as_posix().replace("/", "."), []).extend(choices)
     return out
 
 
@@ -129,7 +146,8 @@ def compose(cmd: Command, overrides: list[str], recipes: Path) -> tuple[Any, dic
         _check_key(schema, key)
     try:
         with initialize_config_dir(config_dir=str(recipes), version_base="1.3", job_name="omnitrain"):
-            composed = hydra_compose(config_name=cmd.recipe, overrides=overrides)
+            extra = [f"hydra.searchpath=[file://{pipelines_dir(recipes)}]"] if pipelines_dir(recipes) else []
+            composed = hydra_compose(config_name=cmd.recipe, overrides=extra + overrides)
         plain = OmegaConf.to_container(composed, resolve=True)
     except (HydraException, OmegaConfBaseException) as e:
         raise ConfigError(f"cannot compose recipe '{cmd.recipe}' with {overrides}: {e}") from e

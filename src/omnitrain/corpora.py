@@ -12,10 +12,11 @@ Online, any text dataset does the same job; these exist so that everything runs 
 from __future__ import annotations
 
 import hashlib
-import html.parser
 import json
 import struct
 from pathlib import Path
+
+from omnitrain.sources import html_to_text
 
 LOCALE_DIR = Path("/usr/share/locale")
 HANDBOOK_DIR = Path("/usr/share/doc/debian-handbook/html")
@@ -104,25 +105,6 @@ def heldout_texts(langs: tuple[str, ...] | list[str] = GPT4O_LANGUAGES, split: s
     return out
 
 
-class _TextOnly(html.parser.HTMLParser):
-    def __init__(self) -> None:
-        super().__init__()
-        self.parts: list[str] = []
-        self._skip = 0
-
-    def handle_starttag(self, tag: str, attrs: list) -> None:
-        self._skip += tag in ("script", "style")
-
-    def handle_endtag(self, tag: str) -> None:
-        self._skip -= tag in ("script", "style") and self._skip > 0
-        if tag in ("p", "div", "pre", "li", "h1", "h2", "h3", "h4", "tr", "dt", "dd", "br", "title"):
-            self.parts.append("\n")
-
-    def handle_data(self, data: str) -> None:
-        if not self._skip:
-            self.parts.append(data)
-
-
 def handbook_text(lang_dir: str = "en-US", max_chars: int | None = None) -> list[str]:
     """Chapters of the Debian Administrator's Handbook as plain text, one string per HTML page."""
     root = HANDBOOK_DIR / lang_dir
@@ -130,10 +112,7 @@ def handbook_text(lang_dir: str = "en-US", max_chars: int | None = None) -> list
         raise FileNotFoundError(f"{root} not found: install the Debian package debian-handbook (setup.sh does, as root)")
     docs, total = [], 0
     for page in sorted(root.glob("*.html")):
-        parser = _TextOnly()
-        parser.feed(page.read_text(encoding="utf-8", errors="replace"))
-        lines = [" ".join(line.split()) for line in "".join(parser.parts).splitlines()]
-        text = "\n".join(line for line in lines if line)
+        text = html_to_text(page.read_text(encoding="utf-8", errors="replace"))
         if text:
             docs.append(text)
             total += len(text)

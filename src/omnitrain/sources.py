@@ -1,6 +1,6 @@
 """Reading raw text from files and Hugging Face datasets, with errors that name the file and line.
 
-Supported: ``.txt`` (a file is one document), ``.jsonl`` (one JSON object per line, the text in
+Supported: ``.txt`` / ``.md`` / ``.rst`` / ``.html`` (a file is one document; HTML tags stripped), ``.jsonl`` (one JSON object per line, the text in
 ``text_field``), ``.parquet`` (column ``text_field``), each optionally ``.gz``-compressed; glob
 patterns; and any Hugging Face dataset: by hub name (online), a local data folder, or a
 ``save_to_disk`` folder (offline).
@@ -10,13 +10,41 @@ from __future__ import annotations
 
 import glob
 import gzip
+import html.parser
 import io
 import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-TEXT_SUFFIXES = (".txt", ".jsonl", ".parquet", ".md", ".rst")
+TEXT_SUFFIXES = (".txt", ".jsonl", ".parquet", ".md", ".rst", ".html")
+
+
+class _TextOnly(html.parser.HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.parts: list[str] = []
+        self._skip = 0
+
+    def handle_starttag(self, tag: str, attrs: list) -> None:
+        self._skip += tag in ("script", "style")
+
+    def handle_endtag(self, tag: str) -> None:
+        self._skip -= tag in ("script", "style") and self._skip > 0
+        if tag in ("p", "div", "pre", "li", "h1", "h2", "h3", "h4", "tr", "dt", "dd", "br", "title"):
+            self.parts.append("\n")
+
+    def handle_data(self, data: str) -> None:
+        if not self._skip:
+            self.parts.append(data)
+
+
+def html_to_text(markup: str) -> str:
+    """Visible text of an HTML page: one line per block element, whitespace runs collapsed."""
+    parser = _TextOnly()
+    parser.feed(markup)
+    lines = [" ".join(line.split()) for line in "".join(parser.parts).splitlines()]
+    return "\n".join(line for line in lines if line)
 
 
 def expand_paths(patterns: list[str] | list[Path]) -> list[Path]:
@@ -57,6 +85,9 @@ def iter_file_documents(path: Path, text_field: str = "text") -> Iterator[str]:
         if suffix in (".txt", ".md", ".rst"):
             with _open_text(path) as f:
                 yield f.read()
+        elif suffix == ".html":
+            with _open_text(path) as f:
+                yield html_to_text(f.read())
         elif suffix == ".jsonl":
             with _open_text(path) as f:
                 for lineno, line in enumerate(f, 1):

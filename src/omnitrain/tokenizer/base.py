@@ -4,7 +4,7 @@ Legend: B batch, C channels, H/W pixels, h/w code grid, S audio samples, T codec
 K residual codebook levels.
 
 Trained here (``omnitrain.tokenizer.image`` / ``.audio``) or adapted from a pretrained
-checkpoint (``omnitrain.tokenizer.pretrained``), a tokenizer is used through these methods only,
+checkpoint (``pretrained_image`` / ``pretrained_audio``), a tokenizer is used through these methods only,
 so the pipeline never cares which one it has.
 """
 

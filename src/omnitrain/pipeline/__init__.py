@@ -1,0 +1,1 @@
+"""Data pipelines: raw sources -> records -> task templates -> token shards."""

@@ -1,0 +1,187 @@
+"""Task templates: a small, data-driven description of how one record becomes one token sequence.
+
+A template is a list of parts, each naming *one* thing and whether the model learns it::
+
+    # data_pipelines/templates/asr.yaml
+    parts:
+      - {special: bos}
+      - {audio: audio, learn: false}     # the record's "audio" field, encoded by the audio codec
+      - {literal: "Transcript: ", learn: false}
+      - {text: text}                     # the record's "text" field, learned
+      - {special: eos}
+
+Part kinds: ``special`` (bos, eos, system, user, assistant, end_of_turn), ``literal`` (fixed
+text), ``text`` / ``image`` / ``audio`` (a record field), ``interleaved`` (a field holding a list
+of ``{"text": ...}``, ``{"image": ...}``, ``{"audio": ...}`` items) and ``chat`` (a field holding
+``[{"role", "content"}]`` turns; content is a string or an interleaved list; only the content and
+``<end_of_turn>`` of assistant turns are learned, as in SFT). :class:`SampleEncoder` turns (template, record) into ids, the
+``[start, end, modality]`` segments and the learned spans that go into a shard.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from omnitrain.tokenizer.layout import (
+    MODALITIES,
+    AudioSegment,
+    ImageSegment,
+    Segment,
+    SpecialSegment,
+    TextSegment,
+    TokenLayout,
+)
+
+KINDS = ("special", "literal", "text", "image", "audio", "interleaved", "chat")
+ROLES = ("system", "user", "assistant")
+
+
+@dataclass
+class Part:
+    special: str | None = None
+    literal: str | None = None
+    text: str | None = None
+    image: str | None = None
+    audio: str | None = None
+    interleaved: str | None = None
+    chat: str | None = None
+    learn: bool = True
+    optional: bool = False  # a missing/empty field is skipped instead of an error
+
+    def __post_init__(self) -> None:
+        given = [k for k in KINDS if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"a template part names exactly one of {KINDS}, got {given or 'none'}")
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in KINDS if getattr(self, k) is not None)
+
+
+@dataclass
+class Template:
+    name: str
+    parts: list[Part] = field(default_factory=list)
+
+    def fields(self) -> set[str]:
+        """The record fields this template reads."""
+        return {getattr(p, p.kind) for p in self.parts if p.kind not in ("special", "literal")}
+
+
+class MediaEncoder(Protocol):
+    """What the template engine needs to turn a field into codes (see ``pipeline.media``)."""
+
+    def image_codes(self, value: Any) -> np.ndarray: ...  # [h, w]
+
+    def audio_codes(self, value: Any) -> np.ndarray: ...  # [T, K]
+
+
+class SkipSample(ValueError):
+    """This record cannot become a sample (the reason goes to errors.jsonl)."""
+
+
+@dataclass
+class Encoded:
+    ids: np.ndarray  # [n] int64
+    segments: list[list]  # [[start, end, modality], ...] covering ids
+    learn: list[list[int]]  # [[start, end], ...] trained-on spans
+
+
+class SampleEncoder:
+    """(template, record) -> token ids through the text tokenizer, the media tokenizers and the layout."""
+
+    def __init__(self, layout: TokenLayout, text_tokenizer: Any, media: MediaEncoder | None = None) -> None:
+        self.layout, self.text, self.media = layout, text_tokenizer, media
+
+    def encode(self, template: Template, record: dict[str, Any]) -> Encoded:
+        pieces: list[tuple[Segment, bool]] = []  # (segment, learned)
+        for part in template.parts:
+            pieces += self._part(part, record)
+        if not any(isinstance(s, (TextSegment, ImageSegment, AudioSegment)) for s, _ in pieces):
+            raise SkipSample("empty sample: no text, image or audio content")
+        ids, segments, learn, pos = [], [], [], 0
+        for seg, learned in pieces:
+            seg_ids = self.layout.serialize([seg])
+            n = len(seg_ids)
+            if n == 0:
+                continue
+            mod = MODALITIES[int(self.layout.modality_of(seg_ids[:1])[0])]
+            if segments and segments[-1][2] == mod and segments[-1][1] == pos:
+                segments[-1][1] = pos + n  # merge runs of one modality
+            else:
+                segments.append([pos, pos + n, mod])
+            if learned:
+                if learn and learn[-1][1] == pos:
+                    learn[-1][1] = pos + n
+                else:
+                    learn.append([pos, pos + n])
+            ids.append(seg_ids)
+            pos += n
+        return Encoded(np.concatenate(ids), segments, learn)
+
+    # ------------------------------------------------------------------ parts
+    def _field(self, record: dict[str, Any], name: str, part: Part) -> Any:
+        value = record.get(name)
+        if value is None or (isinstance(value, (str, list)) and len(value) == 0):
+            if part.optional:
+                return None
+            raise SkipSample(f"field '{name}' is missing or empty (record has {sorted(k for k in record if not k.startswith('__'))})")
+        return value
+
+    def _text(self, s: str) -> TextSegment:
+        if not isinstance(s, str):
+            raise SkipSample(f"expected text, got {type(s).__name__}")
+        return TextSegment(np.asarray(self.text.encode(s), dtype=np.int64))
+
+    def _media(self, kind: str, value: Any) -> Segment:
+        if self.media is None:
+            raise ValueError(f"the template has {kind} parts but no {kind} tokenizer is configured")
+        if kind == "image":
+            return ImageSegment(self.media.image_codes(value))
+        return AudioSegment(self.media.audio_codes(value))
+
+    def _interleaved(self, items: list[Any]) -> list[Segment]:
+        out: list[Segment] = []
+        for item in items:
+            if isinstance(item, str):
+                out.append(self._text(item))
+                continue
+            if not isinstance(item, dict) or len(item.keys() & {"text", "image", "audio"}) != 1:
+                raise SkipSample(f"interleaved item {item!r:.80} must be a string or one of text/image/audio")
+            kind = next(k for k in ("text", "image", "audio") if k in item)
+            out.append(self._text(item[kind]) if kind == "text" else self._media(kind, item[kind]))
+        return out
+
+    def _part(self, part: Part, record: dict[str, Any]) -> list[tuple[Segment, bool]]:
+        kind = part.kind
+        if kind == "special":
+            return [(SpecialSegment(part.special), part.learn)]
+        if kind == "literal":
+            return [(self._text(part.literal), part.learn)]
+        value = self._field(record, getattr(part, kind), part)
+        if value is None:
+            return []
+        if kind == "text":
+            return [(self._text(value), part.learn)]
+        if kind in ("image", "audio"):
+            return [(self._media(kind, value), part.learn)]
+        if kind == "interleaved":
+            return [(s, part.learn) for s in self._interleaved(value)]
+        return self._chat(value)
+
+    def _chat(self, turns: list[dict[str, Any]]) -> list[tuple[Segment, bool]]:
+        out: list[tuple[Segment, bool]] = []
+        for i, turn in enumerate(turns):
+            role = turn.get("role") if isinstance(turn, dict) else None
+            if role not in ROLES:
+                raise SkipSample(f"chat turn {i} has role {role!r}; roles are {ROLES}")
+            content = turn.get("content")
+            learned = role == "assistant"  # SFT: only what the assistant says is learned
+            segs = self._interleaved([content] if isinstance(content, str) else list(content or []))
+            out.append((SpecialSegment(role), False))  # the role marker is prompt: generation starts after it
+            out += [(s, learned) for s in segs]
+            out.append((SpecialSegment("end_of_turn"), learned))
+        return out

@@ -1,0 +1,150 @@
+"""The shard format (its one owner): webdataset ``.tar`` files of token-id samples + ``manifest.json``.
+
+A shard ``shard-000042.tar`` holds samples, each two members:
+
+* ``<key>.ids.npy``: the token ids, ``uint32`` [n];
+* ``<key>.meta.json``: ``{"schema_version", "layout_hash", "source", "template", "segments":
+  [[start, end, modality], ...], "learn": [[start, end], ...], "origin": "<file or row>"}``,
+  where ``learn`` lists the spans whose tokens are trained on (SFT prompts are left out).
+
+Beside each finished shard a sidecar ``shard-000042.json`` records what it holds (samples, tokens
+per modality, the next input position, the content hashes used for de-duplication); builds resume
+from the sidecars, so a shard only exists once complete (written to ``.tmp``, then renamed).
+``manifest.json`` sums the sidecars once a build (or a partition of it) is done.
+
+Tar members carry a fixed mtime so that the same input gives byte-identical shards.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from omnitrain.tokenizer.layout import MODALITIES, check_layout_hash
+
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+
+
+@dataclass
+class Sample:
+    key: str  # unique within the source, e.g. "p000-000000123"
+    ids: np.ndarray  # [n] token ids
+    meta: dict[str, Any]  # see the module docstring
+
+    @property
+    def segments(self) -> list[tuple[int, int, str]]:
+        return [tuple(s) for s in self.meta["segments"]]
+
+
+@dataclass
+class ShardInfo:
+    """The sidecar of one finished shard."""
+
+    name: str
+    samples: int
+    tokens: dict[str, int]  # per modality
+    first_item: int  # input positions covered: [first_item, next_item)
+    next_item: int
+    hashes: list[str] = field(default_factory=list)  # content hashes of its samples (de-duplication)
+
+
+def shard_name(partition: int, index: int) -> str:
+    return f"shard-p{partition:03d}-{index:06d}.tar"
+
+
+def write_shard(path: Path, samples: list[Sample], info: ShardInfo) -> None:
+    """Write one shard and its sidecar atomically (a crash leaves no partial shard behind)."""
+    import webdataset as wds
+
+    tmp = path.with_suffix(".tar.tmp")
+    # mtime fixed: the same samples give a byte-identical tar (deterministic, restartable builds)
+    with wds.TarWriter(str(tmp), encoder=False, mtime=0.0) as sink:
+        for s in samples:
+            buf = io.BytesIO()
+            np.save(buf, np.asarray(s.ids, dtype=np.uint32), allow_pickle=False)
+            sink.write({"__key__": s.key, "ids.npy": buf.getvalue(), "meta.json": json.dumps(s.meta, sort_keys=True).encode()})
+    sidecar = path.with_suffix(".json")
+    sidecar_tmp = sidecar.with_suffix(".json.tmp")
+    sidecar_tmp.write_text(json.dumps(info.__dict__, sort_keys=True) + "\n")
+    tmp.replace(path)  # the shard first: a sidecar never describes a missing shard
+    sidecar_tmp.replace(sidecar)
+
+
+def read_sidecars(out_dir: Path, partition: int) -> list[ShardInfo]:
+    """Finished shards of one partition, in order; a shard without its sidecar is unfinished."""
+    infos = []
+    for side in sorted(out_dir.glob(f"shard-p{partition:03d}-*.json")):
+        if (out_dir / side.with_suffix(".tar").name).is_file():
+            infos.append(ShardInfo(**json.loads(side.read_text())))
+    return infos
+
+
+def decode_sample(name: str, members: dict[str, bytes], expect_hash: str | None, where: str) -> Sample:
+    if "ids.npy" not in members or "meta.json" not in members:
+        raise ValueError(f"{where}: sample {name} lacks ids.npy or meta.json; the shard is not an omnitrain shard")
+    meta = json.loads(members["meta.json"])
+    if meta.get("schema_version") != SCHEMA_VERSION:
+        raise ValueError(f"{where}: sample {name} has shard schema_version {meta.get('schema_version')}, "
+                         f"this omnitrain reads {SCHEMA_VERSION}; rebuild the shards")  # fmt: skip
+    if expect_hash is not None:
+        check_layout_hash(expect_hash, meta.get("layout_hash", "?"), where)
+    ids = np.load(io.BytesIO(members["ids.npy"]), allow_pickle=False)
+    return Sample(name, ids, meta)
+
+
+def iter_shard(path: Path, expect_hash: str | None = None) -> Iterator[Sample]:
+    """Samples of one shard, validated. A truncated or corrupt tar is a clear error naming it."""
+    try:
+        with tarfile.open(path, "r") as tar:
+            current, members = None, {}
+            for m in tar:
+                key, _, ext = m.name.partition(".")
+                if current is not None and key != current:
+                    yield decode_sample(current, members, expect_hash, str(path))
+                    members = {}
+                current = key
+                members[ext] = tar.extractfile(m).read()
+            if current is not None:
+                yield decode_sample(current, members, expect_hash, str(path))
+    except (tarfile.TarError, EOFError, OSError) as e:
+        raise ValueError(f"{path} is corrupt or truncated ({e}); rebuild it with `omnitrain data build`") from e
+
+
+def write_manifest(out_dir: Path, extra: dict[str, Any], partitions: int) -> dict[str, Any]:
+    """Sum the sidecars of every partition into ``manifest.json``."""
+    shards, tokens, samples = [], dict.fromkeys(MODALITIES, 0), 0
+    for p in range(partitions):
+        for info in read_sidecars(out_dir, p):
+            shards.append({"name": info.name, "samples": info.samples, "tokens": info.tokens})
+            samples += info.samples
+            for m, n in info.tokens.items():
+                tokens[m] += n
+    manifest = {"schema_version": SCHEMA_VERSION, **extra, "shards": shards, "samples": samples, "tokens": tokens}
+    tmp = out_dir / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    tmp.replace(out_dir / MANIFEST)
+    return manifest
+
+
+def read_manifest(out_dir: Path, expect_hash: str | None = None) -> dict[str, Any]:
+    """Load and check a shard folder's manifest: schema, layout hash, every listed shard present."""
+    path = Path(out_dir) / MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(f"no {MANIFEST} in {out_dir}: build the shards with `omnitrain data build`")
+    manifest = json.loads(path.read_text())
+    if manifest.get("schema_version") != SCHEMA_VERSION:
+        raise ValueError(f"{path}: shard schema_version {manifest.get('schema_version')}, expected {SCHEMA_VERSION}")
+    if expect_hash is not None:
+        check_layout_hash(expect_hash, manifest.get("layout_hash", "?"), f"shard set {out_dir}")
+    missing = [s["name"] for s in manifest["shards"] if not (Path(out_dir) / s["name"]).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{out_dir}: {len(missing)} shard(s) listed in the manifest are missing, e.g. {missing[0]}")
+    return manifest
