@@ -8,7 +8,7 @@
 #   OMNITRAIN_SKIP_APT=1     # never touch Debian packages
 #
 # Steps: Debian packages the tests and the demo read (only when missing and only as root),
-# the venv, torch, then `pip install -e .[dev,hf]`. A stamp file records a hash of this script and
+# the venv, torch, then `pip install -e .[dev,hf,video]`. A stamp file records a hash of this script and
 # pyproject.toml so that an unchanged checkout skips the pip work.
 set -euo pipefail
 
@@ -73,8 +73,8 @@ if ! "$vpy" -c 'import torch' 2>/dev/null; then
 fi
 
 # --- 4. omnitrain itself, editable, with the dev (tests) and hf (transformers interop) extras
-say "installing omnitrain -e .[dev,hf]"
-"${pip[@]}" -e "$root[dev,hf]" 2> >(grep -v "is ignored: it is neither" >&2)
+say "installing omnitrain -e .[dev,hf,video]"
+"${pip[@]}" -e "$root[dev,hf,video]" 2> >(grep -v "is ignored: it is neither" >&2)
 
 echo "$want" > "$stamp"
 say "done in $(( $(date +%s) - start )) s: $("$vpy" -c 'import torch; print("torch", torch.__version__, "cuda" if torch.cuda.is_available() else "cpu")')"

@@ -318,3 +318,76 @@ def test_slurm_array_script_builds_disjoint_partitions(tmp_path, text_tokenizer_
         assert f"partition {task}/2" in proc.stdout
     m = read_manifest(tmp_path / "out")
     assert m["complete"] and m["samples"] == 10 and m["partitions"] == 2
+
+
+def test_inspect_decodes_back_to_text_png_and_wav(tmp_path, text_tokenizer_dir, media_ckpts, capsys):
+    from omnitrain.pipeline.inspect import InspectConfig, inspect_shards
+
+    folder = _images(tmp_path, names=("astronaut", "coffee"))
+    cfg = make_cfg(tmp_path, text_tokenizer_dir, {"kind": "image_folder", "paths": [str(folder)]}, "caption", media_ckpts)
+    build_shards(cfg)
+    result = inspect_shards(InspectConfig(shards=cfg.out_dir, samples=2))
+    out = capsys.readouterr().out
+    assert "2 samples in 1 shard(s)" in out and "image tokens" in out and "'a photo: astronaut'" in out
+    pngs = sorted((cfg.out_dir / "inspect").glob("*.png"))
+    assert len(pngs) == 2 and pngs[0].read_bytes()[:4] == b"\x89PNG"
+    assert len(result["samples"]) == 2
+    # the wrong tokenizers for these shards: a clear error naming both layouts
+    other = TokenizersConfig(text=text_tokenizer_dir)  # no image tokenizer -> another layout
+    with pytest.raises(LayoutMismatchError, match="current layout is"):
+        inspect_shards(InspectConfig(shards=cfg.out_dir, tokenizers=other))
+
+
+def _write_clip(path: Path, seconds: int = 3, fps: int = 10, rate: int = 16000) -> np.ndarray:
+    """A real video file: a bar sweeping across the frame, and a rising tone on the audio track."""
+    av = pytest.importorskip("av")
+    with av.open(str(path), "w") as box:
+        v = box.add_stream("mpeg4", rate=fps)
+        v.width, v.height, v.pix_fmt = 96, 64, "yuv420p"
+        a = box.add_stream("pcm_s16le", rate=rate)
+        a.layout = "mono"
+        for i in range(seconds * fps):
+            img = np.full((64, 96, 3), 40, np.uint8)
+            img[:, (i * 3) % 88 : (i * 3) % 88 + 8] = (250, 200, 30)
+            for pkt in v.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                box.mux(pkt)
+        for pkt in v.encode():
+            box.mux(pkt)
+        t = np.arange(seconds * rate) / rate
+        wav = (0.3 * np.sin(2 * np.pi * (300 + 100 * t) * t) * 32767).astype(np.int16)
+        for k in range(0, len(wav), 1600):
+            frame = av.AudioFrame.from_ndarray(wav[None, k : k + 1600], format="s16", layout="mono")
+            frame.sample_rate = rate
+            for pkt in a.encode(frame):
+                box.mux(pkt)
+        for pkt in a.encode():
+            box.mux(pkt)
+    return wav
+
+
+def test_video_frames_interleave_with_their_audio_windows(tmp_path, text_tokenizer_dir, text_tokenizer, media_ckpts):
+    folder = tmp_path / "clips"
+    folder.mkdir()
+    _write_clip(folder / "sweep.mkv")
+    (folder / "sweep.txt").write_text("a yellow bar sweeps right")
+    (folder / "broken.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + b"\x00" * 100)
+    for template in ("video_lm", "video_caption"):
+        cfg = make_cfg(tmp_path, text_tokenizer_dir, {"kind": "video_folder", "paths": [str(folder)]}, template, media_ckpts,
+                       out=template, min_items_for_error_rate=100)  # fmt: skip
+        stats = build_shards(cfg)
+        assert stats["samples"] == 1 and stats["errors"] == 1  # the broken clip is logged, not fatal
+        (s,) = read_back(cfg.out_dir)
+        segs = TokenLayout.load(cfg.out_dir).parse(s.ids)
+        media = [x for x in segs if isinstance(x, (ImageSegment, AudioSegment))]
+        assert [type(x).__name__ for x in media] == ["ImageSegment", "AudioSegment"] * 3  # 3 s at 1 frame/s
+        frames = [x.codes.shape[0] for x in media if isinstance(x, AudioSegment)]
+        assert frames == [100, 100, 100]  # the test codec runs at 100 frames/s: one second of audio per window
+        if template == "video_caption":
+            assert text_tokenizer.decode(segs[-2].ids.tolist()) == "a yellow bar sweeps right"
+    from omnitrain.tokenizer.build import load_media_tokenizers
+
+    mt = MediaTokenizers(*load_media_tokenizers(*media_ckpts), cfg.media, 64)
+    mt.base_dir = folder
+    again = mt.video_segments("sweep.mkv")
+    assert all(a == b for a, b in zip(again, media, strict=True))  # deterministic, through the tokenizers' own path
+    assert not np.array_equal(media[0].codes, media[2].codes)  # the bar moved between sampled frames

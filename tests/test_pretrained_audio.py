@@ -91,3 +91,19 @@ def test_adapter_errors(encodec_dir: Path, mimi_dir: Path, tmp_path: Path) -> No
         codec.encode(torch.zeros(1, 2, 800))
     with pytest.raises(ValueError, match=r"codes must lie in \[0, 32\)"):
         codec.decode(torch.full((1, 3, 4), 40))
+
+
+def test_layout_and_shard_codes_from_pretrained_codecs(mimi_dir: Path, tmp_path: Path) -> None:
+    """A pretrained HF folder plugs in wherever a checkpoint does: the layout gets its K x C range."""
+    import numpy as np
+
+    from omnitrain.tokenizer.build import load_media_tokenizers
+    from omnitrain.tokenizer.layout import AudioSegment, TokenLayout
+
+    _, codec = load_media_tokenizers(None, mimi_dir)
+    layout = TokenLayout.build(300, "t", {"bos": 1, "eos": 2, "pad": 3}, audio_codebook_size=codec.codebook_size,
+                               audio_levels=codec.n_levels, audio_fingerprint=codec.fingerprint)  # fmt: skip
+    assert layout.audio_levels == 4 and layout.vocab_size == layout.audio_base + 4 * 32
+    codes = codec.encode(torch.randn(1, 1, 1600) * 0.1)[0].numpy()
+    ids = layout.serialize([AudioSegment(codes)])
+    np.testing.assert_array_equal(layout.parse(ids)[0].codes, codes)

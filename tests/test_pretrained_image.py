@@ -90,3 +90,16 @@ def test_clear_errors(tmp_path):
     tok = load_pretrained_image_tokenizer(tmp_path)
     with pytest.raises(ValueError, match="multiple of downsample"):
         tok.encode(images(h=30))
+
+
+def test_layout_from_pretrained_image_tokenizer(tmp_path):
+
+    from omnitrain.tokenizer.build import load_media_tokenizers
+    from omnitrain.tokenizer.layout import ImageSegment, TokenLayout
+
+    tiny_emu3().save_pretrained(tmp_path)
+    tok, _ = load_media_tokenizers(tmp_path, None)
+    layout = TokenLayout.build(300, "t", {"bos": 1, "eos": 2, "pad": 3}, image_codebook_size=tok.codebook_size, image_fingerprint=tok.fingerprint)
+    codes = tok.encode(images(1))[0].numpy()
+    assert layout.parse(layout.serialize([ImageSegment(codes)]))[0] == ImageSegment(codes)
+    assert layout.image_codebook_size == 64 and layout.image_fingerprint == tok.fingerprint

@@ -68,8 +68,8 @@ class PipelineConfig:
 @dataclass
 class TokenizersConfig:
     text: Path = Path("runs/tokenizer/text")
-    image: Path | None = None
-    audio: Path | None = None
+    image: str | None = None  # omnitrain checkpoint file, or a Hugging Face folder / hub id (Emu3, Chameleon)
+    audio: str | None = None  # omnitrain checkpoint file, or a Hugging Face folder / hub id (EnCodec, Mimi)
     max_grid: int = 64
 
 
@@ -140,7 +140,7 @@ def _init_forked() -> None:
 
 def _content_hash(record: dict[str, Any], template: Template) -> str:
     """Hash of what the template reads from a record; media given as paths are hashed by content."""
-    media = {getattr(p, p.kind) for p in template.parts if p.kind in ("image", "audio")}
+    media = {getattr(p, p.kind) for p in template.parts if p.kind in ("image", "audio", "video")}
     h = hashlib.sha256()
     for name in sorted(template.fields()):
         value = record.get(name)

@@ -1,7 +1,9 @@
 """Media fields of a record -> codes, through the image tokenizer and the audio codec (and back).
 
 An image field may be a path (absolute, or relative to the record's file), raw bytes, a PIL image
-or a Hugging Face image dict; an audio field a path, or a Hugging Face audio dict. Images are
+or a Hugging Face image dict; an audio field a path, or a Hugging Face audio dict; a video field a path to any file FFmpeg
+reads (through PyAV). A video becomes frames sampled at ``video_fps``, each followed by the codec
+frames of the audio heard until the next one (time-interleaved, as GPT-4o takes video). Images are
 brought to a size the tokenizer takes by the configured policy; every problem with one file is a
 :class:`~omnitrain.pipeline.templates.SkipSample` naming it, which the build logs and counts.
 """
@@ -18,6 +20,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from omnitrain.pipeline.templates import SkipSample
+from omnitrain.tokenizer.layout import AudioSegment, ImageSegment, Segment
 
 
 @dataclass
@@ -26,6 +29,8 @@ class MediaConfig:
     image_policy: Literal["fit", "center_crop", "resize"] = "fit"  # fit keeps the aspect ratio
     audio_channels: Literal["downmix", "error"] = "downmix"
     max_audio_seconds: float = 60.0  # longer clips are skipped (logged), not truncated
+    video_fps: float = 1.0  # video frames sampled per second; each is followed by its audio window
+    max_video_seconds: float = 120.0
     device: str = "cpu"  # where the tokenizers run (cuda on GPU nodes)
 
 
@@ -112,3 +117,62 @@ class MediaTokenizers:
 
     def decode_audio(self, codes: np.ndarray) -> torch.Tensor:
         return self.audio.decode(torch.as_tensor(codes, dtype=torch.long)[None].to(self.cfg.device))[0]  # [1, S]
+
+    # ------------------------------------------------------------------ video
+    def video_segments(self, value: Any) -> list[Segment]:
+        """A clip -> [frame 0, audio of [0, 1/fps), frame 1, audio of [1/fps, 2/fps), ...]."""
+        try:
+            import av
+        except ImportError as e:
+            raise ImportError("video sources need PyAV: pip install 'omnitrain[video]' (bash setup.sh does)") from e
+        if self.image is None:
+            raise ValueError("video templates need an image tokenizer (tokenizers.image)")
+        path = Path(value) if Path(value).is_absolute() else self.base_dir / value
+        if not path.is_file():
+            raise SkipSample(f"video file {path} does not exist")
+        fps = self.cfg.video_fps
+        try:
+            with av.open(str(path)) as box:
+                if not box.streams.video:
+                    raise SkipSample(f"{path} has no video stream")
+                frames, next_t = [], 0.0
+                for frame in box.decode(video=0):
+                    t = float(frame.time or 0.0)
+                    if t > self.cfg.max_video_seconds:
+                        raise SkipSample(f"{path} is longer than max_video_seconds={self.cfg.max_video_seconds}")
+                    if t + 1e-6 >= next_t:  # the first frame at or after each sampling time
+                        frames.append(self.prepare_image(frame.to_image()))
+                        next_t = len(frames) / fps
+            wav = self._video_audio(path) if self.audio is not None else None
+        except (av.error.FFmpegError, OSError) as e:
+            raise SkipSample(f"{path} cannot be decoded as video ({e})") from e
+        if not frames:
+            raise SkipSample(f"{path} holds no video frames")
+        if len({tuple(f.shape) for f in frames}) != 1:
+            raise SkipSample(f"{path} changes frame size mid-stream; re-encode it")
+        grid = self.image.encode(torch.stack(frames).to(self.cfg.device)).cpu().numpy().astype(np.int64)  # [F, h, w]
+        out: list[Segment] = []
+        codes = None
+        if wav is not None and len(wav):
+            codes = self.audio.encode(torch.from_numpy(wav)[None, None].to(self.cfg.device))[0].cpu().numpy().astype(np.int64)
+        for i, g in enumerate(grid):
+            out.append(ImageSegment(g))
+            if codes is not None:
+                lo = round(i / fps * self.audio.frame_rate)
+                hi = len(codes) if i == len(grid) - 1 else round((i + 1) / fps * self.audio.frame_rate)
+                out.append(AudioSegment(codes[lo:hi]))  # [T_i, K]
+        return out
+
+    def _video_audio(self, path: Path) -> np.ndarray | None:
+        """The clip's first audio track as mono float32 at the codec's rate (None: no audio)."""
+        import av
+
+        with av.open(str(path)) as box:
+            if not box.streams.audio:
+                return None
+            resampler = av.AudioResampler(format="flt", layout="mono", rate=self.audio.sample_rate)
+            chunks = []
+            for frame in box.decode(audio=0):
+                chunks += [f.to_ndarray().reshape(-1) for f in resampler.resample(frame)]
+            chunks += [f.to_ndarray().reshape(-1) for f in resampler.resample(None)]
+        return np.concatenate(chunks).astype(np.float32) if chunks else None

@@ -13,6 +13,8 @@ Kinds:
 * ``image_folder``: images, each with an optional same-name ``.txt`` caption -> ``{"image", "caption"}``;
 * ``audio_folder``: audio files with a same-name ``.txt`` transcript, or a ``transcripts`` file
   (``id<TAB>text``, or Sphinx's ``<s> text </s> (id)``) -> ``{"audio", "text"}``;
+* ``video_folder``: clips (.mp4 .mkv .webm .mov .avi) with optional same-name ``.txt`` captions
+  -> ``{"video", "caption"}``;
 * ``hf``: any Hugging Face dataset (hub name online; local folder or ``save_to_disk`` offline).
 """
 
@@ -30,11 +32,12 @@ from omnitrain import sources
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 AUDIO_SUFFIXES = (".wav", ".flac", ".mp3", ".ogg", ".opus")
+VIDEO_SUFFIXES = (".mp4", ".mkv", ".webm", ".mov", ".avi")
 
 
 @dataclass
 class SourceConfig:
-    kind: Literal["text", "records", "image_folder", "audio_folder", "hf"] = "text"
+    kind: Literal["text", "records", "image_folder", "audio_folder", "video_folder", "hf"] = "text"
     paths: list[str] = field(default_factory=list)  # files, globs or folders
     text_field: str = "text"  # kind=text: where the text is in jsonl/parquet
     columns: dict[str, str] = field(default_factory=dict)  # template field -> source column
@@ -130,6 +133,12 @@ def _raw_records(cfg: SourceConfig) -> Iterator[dict[str, Any]]:
                 txt = wav.with_suffix(".txt")
                 text = txt.read_text(encoding="utf-8").strip() if txt.is_file() else table.get(wav.stem)
                 yield {"__origin__": str(wav), "__dir__": str(folder), "audio": str(wav), "text": text}
+    elif cfg.kind == "video_folder":
+        for folder in _folders(cfg.paths):
+            for clip in sorted(f for f in folder.rglob("*") if f.suffix.lower() in VIDEO_SUFFIXES):
+                cap = clip.with_suffix(".txt")
+                caption = cap.read_text(encoding="utf-8").strip() if cap.is_file() else None
+                yield {"__origin__": str(clip), "__dir__": str(folder), "video": str(clip), "caption": caption}
     elif cfg.kind == "hf":
         if not cfg.hf_dataset:
             raise ValueError("source.kind=hf needs source.hf_dataset (a hub name, a local folder or a save_to_disk folder)")

@@ -11,7 +11,8 @@ A template is a list of parts, each naming *one* thing and whether the model lea
       - {special: eos}
 
 Part kinds: ``special`` (bos, eos, system, user, assistant, end_of_turn), ``literal`` (fixed
-text), ``text`` / ``image`` / ``audio`` (a record field), ``interleaved`` (a field holding a list
+text), ``text`` / ``image`` / ``audio`` / ``video`` (a record field; a video becomes its sampled
+frames, each followed by the audio codes of its time window), ``interleaved`` (a field holding a list
 of ``{"text": ...}``, ``{"image": ...}``, ``{"audio": ...}`` items) and ``chat`` (a field holding
 ``[{"role", "content"}]`` turns; content is a string or an interleaved list; only the content and
 ``<end_of_turn>`` of assistant turns are learned, as in SFT). :class:`SampleEncoder` turns (template, record) into ids, the
@@ -35,7 +36,7 @@ from omnitrain.tokenizer.layout import (
     TokenLayout,
 )
 
-KINDS = ("special", "literal", "text", "image", "audio", "interleaved", "chat")
+KINDS = ("special", "literal", "text", "image", "audio", "video", "interleaved", "chat")
 ROLES = ("system", "user", "assistant")
 
 
@@ -46,6 +47,7 @@ class Part:
     text: str | None = None
     image: str | None = None
     audio: str | None = None
+    video: str | None = None
     interleaved: str | None = None
     chat: str | None = None
     learn: bool = True
@@ -77,6 +79,8 @@ class MediaEncoder(Protocol):
     def image_codes(self, value: Any) -> np.ndarray: ...  # [h, w]
 
     def audio_codes(self, value: Any) -> np.ndarray: ...  # [T, K]
+
+    def video_segments(self, value: Any) -> list[Segment]: ...  # frames and audio windows, in time order
 
 
 class SkipSample(ValueError):
@@ -168,6 +172,10 @@ class SampleEncoder:
             return [(self._text(value), part.learn)]
         if kind in ("image", "audio"):
             return [(self._media(kind, value), part.learn)]
+        if kind == "video":
+            if self.media is None:
+                raise ValueError("the template has video parts but no image tokenizer / audio codec is configured")
+            return [(s, part.learn) for s in self.media.video_segments(value)]
         if kind == "interleaved":
             return [(s, part.learn) for s in self._interleaved(value)]
         return self._chat(value)

@@ -12,23 +12,37 @@ from omnitrain.tokenizer.text import TextTokenizer
 @dataclass
 class LayoutConfig:
     text: Path = Path("runs/tokenizer/text")  # text tokenizer run folder or .model file
-    image: Path | None = None  # image tokenizer checkpoint (omitted: no image range)
-    audio: Path | None = None  # audio codec checkpoint (omitted: no audio range)
+    image: str | None = None  # image tokenizer: omnitrain checkpoint file, or HF folder / hub id (Emu3, Chameleon)
+    audio: str | None = None  # audio codec: omnitrain checkpoint file, or HF folder / hub id (EnCodec, Mimi)
     max_grid: int = 64  # largest image code grid side the layout can express
     out: Path = Path("runs/tokenizer/layout.json")
 
 
-def load_media_tokenizers(image: Path | None, audio: Path | None, device: str = "cpu") -> tuple[object, object]:
-    """Load the image tokenizer and audio codec checkpoints named (either may be None)."""
+def load_media_tokenizers(image: Path | str | None, audio: Path | str | None, device: str = "cpu") -> tuple[object, object]:
+    """Load the image tokenizer and audio codec named (either may be None).
+
+    A file is an omnitrain checkpoint (``omnitrain tokenizer train-image`` / ``train-audio``); a
+    folder, or a hub id, is a pretrained Hugging Face model (Emu3 / Chameleon VQ-VAE, EnCodec, Mimi).
+    """
     img = aud = None
     if image is not None:
-        from omnitrain.tokenizer.image import load_image_tokenizer
+        if Path(image).is_file():
+            from omnitrain.tokenizer.image import load_image_tokenizer
 
-        img = load_image_tokenizer(image, device=device)
+            img = load_image_tokenizer(image, device=device)
+        else:
+            from omnitrain.tokenizer.pretrained_image import load_pretrained_image_tokenizer
+
+            img = load_pretrained_image_tokenizer(str(image), device=device)
     if audio is not None:
-        from omnitrain.tokenizer.audio import load_audio_codec
+        if Path(audio).is_file():
+            from omnitrain.tokenizer.audio import load_audio_codec
 
-        aud = load_audio_codec(audio, device=device)
+            aud = load_audio_codec(audio, device=device)
+        else:
+            from omnitrain.tokenizer.pretrained_audio import load_pretrained_audio_codec
+
+            aud = load_pretrained_audio_codec(str(audio), device=device)
     return img, aud
 
 
