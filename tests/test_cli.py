@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -84,12 +85,22 @@ def test_demo_command_runs_end_to_end(tmp_path):
     exe = Path(sys.executable).with_name("omnitrain")
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     proc = subprocess.run(
-        [str(exe), "demo", f"run_dir={tmp_path / 'demo'}"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
+        [str(exe), "demo", f"run_dir={tmp_path / 'demo'}", "image.steps=20", "audio.steps=20", "text_docs=3", "report_languages=[en,fr,gu]"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "demo done" in proc.stdout
-    for f in ("layout.json", "summary.json", "tokenizer/text/text_tokenizer.model", "tokenizer/report/report.md", "tokenizer/report/compression.png"):
-        assert (tmp_path / "demo" / f).is_file(), f
+    run = tmp_path / "demo"
+    for f in ("layout.json", "summary.json", "tokenizer/text/text_tokenizer.model", "tokenizer/image/image_tokenizer.pt",
+              "tokenizer/audio/audio_codec.pt", "tokenizer/report/report.md", "tokenizer/report/compression.png",
+              "shards/text_lm/manifest.json", "shards/caption/manifest.json", "shards/asr/manifest.json"):  # fmt: skip
+        assert (run / f).is_file(), f
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["shards"]["text_lm"]["samples"] == 3 and summary["shards"]["caption"]["samples"] == 10
+    assert summary["shards"]["asr"]["samples"] == 5 and summary["shards"]["asr"]["tokens"]["audio"] > 5000
+    assert list((run / "shards/caption/inspect").glob("*.png")) and list((run / "shards/asr/inspect").glob("*.wav"))
+    layout_hash = json.loads((run / "layout.json").read_text())["hash"]
+    assert all(json.loads((run / f"shards/{n}/manifest.json").read_text())["layout_hash"] == layout_hash for n in summary["shards"])
 
 
 def test_import_omnitrain_is_free_of_side_effects():

@@ -284,6 +284,11 @@ def test_shards_refuse_another_layout_and_corruption(tmp_path, text_tokenizer_di
         list(iter_shard(tar, expect_hash="0000000000000000"))
     with pytest.raises(LayoutMismatchError):
         read_manifest(cfg.out_dir, expect_hash="0000000000000000")
+    # building into the same folder with other tokenizers: refused, never mixed
+    other = make_cfg(tmp_path, text_tokenizer_dir, {"kind": "text", "paths": [str(tmp_path / "d.jsonl")]}, "text_lm")
+    other.tokenizers.max_grid = 32  # another layout
+    with pytest.raises(LayoutMismatchError, match="Remove .* to rebuild"):
+        build_shards(other)
     tar.write_bytes(tar.read_bytes()[:700])
     with pytest.raises(ValueError, match="corrupt or truncated"):
         list(iter_shard(tar))

@@ -44,7 +44,7 @@ from omnitrain.shards import (
     write_manifest,
     write_shard,
 )
-from omnitrain.tokenizer.layout import MODALITIES, TokenLayout
+from omnitrain.tokenizer.layout import MODALITIES, LayoutMismatchError, TokenLayout
 
 
 @dataclass
@@ -201,6 +201,13 @@ def build_shards(cfg: BuildConfig) -> dict[str, Any]:
     template = load_template(cfg.templates_dir, cfg.pipeline.template)
     _init_worker(cfg, template)  # the parent encodes too when workers == 1, and owns the layout
     layout = _STATE["layout"]
+    if (out / "layout.json").is_file():  # resuming (or extending) a build: it must be the same id space
+        old = TokenLayout.load(out / "layout.json")
+        if old.hash != layout.hash:
+            raise LayoutMismatchError(
+                f"{out} holds shards built with token layout {old.hash}, but the tokenizers configured now give "
+                f"{layout.hash} (retrained or different tokenizers). Remove {out} to rebuild, or set out_dir elsewhere."
+            )
     layout.save(out / "layout.json")
 
     done = read_sidecars(out, part)

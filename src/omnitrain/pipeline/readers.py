@@ -125,20 +125,20 @@ def _raw_records(cfg: SourceConfig) -> Iterator[dict[str, Any]]:
             for img in sorted(f for f in folder.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES):
                 cap = img.with_suffix(".txt")
                 caption = cap.read_text(encoding="utf-8").strip() if cap.is_file() else None
-                yield {"__origin__": str(img), "__dir__": str(folder), "image": str(img), "caption": caption}
+                yield {"__origin__": str(img), "__dir__": str(folder), "image": str(img.resolve()), "caption": caption}
     elif cfg.kind == "audio_folder":
         for folder in _folders(cfg.paths):
             table = _sphinx_or_tab(Path(cfg.transcripts)) if cfg.transcripts else {}
             for wav in sorted(f for f in folder.rglob("*") if f.suffix.lower() in AUDIO_SUFFIXES):
                 txt = wav.with_suffix(".txt")
                 text = txt.read_text(encoding="utf-8").strip() if txt.is_file() else table.get(wav.stem)
-                yield {"__origin__": str(wav), "__dir__": str(folder), "audio": str(wav), "text": text}
+                yield {"__origin__": str(wav), "__dir__": str(folder), "audio": str(wav.resolve()), "text": text}
     elif cfg.kind == "video_folder":
         for folder in _folders(cfg.paths):
             for clip in sorted(f for f in folder.rglob("*") if f.suffix.lower() in VIDEO_SUFFIXES):
                 cap = clip.with_suffix(".txt")
                 caption = cap.read_text(encoding="utf-8").strip() if cap.is_file() else None
-                yield {"__origin__": str(clip), "__dir__": str(folder), "video": str(clip), "caption": caption}
+                yield {"__origin__": str(clip), "__dir__": str(folder), "video": str(clip.resolve()), "caption": caption}
     elif cfg.kind == "hf":
         if not cfg.hf_dataset:
             raise ValueError("source.kind=hf needs source.hf_dataset (a hub name, a local folder or a save_to_disk folder)")

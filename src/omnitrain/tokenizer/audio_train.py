@@ -85,7 +85,7 @@ class AudioTrainConfig:
     steps: int = 300
     batch_size: int = 8
     seed: int = 0
-    run_dir: Path = Path("runs/tokenizer_audio")
+    run_dir: Path = Path("runs/tokenizer/audio")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     log_every: int = 25
     n_examples: int = 3  # reconstructed WAVs written to run_dir/examples

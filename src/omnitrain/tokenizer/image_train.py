@@ -87,7 +87,7 @@ class ImageTrainConfig:
     batch_size: int = 16
     eval_batch_size: int = 32
     seed: int = 0
-    run_dir: Path = Path("runs/tokenizer_image")
+    run_dir: Path = Path("runs/tokenizer/image")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # CPU threads for this run, 0 = torch's default. On a busy shared CPU, 1 thread was 6x faster than
     # 2 here (idle OpenMP threads spin while the other core is taken)
