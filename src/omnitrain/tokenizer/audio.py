@@ -19,10 +19,7 @@ Training lives in ``audio_train.py``; this file is the model, its config and its
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -32,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from omnitrain.config import from_dict, to_dict
+from omnitrain.tokenizer.base import load_checkpoint, module_fingerprint, save_checkpoint
 
 SCHEMA_VERSION = 1
 CHECKPOINT_KIND = "omnitrain.audio_codec"
@@ -249,12 +247,8 @@ class RVQAudioCodec(nn.Module):
 
     @property
     def fingerprint(self) -> str:
-        """First 16 hex chars of sha256(config JSON, then every state_dict entry's name and bytes)."""
-        h = hashlib.sha256(json.dumps(to_dict(self.cfg), sort_keys=True).encode())
-        for name, t in self.state_dict().items():
-            h.update(name.encode())
-            h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-        return h.hexdigest()[:16]
+        """First 16 hex chars of sha256(config JSON + state_dict bytes); changes whenever weights change."""
+        return module_fingerprint(to_dict(self.cfg), self)
 
     def _pad(self, wavs: torch.Tensor) -> torch.Tensor:
         if wavs.dim() != 3 or wavs.shape[1] != 1:
@@ -297,33 +291,14 @@ class RVQAudioCodec(nn.Module):
         wavs = self.decoder(self.quantizer.lookup(codes.to(self.device, torch.long)))
         return wavs.to(codes.device)
 
-    def save(self, path: str | Path) -> None:
+    def save(self, path: str | Path) -> Path:
         """Write one checkpoint file (config + weights + schema_version), atomically."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().cpu() for k, v in self.state_dict().items()}
-        blob = {"kind": CHECKPOINT_KIND, "schema_version": SCHEMA_VERSION, "config": to_dict(self.cfg), "state_dict": state}
-        tmp = path.with_name(path.name + ".tmp")
-        torch.save(blob, tmp)
-        os.replace(tmp, path)  # a crash while saving leaves any previous checkpoint intact
+        return save_checkpoint(path, CHECKPOINT_KIND, SCHEMA_VERSION, to_dict(self.cfg), self)
 
 
 def load_audio_codec(path: str | Path, device: str | torch.device = "cpu") -> RVQAudioCodec:
     """Load a checkpoint written by :meth:`RVQAudioCodec.save`, in eval mode on ``device``."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"audio codec checkpoint {path} does not exist; train one with `omnitrain tokenizer train-audio`")
-    try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle/zip errors: a truncated or foreign file
-        raise ValueError(f"{path} is not a readable torch checkpoint ({e}); re-save it with RVQAudioCodec.save") from e
-    if not isinstance(blob, dict) or blob.get("kind") != CHECKPOINT_KIND:
-        raise ValueError(f"{path} is not an omnitrain audio codec checkpoint (kind={blob.get('kind') if isinstance(blob, dict) else None!r})")
-    if blob.get("schema_version") != SCHEMA_VERSION:
-        raise ValueError(
-            f"{path} has schema_version {blob.get('schema_version')}, this omnitrain reads {SCHEMA_VERSION}; "
-            "re-train the codec or load it with the omnitrain version that wrote it"
-        )
+    blob = load_checkpoint(path, CHECKPOINT_KIND, SCHEMA_VERSION, "omnitrain tokenizer train-audio")
     codec = RVQAudioCodec(from_dict(AudioCodecConfig, blob["config"]))
     codec.load_state_dict(blob["state_dict"])
     return codec.to(device).eval()

@@ -18,10 +18,7 @@ Trained by :mod:`omnitrain.tokenizer.image_train`.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -34,6 +31,7 @@ from PIL import Image
 from torch import nn
 
 from omnitrain.config import ConfigError, from_dict, to_dict
+from omnitrain.tokenizer.base import load_checkpoint, module_fingerprint, save_checkpoint
 
 SCHEMA_VERSION = 1
 CHECKPOINT_KIND = "omnitrain.vq_image_tokenizer"
@@ -326,11 +324,7 @@ class VQImageTokenizer(nn.Module):
     @property
     def fingerprint(self) -> str:
         """First 16 hex chars of sha256(config JSON + state_dict bytes); changes whenever weights change."""
-        h = hashlib.sha256(json.dumps(to_dict(self.cfg), sort_keys=True).encode())
-        for name, t in sorted(self.state_dict().items()):
-            h.update(name.encode())
-            h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-        return h.hexdigest()[:16]
+        return module_fingerprint(to_dict(self.cfg), self)
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Training pass: images [B, 3, H, W] -> (reconstruction [B, 3, H, W], vq loss, codes [B, h, w])."""
@@ -384,32 +378,12 @@ class VQImageTokenizer(nn.Module):
 
     def save(self, path: str | Path) -> Path:
         """Write one checkpoint file (config + weights + schema_version) atomically."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().cpu() for k, v in self.state_dict().items()}
-        blob = {"kind": CHECKPOINT_KIND, "schema_version": SCHEMA_VERSION, "config": to_dict(self.cfg), "state_dict": state}
-        tmp = path.with_name(path.name + ".tmp")
-        torch.save(blob, tmp)
-        os.replace(tmp, path)  # a crash while saving leaves the previous checkpoint intact
-        return path
+        return save_checkpoint(path, CHECKPOINT_KIND, SCHEMA_VERSION, to_dict(self.cfg), self)
 
 
 def load_image_tokenizer(path: str | Path, device: str | torch.device = "cpu") -> VQImageTokenizer:
     """Load a checkpoint written by :meth:`VQImageTokenizer.save`, in eval mode on ``device``."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"no image tokenizer checkpoint at {path}; train one with `omnitrain tokenizer train-image`")
-    try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle/zip errors of a truncated or foreign file
-        raise ValueError(f"{path} is not a readable omnitrain image tokenizer checkpoint ({e})") from e
-    if not isinstance(blob, dict) or blob.get("kind") != CHECKPOINT_KIND:
-        raise ValueError(f"{path} is not an omnitrain image tokenizer checkpoint (no kind {CHECKPOINT_KIND!r})")
-    if blob.get("schema_version") != SCHEMA_VERSION:
-        raise ValueError(
-            f"{path} has schema_version {blob.get('schema_version')}, this omnitrain reads {SCHEMA_VERSION}; "
-            "use the omnitrain version that wrote it or retrain"
-        )
+    blob = load_checkpoint(path, CHECKPOINT_KIND, SCHEMA_VERSION, "omnitrain tokenizer train-image")
     try:
         cfg = from_dict(ImageTokenizerConfig, blob["config"])
     except ConfigError as e:
