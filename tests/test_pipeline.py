@@ -92,7 +92,7 @@ def test_text_lm_from_debian_docs_decodes_exactly(tmp_path, text_tokenizer_dir, 
         segs = layout.parse(s.ids)
         assert segs[0] == SpecialSegment("bos") and segs[-1] == SpecialSegment("eos")
         assert text_tokenizer.decode(segs[1].ids.tolist()) == text  # exact, whitespace included
-        assert s.meta["learn"] == [[0, len(s.ids)]] and s.meta["segments"] == [[0, len(s.ids), "text"]]
+        assert s.meta["learn"] == [[1, len(s.ids)]] and s.meta["segments"] == [[0, len(s.ids), "text"]]
     m = read_manifest(cfg.out_dir)
     assert m["samples"] == 7 and len(m["shards"]) == 2 and m["complete"] and m["template"] == "text_lm"
     assert m["tokens"]["text"] == sum(len(s.ids) for s in samples)
@@ -396,3 +396,27 @@ def test_video_frames_interleave_with_their_audio_windows(tmp_path, text_tokeniz
     again = mt.video_segments("sweep.mkv")
     assert all(a == b for a, b in zip(again, media, strict=True))  # deterministic, through the tokenizers' own path
     assert not np.array_equal(media[0].codes, media[2].codes)  # the bar moved between sampled frames
+
+
+def test_hugging_face_source_with_column_mapping_and_doc_qa(tmp_path, text_tokenizer_dir, text_tokenizer, media_ckpts):
+    import datasets
+
+    page = (SKIMAGE / "page.png").read_bytes()  # a real scanned page of text
+    ds = datasets.Dataset.from_dict({
+        "img": [{"bytes": page, "path": None}] * 2, "q": ["what is this?", "how many lines?"], "a": ["a page", "many"],
+    }).cast_column("img", datasets.Image(decode=False))  # fmt: skip
+    ds.save_to_disk(str(tmp_path / "ds"))
+    src = {"kind": "hf", "hf_dataset": str(tmp_path / "ds"), "columns": {"image": "img", "question": "q", "answer": "a"}}
+    cfg = make_cfg(tmp_path, text_tokenizer_dir, src, "doc_qa", media_ckpts)
+    stats = build_shards(cfg)
+    assert stats["samples"] == 2 and stats["duplicates"] == 0
+    samples = read_back(cfg.out_dir)
+    layout = TokenLayout.load(cfg.out_dir)
+    segs = layout.parse(samples[1].ids)
+    texts = [text_tokenizer.decode(x.ids.tolist()) for x in segs if isinstance(x, TextSegment)]
+    assert texts == ["how many lines?many"] and isinstance(segs[1], ImageSegment)  # adjacent text parses as one run
+    (start, end), = samples[1].meta["learn"]  # only the answer and <eos> are learned
+    assert text_tokenizer.decode(samples[1].ids[start : end - 1].tolist()) == "many" and end == len(samples[1].ids)
+    bad = make_cfg(tmp_path, text_tokenizer_dir, {**src, "columns": {"image": "picture"}}, "doc_qa", media_ckpts, out="bad", min_items_for_error_rate=1000)
+    assert build_shards(bad)["errors"] == 2
+    assert "no column 'picture'" in (bad.out_dir / "errors-p000.jsonl").read_text()
