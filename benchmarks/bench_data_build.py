@@ -58,7 +58,7 @@ def run(quick: bool = False) -> list[dict]:
     )
 
     repeats = 2 if quick else 3
-    n_images, n_audio = (24, 6) if quick else (64, 16)
+    n_images, n_audio = (24, 6) if quick else (128, 32)
     repo = Path(__file__).resolve().parents[1]
     rows = []
     with tempfile.TemporaryDirectory() as d:

@@ -47,14 +47,14 @@ def write_markdown(history: list[dict]) -> None:
         by_bench.setdefault(row["benchmark"], []).append(row)
     lines = ["# Benchmark results", "", "Written by `python benchmarks/run_all.py`; raw rows in `results.jsonl`.", ""]
     for bench, rows in sorted(by_bench.items()):
-        commits = list(dict.fromkeys(r["commit"] for r in rows))
-        latest = commits[-1]
-        prev = commits[-2] if len(commits) > 1 else None
-        lines += [f"## {bench}", "", f"latest: `{latest}` ({rows[-1]['date']})" + (f", previous: `{prev}`" if prev else ""), ""]
+        runs = list(dict.fromkeys((r["commit"], r["date"]) for r in rows))
+        latest = runs[-1]
+        prev = next((run for run in reversed(runs) if run[0] != latest[0]), None)  # the last run of another commit
+        lines += [f"## {bench}", "", f"latest: `{latest[0]}` ({latest[1]})" + (f", previous: `{prev[0]}` ({prev[1]})" if prev else ""), ""]
         lines += ["| metric | value | unit | baseline | previous | note |", "|---|---:|---|---:|---:|---|"]
-        prev_vals = {r["metric"]: r["value"] for r in rows if r["commit"] == prev}
+        prev_vals = {r["metric"]: r["value"] for r in rows if (r["commit"], r["date"]) == prev}
         for r in rows:
-            if r["commit"] != latest:
+            if (r["commit"], r["date"]) != latest:
                 continue
             base = "" if r.get("baseline") is None else f"{r['baseline']:.4g}"
             pv = prev_vals.get(r["metric"])

@@ -72,7 +72,7 @@ def _base_suffix(path: Path) -> str:
     return Path(path.stem).suffix if path.suffix == ".gz" else path.suffix
 
 
-def _open_text(path: Path) -> io.TextIOBase:
+def open_text(path: Path) -> io.TextIOBase:
     if path.suffix == ".gz":
         return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8", newline="")
     return open(path, encoding="utf-8", newline="")
@@ -83,13 +83,13 @@ def iter_file_documents(path: Path, text_field: str = "text") -> Iterator[str]:
     suffix = _base_suffix(path)
     try:
         if suffix in (".txt", ".md", ".rst"):
-            with _open_text(path) as f:
+            with open_text(path) as f:
                 yield f.read()
         elif suffix == ".html":
-            with _open_text(path) as f:
+            with open_text(path) as f:
                 yield html_to_text(f.read())
         elif suffix == ".jsonl":
-            with _open_text(path) as f:
+            with open_text(path) as f:
                 for lineno, line in enumerate(f, 1):
                     if not line.strip():
                         continue

@@ -70,7 +70,7 @@ def _folders(patterns: list[str]) -> list[Path]:
 def _rows(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
     suffix = Path(path.stem).suffix if path.suffix == ".gz" else path.suffix
     if suffix == ".jsonl":
-        with sources._open_text(path) as f:
+        with sources.open_text(path) as f:
             for lineno, line in enumerate(f, 1):
                 if line.strip():
                     try:
