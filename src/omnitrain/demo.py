@@ -26,7 +26,12 @@ from omnitrain.tokenizer.build import load_media_tokenizers
 from omnitrain.tokenizer.image_train import ImageTrainConfig, train_image_tokenizer
 from omnitrain.tokenizer.layout import SpecialSegment, TextSegment, TokenLayout, normalize
 from omnitrain.tokenizer.report import TokenizerReportConfig, write_report
-from omnitrain.tokenizer.text import TextCorpusConfig, TextTokenizerConfig, TrainTextTokenizerConfig, train_text_tokenizer
+from omnitrain.tokenizer.text import (
+    TextCorpusConfig,
+    TextTokenizerConfig,
+    TrainTextTokenizerConfig,
+    train_text_tokenizer,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 PENDING = [

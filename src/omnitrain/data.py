@@ -1,0 +1,382 @@
+"""The streaming loader: shards -> weighted mixture -> packed rows with document masks; exactly resumable.
+
+Legend: B rows per batch, T = seq_len tokens per row.
+
+Streams. Every (rank, dataloader worker) pair is one *stream*; there are ``world_size * workers``
+of them. For each source and epoch, the shard list is shuffled with ``(seed, source, epoch)`` and
+stream ``i`` of ``N`` reads shards ``i, i+N, i+2N, ...``; within a shard, samples are read in an
+order shuffled with ``(seed, source, epoch, shard)``. So every sample of an epoch is read exactly
+once over all streams, and the order is a pure function of the seed.
+
+Mixture. Weights are token shares per source, given directly or derived from a target share of
+tokens per modality (solved from the manifests' per-modality counts). Each stream picks the next
+document from the source that is furthest behind its share of the tokens drawn so far (a
+deterministic deficit scheduler, so realised shares track the targets closely, not just on average).
+
+Packing. Documents are concatenated into rows of ``T + 1`` tokens (inputs are the first T,
+targets the last T); a document that does not fit is cut and continues at the start of the next
+row (``split_documents=True``, pretraining) or moves whole to the next row, the rest padded
+(``False``, SFT). ``doc_ids`` number the documents in a row; a target is only learned when it
+belongs to the same document as its input, so nothing is learned across a boundary.
+``loss_weights`` = per-modality weight x the template's learn mask; 0 on padding.
+
+Resume. A stream's whole position (per-source epoch, shard, sample, tokens drawn, the partly
+packed row) is a small dict; ``OmniLoader.state_dict()`` holds one per stream plus which worker
+comes next, and after ``load_state_dict`` the next batch is exactly the one an uninterrupted run
+would have produced (same world size and worker count).
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import json
+import tarfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from omnitrain.shards import read_manifest
+from omnitrain.tokenizer.layout import MODALITIES, check_layout_hash
+
+STATE_VERSION = 1
+
+
+@dataclass
+class SourceSpec:
+    path: str  # a shard folder with manifest.json (shards may also be named by pipe:/http urls in it)
+    weight: float = 1.0  # share of tokens (normalised over sources); ignored with modality_shares
+
+
+@dataclass
+class LoaderConfig:
+    sources: dict[str, SourceSpec] = field(default_factory=dict)
+    modality_shares: dict[str, float] | None = None  # e.g. {text: 0.5, image: 0.3, audio: 0.2}
+    modality_weights: dict[str, float] = field(default_factory=lambda: dict.fromkeys(MODALITIES, 1.0))
+    seq_len: int = 2048
+    batch_size: int = 8  # rows per batch, per rank
+    workers: int = 0  # dataloader worker processes per rank (0: read in the training process)
+    seed: int = 0
+    split_documents: bool = True  # False keeps every document whole in one row (SFT)
+    pad_id: int | None = None  # None: the layout's <pad> (layout.json beside the first source's shards)
+    layout_hash: str | None = None  # every shard must carry it (None: take the first source's)
+
+    def __post_init__(self) -> None:
+        if self.seq_len < 2 or self.batch_size < 1 or self.workers < 0:
+            raise ValueError("seq_len must be >= 2, batch_size >= 1 and workers >= 0")
+        if self.modality_shares is not None:
+            bad = set(self.modality_shares) - set(MODALITIES)
+            if bad:
+                raise ValueError(f"modality_shares has unknown modalities {sorted(bad)}; use {MODALITIES}")
+
+
+# ----------------------------------------------------------------------------- reading shards
+def read_shard_samples(url: str, expect_hash: str | None) -> list[tuple[np.ndarray, dict]]:
+    """All samples of one shard (a path, ``pipe:`` command or http url) through webdataset."""
+    import webdataset as wds
+
+    out = []
+    try:
+        for sample in wds.DataPipeline(wds.SimpleShardList([url]), wds.tarfile_to_samples()):
+            meta = json.loads(sample["meta.json"])
+            if expect_hash is not None:
+                check_layout_hash(expect_hash, meta.get("layout_hash", "?"), f"shard {url}")
+            out.append((np.load(io.BytesIO(sample["ids.npy"]), allow_pickle=False), meta))
+    except (ValueError, OSError, EOFError, KeyError, tarfile.TarError) as e:
+        if e.__class__.__name__ == "LayoutMismatchError":
+            raise
+        raise ValueError(f"shard {url} is corrupt or truncated ({e}); rebuild it with `omnitrain data build`") from e
+    if not out:
+        raise ValueError(f"shard {url} holds no samples; rebuild it with `omnitrain data build`")
+    return out
+
+
+def _rng(*keys: int | str) -> np.random.Generator:
+    seq = [k if isinstance(k, int) else int.from_bytes(k.encode()[:8].ljust(8, b"\0"), "little") for k in keys]
+    return np.random.default_rng(seq)
+
+
+class SourceStream:
+    """One source as seen by one stream: its shards for each epoch, in a seeded order."""
+
+    def __init__(self, name: str, urls: list[str], stream: int, n_streams: int, seed: int, expect_hash: str | None):
+        if len(urls) < n_streams:
+            raise ValueError(f"source '{name}' has {len(urls)} shards for {n_streams} readers (ranks x workers); "
+                             "rebuild it with smaller shard_samples so every reader gets at least one shard")  # fmt: skip
+        self.name, self.urls, self.stream, self.n_streams, self.seed, self.hash = name, urls, stream, n_streams, seed, expect_hash
+        self.epoch, self.shard, self.sample = 0, 0, 0  # position: next sample to read
+        self._cache: tuple[tuple[int, int], list] | None = None
+
+    def my_shards(self, epoch: int) -> list[str]:
+        order = _rng(self.seed, self.name, epoch).permutation(len(self.urls))
+        return [self.urls[i] for i in order[self.stream :: self.n_streams]]
+
+    def _samples(self) -> list:
+        key = (self.epoch, self.shard)
+        if self._cache is None or self._cache[0] != key:
+            url = self.my_shards(self.epoch)[self.shard]
+            samples = read_shard_samples(url, self.hash)
+            order = _rng(self.seed, self.name, self.epoch, url).permutation(len(samples))
+            self._cache = (key, [samples[i] for i in order])
+        return self._cache[1]
+
+    def next(self) -> tuple[np.ndarray, dict]:
+        samples = self._samples()
+        item = samples[self.sample]
+        self.sample += 1
+        if self.sample == len(samples):
+            self.sample, self.shard = 0, self.shard + 1
+            if self.shard == len(self.my_shards(self.epoch)):
+                self.shard, self.epoch = 0, self.epoch + 1
+        return item
+
+    def state(self) -> dict:
+        return {"epoch": self.epoch, "shard": self.shard, "sample": self.sample}
+
+    def load(self, s: dict) -> None:
+        self.epoch, self.shard, self.sample = s["epoch"], s["shard"], s["sample"]
+
+
+# ----------------------------------------------------------------------------- mixture
+def source_shares(cfg: LoaderConfig, manifests: dict[str, dict]) -> dict[str, float]:
+    """Token share per source: the given weights, or solved from target modality shares."""
+    names = list(cfg.sources)
+    if cfg.modality_shares is None:
+        w = np.array([cfg.sources[n].weight for n in names], dtype=float)
+        if (w < 0).any() or w.sum() <= 0:
+            raise ValueError("source weights must be >= 0 with a positive sum")
+        return dict(zip(names, (w / w.sum()).tolist(), strict=True))
+    from scipy.optimize import nnls
+
+    comp = np.array([[manifests[n]["tokens"][m] for n in names] for m in MODALITIES], dtype=float)  # [M, S]
+    comp /= np.maximum(comp.sum(axis=0, keepdims=True), 1)  # each source's modality composition
+    target = np.array([cfg.modality_shares.get(m, 0.0) for m in MODALITIES], dtype=float)
+    target /= target.sum()
+    big = 1e3  # the shares must sum to one: a heavily weighted extra equation
+    q, _ = nnls(np.vstack([comp, big * np.ones(len(names))]), np.append(target, big))
+    if np.abs(comp @ q - target).max() > 0.01:
+        raise ValueError(f"modality_shares {cfg.modality_shares} cannot be reached with these sources (closest: "
+                         f"{dict(zip(MODALITIES, np.round(comp @ q, 3).tolist(), strict=True))}); add a source of the missing modality")  # fmt: skip
+    return dict(zip(names, q.tolist(), strict=True))
+
+
+# ----------------------------------------------------------------------------- one stream
+class Stream:
+    """Mixture + packing for one (rank, worker); yields batches and carries its own state."""
+
+    def __init__(self, cfg: LoaderConfig, sources: dict[str, list[str]], shares: dict[str, float], stream: int,
+                 n_streams: int, layout_hash: str | None, pad_id: int) -> None:  # fmt: skip
+        self.cfg, self.shares, self.pad_id = cfg, shares, pad_id
+        self.sources = {n: SourceStream(n, urls, stream, n_streams, cfg.seed, layout_hash) for n, urls in sources.items()}
+        self.drawn = dict.fromkeys(sources, 0)  # tokens drawn per source
+        self.modality_tokens = dict.fromkeys(MODALITIES, 0)  # learned-or-not tokens placed in rows, per modality
+        self.pending: dict[str, list] | None = None  # the rest of a cut document: ids, weights, modality
+        self.placed = self.capacity = self.truncated = 0  # packing efficiency = placed / capacity
+        self.mod_w = np.array([cfg.modality_weights.get(m, 1.0) for m in MODALITIES], dtype=np.float32)
+
+    def _pick(self) -> str:
+        total = sum(self.drawn.values()) + 1
+        return max(self.shares, key=lambda n: (self.shares[n] * total - self.drawn[n], -list(self.shares).index(n)))
+
+    def _next_doc(self) -> dict[str, np.ndarray]:
+        if self.pending is not None:
+            doc, self.pending = self.pending, None
+            return {k: np.asarray(v) for k, v in doc.items()}
+        name = self._pick()
+        ids, meta = self.sources[name].next()
+        n = len(ids)
+        self.drawn[name] += n
+        mod = np.zeros(n, dtype=np.int8)
+        for start, end, m in meta["segments"]:
+            mod[start:end] = MODALITIES.index(m)
+        learn = np.zeros(n, dtype=np.float32)
+        for start, end in meta.get("learn", [[0, n]]):
+            learn[start:end] = 1.0
+        return {"ids": ids.astype(np.int64), "weights": learn * self.mod_w[mod], "mod": mod}
+
+    def next_row(self) -> dict[str, np.ndarray]:
+        """One packed row of T+1 tokens: ids, weights (of each token as a target), doc ids, modality."""
+        T1 = self.cfg.seq_len + 1
+        ids = np.full(T1, self.pad_id, dtype=np.int64)
+        weights = np.zeros(T1, dtype=np.float32)
+        docs = np.full(T1, -1, dtype=np.int64)  # -1: padding
+        mods = np.zeros(T1, dtype=np.int8)
+        pos, doc_no = 0, 0
+        while pos < T1:
+            doc = self._next_doc()
+            n = len(doc["ids"])
+            if n > T1 - pos and not self.cfg.split_documents:
+                if pos > 0:  # keep it whole: next row
+                    self.pending = {k: v.tolist() for k, v in doc.items()}
+                    break
+                doc = {k: v[:T1] for k, v in doc.items()}  # longer than a row on its own: truncated (counted)
+                n, self.truncated = T1, self.truncated + 1
+            take = min(n, T1 - pos)
+            ids[pos : pos + take] = doc["ids"][:take]
+            weights[pos : pos + take] = doc["weights"][:take]
+            mods[pos : pos + take] = doc["mod"][:take]
+            docs[pos : pos + take] = doc_no
+            if take < n:  # cut: the rest starts the next row, its first token repeated as an input
+                self.pending = {k: v[take - 1 :].tolist() for k, v in doc.items()}
+                self.pending["weights"][0] = 0.0  # already learned as this row's last target
+            pos, doc_no = pos + take, doc_no + 1
+        for m in range(len(MODALITIES)):
+            self.modality_tokens[MODALITIES[m]] += int(((mods[1:] == m) & (docs[1:] >= 0)).sum())
+        self.placed += int((docs[1:] >= 0).sum())
+        self.capacity += T1 - 1
+        return {"ids": ids, "weights": weights, "docs": docs}
+
+    def next_batch(self) -> dict[str, torch.Tensor]:
+        rows = [self.next_row() for _ in range(self.cfg.batch_size)]
+        ids = np.stack([r["ids"] for r in rows])  # [B, T+1]
+        docs = np.stack([r["docs"] for r in rows])  # [B, T+1]
+        w = np.stack([r["weights"] for r in rows])[:, 1:]  # [B, T] weight of each target
+        same_doc = (docs[:, 1:] == docs[:, :-1]) & (docs[:, 1:] >= 0)  # a target must continue its input's document
+        return {
+            "input_ids": torch.from_numpy(ids[:, :-1].copy()),
+            "targets": torch.from_numpy(ids[:, 1:].copy()),
+            "loss_weights": torch.from_numpy(np.where(same_doc, w, 0.0).astype(np.float32)),
+            "doc_ids": torch.from_numpy(docs[:, :-1].copy()),
+        }
+
+    def state(self) -> dict:
+        return {"sources": {n: s.state() for n, s in self.sources.items()}, "drawn": dict(self.drawn),
+                "modality_tokens": dict(self.modality_tokens), "pending": self.pending,
+                "packing": [self.placed, self.capacity, self.truncated]}  # fmt: skip
+
+    def load(self, s: dict) -> None:
+        for n, st in s["sources"].items():
+            self.sources[n].load(st)
+        self.drawn, self.modality_tokens, self.pending = dict(s["drawn"]), dict(s["modality_tokens"]), s["pending"]
+        self.placed, self.capacity, self.truncated = s["packing"]
+
+
+# ----------------------------------------------------------------------------- the loader
+class _WorkerDataset(torch.utils.data.IterableDataset):
+    """Each dataloader worker runs one Stream; every batch travels with the stream's state after it."""
+
+    def __init__(self, loader: OmniLoader, order: list[int], start_states: list[dict | None]):
+        self.loader, self.order, self.start_states = loader, order, start_states
+
+    def __iter__(self) -> Iterator[tuple[dict, dict, int]]:
+        info = torch.utils.data.get_worker_info()
+        w = info.id if info is not None else 0
+        stream = self.loader.make_stream(self.order[w])  # worker w plays slot order[w]
+        if self.start_states[w] is not None:
+            stream.load(self.start_states[w])
+        while True:
+            batch = stream.next_batch()
+            yield batch, stream.state(), w
+
+
+class OmniLoader:
+    """Batches ``{input_ids, targets, loss_weights, doc_ids}`` for one rank, with exact resume."""
+
+    def __init__(self, cfg: LoaderConfig, rank: int = 0, world_size: int = 1):
+        if not cfg.sources:
+            raise ValueError("the loader has no sources: give data.sources")
+        self.cfg, self.rank, self.world_size = cfg, rank, world_size
+        self.manifests = {n: read_manifest(s.path, expect_hash=cfg.layout_hash) for n, s in cfg.sources.items()}
+        self.layout_hash = cfg.layout_hash or next(iter(self.manifests.values()))["layout_hash"]
+        for n, m in self.manifests.items():
+            check_layout_hash(self.layout_hash, m["layout_hash"], f"source '{n}' ({cfg.sources[n].path})")
+        self.urls = {n: [_url(cfg.sources[n].path, sh["name"]) for sh in m["shards"]] for n, m in self.manifests.items()}
+        self.shares = source_shares(cfg, self.manifests)
+        if cfg.pad_id is not None:
+            self.pad_id = cfg.pad_id
+        else:
+            from omnitrain.tokenizer.layout import TokenLayout
+
+            self.pad_id = TokenLayout.load(next(iter(cfg.sources.values())).path).specials["pad"]
+        self.n_slots = max(cfg.workers, 1)
+        self.states: list[dict | None] = [None] * self.n_slots  # after the last batch handed out, per slot
+        self.next_slot = 0  # the slot (worker) whose batch comes next
+        self._it: Iterator | None = None
+
+    def make_stream(self, slot: int) -> Stream:
+        stream_id = self.rank * self.n_slots + slot
+        return Stream(self.cfg, self.urls, self.shares, stream_id, self.world_size * self.n_slots, self.layout_hash, self.pad_id)
+
+    def _start(self) -> Iterator:
+        # DataLoader serves workers round-robin from worker 0: rotate the slots so that the
+        # worker that was next when the state was saved is worker 0 now.
+        order = [(self.next_slot + k) % self.n_slots for k in range(self.n_slots)]
+        rotated = [self.states[s] for s in order]
+        if self.cfg.workers == 0:
+            stream = self.make_stream(0)
+            if rotated[0] is not None:
+                stream.load(rotated[0])
+            return ((stream.next_batch(), stream.state(), 0) for _ in iter(int, 1))
+        reader = copy.copy(self)  # what the workers need, without a reference back to this loader
+        reader._it = None
+        ds = _WorkerDataset(reader, order, rotated)
+        dl = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=self.cfg.workers, persistent_workers=False)
+        self._order = order
+        return iter(dl)
+
+    def close(self) -> None:
+        """Stop the worker processes (also done when the loader is garbage-collected)."""
+        it, self._it = getattr(self, "_it", None), None  # (also runs for a loader whose __init__ failed)
+        if it is not None and hasattr(it, "_shutdown_workers"):
+            it._shutdown_workers()
+
+    def __del__(self) -> None:
+        self.close()
+
+    def __iter__(self) -> OmniLoader:
+        return self
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        if self._it is None:
+            self._it = self._start()
+        batch, state, worker = next(self._it)
+        slot = self._order[worker] if self.cfg.workers else 0
+        self.states[slot] = state
+        self.next_slot = (slot + 1) % self.n_slots
+        return batch
+
+    def state_dict(self) -> dict:
+        return {"version": STATE_VERSION, "rank": self.rank, "world_size": self.world_size, "slots": self.n_slots,
+                "next_slot": self.next_slot, "states": self.states, "layout_hash": self.layout_hash}  # fmt: skip
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"loader state version {state.get('version')} is not {STATE_VERSION}")
+        if (state["world_size"], state["slots"]) != (self.world_size, self.n_slots):
+            raise ValueError(
+                f"the loader state was saved with {state['world_size']} rank(s) x {state['slots']} worker(s), "
+                f"this run has {self.world_size} x {self.n_slots}; resuming across a change of readers is not "
+                "supported yet: keep the same world size and data.workers"
+            )
+        check_layout_hash(self.layout_hash, state["layout_hash"], "the loader state in this checkpoint")
+        self.close()
+        self.states, self.next_slot = list(state["states"]), state["next_slot"]
+
+    def packing_efficiency(self) -> float:
+        """Share of row positions holding document tokens (not padding), over this rank's batches so far."""
+        placed = sum((s or {}).get("packing", [0, 0, 0])[0] for s in self.states)
+        capacity = sum((s or {}).get("packing", [0, 0, 0])[1] for s in self.states)
+        return placed / capacity if capacity else 0.0
+
+    def realised_shares(self) -> dict[str, float]:
+        """Share of tokens per modality placed in rows so far (this rank, all its workers)."""
+        tot = dict.fromkeys(MODALITIES, 0)
+        for s in self.states:
+            for m, n in (s or {}).get("modality_tokens", {}).items():
+                tot[m] += n
+        total = max(sum(tot.values()), 1)
+        return {m: n / total for m, n in tot.items()}
+
+
+def _url(folder: str, name: str) -> str:
+    return name if ":" in name.split("/")[0] else f"{folder.rstrip('/')}/{name}"
+
+
+def attention_mask(doc_ids: torch.Tensor) -> torch.Tensor:
+    """[B, T] doc ids -> [B, T, T] bool: causal and within one document (padding attends to nothing)."""
+    T = doc_ids.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=doc_ids.device).tril()  # [T, T]
+    same = doc_ids[:, :, None] == doc_ids[:, None, :]  # [B, T, T]
+    return same & causal & (doc_ids[:, :, None] >= 0)
