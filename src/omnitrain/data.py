@@ -23,7 +23,9 @@ belongs to the same document as its input, so nothing is learned across a bounda
 Resume. A stream's whole position (per-source epoch, shard, sample, tokens drawn, the partly
 packed row) is a small dict; ``OmniLoader.state_dict()`` holds one per stream plus which worker
 comes next, and after ``load_state_dict`` the next batch is exactly the one an uninterrupted run
-would have produced (same world size and worker count).
+would have produced (same world size and worker count). With another number of readers, the
+states of all old ranks are re-split by :func:`reshard`: no sample twice within an epoch, a
+bounded number skipped.
 """
 
 from __future__ import annotations
@@ -107,11 +109,13 @@ class SourceStream:
                              "rebuild it with smaller shard_samples so every reader gets at least one shard")  # fmt: skip
         self.name, self.urls, self.stream, self.n_streams, self.seed, self.hash = name, urls, stream, n_streams, seed, expect_hash
         self.epoch, self.shard, self.sample = 0, 0, 0  # position: next sample to read
+        self.exclude: dict[int, list[str]] = {}  # epoch -> shards read (or begun) before a change of readers
         self._cache: tuple[tuple[int, int], list] | None = None
 
     def my_shards(self, epoch: int) -> list[str]:
-        order = _rng(self.seed, self.name, epoch).permutation(len(self.urls))
-        return [self.urls[i] for i in order[self.stream :: self.n_streams]]
+        order = [self.urls[i] for i in _rng(self.seed, self.name, epoch).permutation(len(self.urls))]
+        skip = set(self.exclude.get(epoch, ()))
+        return [u for u in order if u not in skip][self.stream :: self.n_streams]
 
     def _samples(self) -> list:
         key = (self.epoch, self.shard)
@@ -123,6 +127,8 @@ class SourceStream:
         return self._cache[1]
 
     def next(self) -> tuple[np.ndarray, dict]:
+        while not self.my_shards(self.epoch):  # after a change of readers an epoch may have nothing left here
+            self.epoch, self.shard, self.sample = self.epoch + 1, 0, 0
         samples = self._samples()
         item = samples[self.sample]
         self.sample += 1
@@ -133,10 +139,57 @@ class SourceStream:
         return item
 
     def state(self) -> dict:
-        return {"epoch": self.epoch, "shard": self.shard, "sample": self.sample}
+        return {"epoch": self.epoch, "shard": self.shard, "sample": self.sample,
+                "exclude": {str(e): u for e, u in self.exclude.items() if e >= self.epoch}}  # fmt: skip
 
     def load(self, s: dict) -> None:
         self.epoch, self.shard, self.sample = s["epoch"], s["shard"], s["sample"]
+        self.exclude = {int(e): list(u) for e, u in s.get("exclude", {}).items()}
+
+    def begun(self, epoch: int) -> list[str]:
+        """The shards of ``epoch`` this stream has read or started."""
+        if epoch > self.epoch:
+            return []
+        mine = self.my_shards(epoch)
+        return mine if epoch < self.epoch else mine[: self.shard + (1 if self.sample else 0)]
+
+
+def reshard(old: list[dict], n_new: int, urls: dict[str, list[str]], seed: int) -> list[dict]:
+    """Stream states saved with one number of readers -> states for ``n_new`` readers.
+
+    Defined behaviour on a change of world size or worker count: per source, every shard that an
+    old reader had read or begun in the current epoch (and later ones) is left out of that epoch
+    for the new readers, which split the remaining shards. So no sample is read twice within an
+    epoch; what is skipped is bounded by the unread rest of the shards that were in progress (at
+    most one per old reader) and the partly packed document of each old reader.
+    """
+    n_old = len(old)
+    new_sources = {}
+    for name, source_urls in urls.items():
+        views = []
+        for i, st in enumerate(old):
+            view = SourceStream(name, source_urls, i, n_old, seed, None)
+            view.load(st["sources"][name])
+            views.append(view)
+        e0 = min(v.epoch for v in views)
+        last = max(v.epoch for v in views)
+        exclude = {}
+        for e in range(e0, last + 1):
+            done = set().union(*(v.begun(e) for v in views), *(v.exclude.get(e, []) for v in views))
+            if done:
+                exclude[str(e)] = sorted(done)
+        new_sources[name] = {"epoch": e0, "shard": 0, "sample": 0, "exclude": exclude}
+
+    def spread(key: str) -> dict:
+        total: dict[str, float] = {}
+        for st in old:
+            for k, v in st[key].items():
+                total[k] = total.get(k, 0) + v
+        return {k: v // n_new for k, v in total.items()}
+
+    packing = [sum(st["packing"][i] for st in old) // n_new for i in range(3)]
+    return [{"sources": new_sources, "drawn": spread("drawn"), "modality_tokens": spread("modality_tokens"),
+             "pending": None, "packing": packing} for _ in range(n_new)]  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- mixture
@@ -341,18 +394,36 @@ class OmniLoader:
         return {"version": STATE_VERSION, "rank": self.rank, "world_size": self.world_size, "slots": self.n_slots,
                 "next_slot": self.next_slot, "states": self.states, "layout_hash": self.layout_hash}  # fmt: skip
 
-    def load_state_dict(self, state: dict) -> None:
-        if state.get("version") != STATE_VERSION:
-            raise ValueError(f"loader state version {state.get('version')} is not {STATE_VERSION}")
-        if (state["world_size"], state["slots"]) != (self.world_size, self.n_slots):
-            raise ValueError(
-                f"the loader state was saved with {state['world_size']} rank(s) x {state['slots']} worker(s), "
-                f"this run has {self.world_size} x {self.n_slots}; resuming across a change of readers is not "
-                "supported yet: keep the same world size and data.workers"
-            )
-        check_layout_hash(self.layout_hash, state["layout_hash"], "the loader state in this checkpoint")
+    def load_state_dict(self, state: dict | list[dict]) -> None:
+        """Resume from this rank's ``state_dict()``; after a change of world size or workers, pass
+        the list of *every* old rank's state (the checkpoint holds them all), see :func:`reshard`."""
+        states = state if isinstance(state, list) else [state]
+        for st in states:
+            if st.get("version") != STATE_VERSION:
+                raise ValueError(f"loader state version {st.get('version')} is not {STATE_VERSION}")
+            check_layout_hash(self.layout_hash, st["layout_hash"], "the loader state in this checkpoint")
         self.close()
-        self.states, self.next_slot = list(state["states"]), state["next_slot"]
+        old_readers = states[0]["world_size"] * states[0]["slots"]
+        if old_readers == self.world_size * self.n_slots and len(states) == 1:
+            self.states, self.next_slot = list(states[0]["states"]), states[0]["next_slot"]
+            return
+        if old_readers == self.world_size * self.n_slots:
+            mine = next((st for st in states if st["rank"] == self.rank), None)
+            if mine is None:
+                raise ValueError(f"no loader state for rank {self.rank} among ranks {[st['rank'] for st in states]}")
+            self.states, self.next_slot = list(mine["states"]), mine["next_slot"]
+            return
+        if len(states) != states[0]["world_size"] or sorted(st["rank"] for st in states) != list(range(len(states))):
+            raise ValueError(
+                f"the loader state was saved with {states[0]['world_size']} rank(s) x {states[0]['slots']} worker(s), "
+                f"this run has {self.world_size} x {self.n_slots}: resuming needs the states of all "
+                f"{states[0]['world_size']} old ranks (a list), not {len(states)}"
+            )
+        # every old stream in order (rank-major, like stream ids), each rank's slots as they were
+        old = [st["states"][slot] or self.make_stream(0).state() for st in sorted(states, key=lambda x: x["rank"]) for slot in range(st["slots"])]
+        new = reshard(old, self.world_size * self.n_slots, self.urls, self.cfg.seed)
+        self.states = new[self.rank * self.n_slots : (self.rank + 1) * self.n_slots]
+        self.next_slot = 0
 
     def packing_efficiency(self) -> float:
         """Share of row positions holding document tokens (not padding), over this rank's batches so far."""
