@@ -184,3 +184,15 @@ def test_changing_world_size_repeats_nothing_within_the_epoch_and_skips_a_bounde
     assert 0 <= skipped <= in_progress_rest  # only the rest of shards that were in progress
     with pytest.raises(ValueError, match="needs the states of all 2 old ranks"):
         OmniLoader(new_cfg, rank=0, world_size=1).load_state_dict(old_states[:1])
+
+
+def test_shards_stream_through_a_pipe_url_exactly_like_local_files(sources):
+    local = LoaderConfig(sources={"t": SourceSpec(str(sources["text"]))}, seq_len=64, batch_size=2)
+    piped = LoaderConfig(sources={"t": SourceSpec(str(sources["text"]), url=f"pipe:cat {sources['text']}/{{name}}")}, seq_len=64, batch_size=2)
+    a, b = OmniLoader(local), OmniLoader(piped)
+    assert b.urls["t"][0].startswith("pipe:cat ")
+    for _ in range(5):
+        x, y = next(a), next(b)
+        assert all(torch.equal(x[k], y[k]) for k in x)
+    with pytest.raises(ValueError, match="must contain"):
+        OmniLoader(LoaderConfig(sources={"t": SourceSpec(str(sources["text"]), url="pipe:cat x")}))

@@ -36,6 +36,7 @@ import json
 import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -48,8 +49,10 @@ STATE_VERSION = 1
 
 @dataclass
 class SourceSpec:
-    path: str  # a shard folder with manifest.json (shards may also be named by pipe:/http urls in it)
+    path: str  # a shard folder with manifest.json (and layout.json)
     weight: float = 1.0  # share of tokens (normalised over sources); ignored with modality_shares
+    url: str | None = None  # where the tars are read from, "{name}" standing for a shard's file name, e.g.
+    #   "https://host/shards/{name}", "pipe:aws s3 cp s3://bucket/shards/{name} -" (None: from path)
 
 
 @dataclass
@@ -96,7 +99,10 @@ def read_shard_samples(url: str, expect_hash: str | None) -> list[tuple[np.ndarr
 
 
 def _rng(*keys: int | str) -> np.random.Generator:
-    seq = [k if isinstance(k, int) else int.from_bytes(k.encode()[:8].ljust(8, b"\0"), "little") for k in keys]
+    """A generator seeded by all of ``keys`` (strings hashed whole, so similar names differ)."""
+    import hashlib
+
+    seq = [k if isinstance(k, int) else int.from_bytes(hashlib.sha256(k.encode()).digest()[:8], "little") for k in keys]
     return np.random.default_rng(seq)
 
 
@@ -122,7 +128,9 @@ class SourceStream:
         if self._cache is None or self._cache[0] != key:
             url = self.my_shards(self.epoch)[self.shard]
             samples = read_shard_samples(url, self.hash)
-            order = _rng(self.seed, self.name, self.epoch, url).permutation(len(samples))
+            shard_name = url.rstrip("/").rsplit("/", 1)[-1]  # the same order wherever the file lives
+            shard_name = next((part for part in url.split() if part.endswith(".tar")), shard_name).rsplit("/", 1)[-1]
+            order = _rng(self.seed, self.name, self.epoch, shard_name).permutation(len(samples))
             self._cache = (key, [samples[i] for i in order])
         return self._cache[1]
 
@@ -331,11 +339,11 @@ class OmniLoader:
         if not cfg.sources:
             raise ValueError("the loader has no sources: give data.sources")
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
-        self.manifests = {n: read_manifest(s.path, expect_hash=cfg.layout_hash) for n, s in cfg.sources.items()}
+        self.manifests = {n: _manifest(s, cfg.layout_hash) for n, s in cfg.sources.items()}
         self.layout_hash = cfg.layout_hash or next(iter(self.manifests.values()))["layout_hash"]
         for n, m in self.manifests.items():
             check_layout_hash(self.layout_hash, m["layout_hash"], f"source '{n}' ({cfg.sources[n].path})")
-        self.urls = {n: [_url(cfg.sources[n].path, sh["name"]) for sh in m["shards"]] for n, m in self.manifests.items()}
+        self.urls = {n: [_url(cfg.sources[n], sh["name"]) for sh in m["shards"]] for n, m in self.manifests.items()}
         self.shares = source_shares(cfg, self.manifests)
         if cfg.pad_id is not None:
             self.pad_id = cfg.pad_id
@@ -441,8 +449,23 @@ class OmniLoader:
         return {m: n / total for m, n in tot.items()}
 
 
-def _url(folder: str, name: str) -> str:
-    return name if ":" in name.split("/")[0] else f"{folder.rstrip('/')}/{name}"
+def _url(spec: SourceSpec, name: str) -> str:
+    if spec.url is None:
+        return f"{spec.path.rstrip('/')}/{name}"
+    if "{name}" not in spec.url:
+        raise ValueError(f"source url {spec.url!r} must contain {{name}} where the shard file name goes")
+    return spec.url.replace("{name}", name)
+
+
+def _manifest(spec: SourceSpec, layout_hash: str | None) -> dict:
+    if spec.url is None:  # local shards: check that every one listed is there
+        return read_manifest(spec.path, expect_hash=layout_hash)
+    manifest = json.loads((Path(spec.path) / "manifest.json").read_text()) if (Path(spec.path) / "manifest.json").is_file() else None
+    if manifest is None:
+        raise FileNotFoundError(f"no manifest.json in {spec.path}: keep a local copy of the shard set's manifest and layout.json there")
+    if layout_hash is not None:
+        check_layout_hash(layout_hash, manifest.get("layout_hash", "?"), f"shard set {spec.url}")
+    return manifest
 
 
 def attention_mask(doc_ids: torch.Tensor) -> torch.Tensor:
