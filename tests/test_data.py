@@ -118,9 +118,10 @@ def test_keep_documents_whole_pads_instead_of_cutting(sources):
     assert 0.6 < loader.packing_efficiency() < 1.0
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_resume_at_random_points_gives_identical_batches(sources, workers):
-    cfg = LoaderConfig(sources={n: SourceSpec(str(p)) for n, p in sources.items()}, seq_len=96, batch_size=2, workers=workers, seed=7)
+@pytest.mark.parametrize(("workers", "split"), [(0, True), (2, True), (2, False)])
+def test_resume_at_random_points_gives_identical_batches(sources, workers, split):
+    cfg = LoaderConfig(sources={n: SourceSpec(str(p)) for n, p in sources.items()}, seq_len=96, batch_size=2, workers=workers,
+                       seed=7, split_documents=split, pack_buffer=8)  # fmt: skip
     full = [b for _, b in zip(range(14), OmniLoader(cfg, rank=1, world_size=2), strict=False)]
     for cut in np.random.default_rng(workers).choice(np.arange(1, 13), size=2, replace=False):
         first = OmniLoader(cfg, rank=1, world_size=2)
