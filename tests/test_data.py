@@ -143,6 +143,11 @@ def test_bad_shards_and_states_fail_clearly(sources, tmp_path):
     with pytest.raises(ValueError, match="corrupt or truncated"):
         for _ in range(5):
             next(loader)
+    write_shard(src / shard_name(0, 2), [], ShardInfo(shard_name(0, 2), 0, {}, 0, 0))  # an empty shard
+    loader = OmniLoader(LoaderConfig(sources={"s": SourceSpec(str(src))}, seq_len=512, batch_size=4))
+    with pytest.raises(ValueError, match="holds no samples"):
+        for _ in range(5):
+            next(loader)
     (src / shard_name(0, 1)).unlink()
     with pytest.raises(FileNotFoundError, match="missing"):
         OmniLoader(LoaderConfig(sources={"s": SourceSpec(str(src))}))
