@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _table import print_rows  # benchmarks/ is on sys.path when these run
 
 from omnitrain.config import from_dict
 from omnitrain.tokenizer.audio import load_audio_codec
@@ -133,10 +134,7 @@ def _run(quick: bool) -> list[dict]:
         {"metric": "encode throughput", "value": speed, "unit": "s audio / s", "baseline": None, "note": "1 CPU thread, batch 16 x 2 s"},
         {"metric": "train time", "value": m["train_seconds"], "unit": "s", "baseline": None, "note": f"{m['steps']} steps"},
     ]
-    print(f"{'metric':40s} {'codec':>10s} {'baseline':>10s}")
-    for r in rows:
-        b = "" if r["baseline"] is None else f"{r['baseline']:.3f}"
-        print(f"{r['metric']:40s} {r['value']:10.3f} {b:>10s}  {r['unit']}")
+    print_rows(rows, "codec")
     print("baseline by bits/sample: " + ", ".join(f"{b}: {v['si_snr_db']:.1f} dB / mel {v['mel_distance']:.2f}" for b, v in base.items()))
     shutil.rmtree(work, ignore_errors=True)
     return rows

@@ -14,6 +14,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _table import print_rows  # benchmarks/ is on sys.path when these run
+
 
 def _make_sources(tmp: Path, n_images: int, n_audio: int) -> tuple[dict, dict]:
     import numpy as np
@@ -94,9 +96,7 @@ def run(quick: bool = False) -> list[dict]:
         for m in ("text", "image", "audio"):
             rows.append({"metric": f"{m} tokens/s, {w} worker(s)", "value": first["tokens"][m] / med[w], "unit": "tokens/s", "baseline": None, "note": ""})
     rows.append({"metric": "scaling 2 workers vs 1", "value": med[1] / med[2], "unit": "x", "baseline": 1.6, "note": "target >= 1.6x on 2 cores"})
-    print(f"\n{'metric':32s} {'value':>12s}")
-    for r in rows:
-        print(f"{r['metric']:32s} {r['value']:12.2f} {r['unit']}")
+    print_rows(rows)
     return rows
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _table import print_rows  # benchmarks/ is on sys.path when these run
 from PIL import Image
 
 from omnitrain.config import from_dict
@@ -112,10 +113,7 @@ def run(quick: bool) -> list[dict]:
         {"metric": "train time", "value": metrics["train_seconds"], "unit": "s", "baseline": None,
          "note": f"{cfg.steps} steps x batch {cfg.batch_size} on {metrics['device']}"},
     ]
-    print(f"{'metric':<40} {'value':>10} {'baseline':>10}  unit")
-    for r in rows:
-        base_txt = "" if r["baseline"] is None else f"{r['baseline']:.3f}"
-        print(f"{r['metric']:<40} {r['value']:>10.3f} {base_txt:>10}  {r['unit']}   {r['note']}")
+    print_rows(rows, notes=True)
     return rows
 
 

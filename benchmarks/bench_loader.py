@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from _table import print_rows  # benchmarks/ is on sys.path when these run
 
 
 def _write_sources(root: Path, n_shards: int, per_shard: int) -> dict[str, Path]:
@@ -142,10 +143,7 @@ def run(quick: bool = False) -> list[dict]:
         {"metric": "packing efficiency, documents cut across rows", "value": statistics.median(o[2] for o in ours), "unit": "share", "baseline": 0.99, "note": "pretraining"},
         {"metric": "packing efficiency, documents kept whole", "value": whole[2], "unit": "share", "baseline": 0.99, "note": "SFT mode; long documents leave row tails padded"},
     ]
-    print(f"\n{'metric':48s} {'value':>12s} {'baseline':>10s}")
-    for r in rows:
-        base = "" if r["baseline"] is None else f"{r['baseline']:.3f}"
-        print(f"{r['metric']:48s} {r['value']:12.3f} {base:>10s} {r['unit']}")
+    print_rows(rows)
     return rows
 
 

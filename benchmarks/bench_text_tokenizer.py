@@ -9,6 +9,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _table import print_rows  # benchmarks/ is on sys.path when these run
+
 
 def _median_seconds(fn, repeats: int) -> float:
     times = []
@@ -67,10 +69,7 @@ def run(quick: bool = False) -> list[dict]:
         {"metric": "tokens per char (20 langs + code)", "value": tpc_ours, "unit": "tok/char", "baseline": tpc_ref, "note": "ours 8k vocab vs o200k 200k vocab"},
         {"metric": "exact round trip", "value": exact, "unit": "share", "baseline": None, "note": f"{len(texts)} documents"},
     ]
-    print(f"{'metric':40s} {'ours':>12s} {'o200k_base':>12s}")
-    for r in rows:
-        base = "" if r["baseline"] is None else f"{r['baseline']:.3f}"
-        print(f"{r['metric']:40s} {r['value']:12.3f} {base:>12s} {r['unit']}")
+    print_rows(rows, "ours", "o200k_base")
     return rows
 
 
