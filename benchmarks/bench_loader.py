@@ -7,10 +7,8 @@ Side by side, in one run, medians of several repeats:
 * plain webdataset: ``wds.WebDataset`` over the tars, decoding ids.npy and meta.json per sample;
 * our loader: the same samples through the mixture (by modality token shares) and packing.
 
-Against training: until omnitrain's own model lands (issue 6), the tokens/s a model consumes is
-measured on a *stand-in*: a 4-layer causal transformer built from torch's own layers (dim 256,
-vocab 8.5k, ~6M parameters), trained with AdamW on the loader's batches. Replace it with
-``omnitrain.model`` tiny when that exists.
+Against training: the tokens/s that omnitrain's tiny model (``recipes/model/tiny.yaml``) consumes
+when trained with AdamW on the loader's own batches, in the same run.
 """
 
 from __future__ import annotations
@@ -92,34 +90,31 @@ def _ours(folders: dict[str, Path], n_batches: int, split: bool, seq_len: int) -
     return st["packing"][3] / dt, st["packing"][0] / dt, loader.packing_efficiency()
 
 
-def _standin_train_tokens_per_s(folders: dict[str, Path], steps: int) -> float:
-    """Tokens/s of training a small causal transformer (torch built-ins) on our loader's batches."""
+def _train_tokens_per_s(folders: dict[str, Path], steps: int) -> tuple[float, int]:
+    """Tokens/s of training omnitrain's tiny model (recipes/model/tiny.yaml) on our loader's batches."""
     import torch
-    from torch import nn
+    import yaml
 
+    from omnitrain.config import from_dict
     from omnitrain.data import LoaderConfig, OmniLoader, SourceSpec
+    from omnitrain.model import ModelConfig, Transformer
 
+    recipe = yaml.safe_load((Path(__file__).resolve().parents[1] / "recipes" / "model" / "tiny.yaml").read_text())
     torch.manual_seed(0)
-    vocab, dim, seq = 8705, 256, 512
-    emb, head = nn.Embedding(vocab, dim), nn.Linear(dim, vocab)
-    body = nn.TransformerEncoder(nn.TransformerEncoderLayer(dim, 4, 4 * dim, batch_first=True, norm_first=True), 4)
-    params = [*emb.parameters(), *body.parameters(), *head.parameters()]
-    opt = torch.optim.AdamW(params, lr=1e-3)
-    loader = OmniLoader(LoaderConfig(sources={k: SourceSpec(str(v)) for k, v in folders.items()}, seq_len=seq, batch_size=8))
-    mask = nn.Transformer.generate_square_subsequent_mask(seq)
-    t0, tokens = None, 0
+    model = Transformer(from_dict(ModelConfig, {**recipe, "vocab_size": 8705}))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    loader = OmniLoader(LoaderConfig(sources={k: SourceSpec(str(v)) for k, v in folders.items()}, seq_len=512, batch_size=8))
+    t0, tokens = 0.0, 0
     for step in range(steps + 2):
-        b = next(loader)
+        batch = next(loader)
         if step == 2:  # after warm-up
             t0, tokens = time.perf_counter(), 0
-        logits = head(body(emb(b["input_ids"].clamp(max=vocab - 1)), mask=mask, is_causal=True))
-        loss = (nn.functional.cross_entropy(logits.flatten(0, 1), b["targets"].clamp(max=vocab - 1).flatten(), reduction="none")
-                * b["loss_weights"].flatten()).sum() / b["loss_weights"].sum().clamp(min=1)  # fmt: skip
+        loss, _ = model.loss(batch)
         opt.zero_grad()
         loss.backward()
         opt.step()
-        tokens += b["input_ids"].numel()
-    return tokens / (time.perf_counter() - t0)
+        tokens += batch["input_ids"].numel()
+    return tokens / (time.perf_counter() - t0), model.num_params()
 
 
 def run(quick: bool = False) -> list[dict]:
@@ -130,7 +125,7 @@ def run(quick: bool = False) -> list[dict]:
         docs = int(statistics.median(o[0] for o in ours) * 2)  # about as many samples as the loader read in ~2 s
         plain = [_plain(folders, max(200, docs)) for _ in range(repeats)]
         whole = _ours(folders, n_batches, False, 4096)
-        train_tps = _standin_train_tokens_per_s(folders, 3 if quick else 8)
+        train_tps, n_params = _train_tokens_per_s(folders, 3 if quick else 8)
     plain_sps = statistics.median(p[0] for p in plain)
     ours_sps = statistics.median(o[0] for o in ours)
     rows = [
@@ -138,7 +133,7 @@ def run(quick: bool = False) -> list[dict]:
         {"metric": "our loader samples/s (mixture + packing)", "value": ours_sps, "unit": "samples/s", "baseline": plain_sps, "note": "baseline: plain webdataset"},
         {"metric": "loader / plain ratio", "value": ours_sps / plain_sps, "unit": "x", "baseline": 0.8, "note": "target >= 0.8"},
         {"metric": "our loader tokens/s", "value": statistics.median(o[1] for o in ours), "unit": "tokens/s", "baseline": None, "note": "seq_len 4096, batch 8"},
-        {"metric": "stand-in model training tokens/s", "value": train_tps, "unit": "tokens/s", "baseline": None, "note": "~6M-param torch transformer, seq 512 x 8, AdamW, CPU (until omnitrain.model exists)"},
+        {"metric": "tiny model training tokens/s", "value": train_tps, "unit": "tokens/s", "baseline": None, "note": f"recipes/model/tiny ({n_params / 1e6:.1f}M non-embedding), seq 512 x 8, AdamW, fp32 CPU"},
         {"metric": "loader / training tokens/s", "value": statistics.median(o[1] for o in ours) / train_tps, "unit": "x", "baseline": 10, "note": "target >= 10x"},
         {"metric": "packing efficiency, documents cut across rows", "value": statistics.median(o[2] for o in ours), "unit": "share", "baseline": 0.99, "note": "pretraining"},
         {"metric": "packing efficiency, documents kept whole", "value": whole[2], "unit": "share", "baseline": 0.99, "note": "SFT mode; long documents leave row tails padded"},
