@@ -66,3 +66,14 @@ def test_vocabulary_extension_keeps_the_text_logits(smol):
     assert (after[..., : ours.cfg.vocab_size] - before).abs().max() < 1e-4  # logits: up to the larger matmul's rounding
     # new ids start near the average token: they do not take over the next-token distribution
     assert after.softmax(-1)[..., ours.cfg.vocab_size :].sum(-1).max() < 0.05
+
+
+@torch.no_grad()
+def test_kv_cache_generation_on_smollm2_equals_the_plain_greedy_loop(smol):
+    from omnitrain.generate import SamplingConfig, generate
+
+    _, tok, ours = smol
+    ids = tok(PROMPTS[1], return_tensors="pt").input_ids
+    res = generate(ours, None, [ids[0].tolist()], SamplingConfig(max_new_tokens=32, greedy=True, constrain=False))
+    assert res.tokens[0] == greedy(ours, ids, 32)
+    assert res.time_to_first_token > 0 and res.tokens_per_second > 0

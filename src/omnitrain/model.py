@@ -103,7 +103,8 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(hd, cfg.norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(hd, cfg.norm_eps) if cfg.qk_norm else None
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
+                cache: KVCache | None = None) -> torch.Tensor:  # fmt: skip
         B, T, _ = x.shape
         hd, H, Hkv = self.cfg.head_dim, self.cfg.n_heads, self.cfg.kv_heads
         q = self.wq(x).view(B, T, H, hd).transpose(1, 2)  # [B, T, H*Dh] -> [B, H, T, Dh]
@@ -112,6 +113,8 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:  # decoding: append this step's keys/values, attend to everything so far
+            k, v = cache.update(self, k, v)  # [B, Hkv, T_past + T, Dh]
         if Hkv != H:  # GQA: each key/value head serves H/Hkv query heads
             k = k.repeat_interleave(H // Hkv, dim=1)  # [B, Hkv, T, Dh] -> [B, H, T, Dh]
             v = v.repeat_interleave(H // Hkv, dim=1)
@@ -141,9 +144,33 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.feed_forward = FeedForward(cfg)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        x = x + self.attention(self.attention_norm(x), cos, sin, mask)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
+                cache: KVCache | None = None) -> torch.Tensor:  # fmt: skip
+        x = x + self.attention(self.attention_norm(x), cos, sin, mask, cache)
         return x + self.feed_forward(self.ffn_norm(x))
+
+
+class KVCache:
+    """Keys and values of every layer for incremental decoding, preallocated to ``max_len``."""
+
+    def __init__(self, model: Transformer, batch: int, max_len: int) -> None:
+        c, p = model.cfg, next(model.parameters())
+        shape = (batch, c.kv_heads, max_len, c.head_dim)  # [B, Hkv, T_max, Dh]
+        self.k = {id(layer.attention): torch.zeros(shape, dtype=p.dtype, device=p.device) for layer in model.layers}
+        self.v = {key: torch.zeros_like(t) for key, t in self.k.items()}
+        self.length, self.max_len, self._step = 0, max_len, 0  # tokens stored; tokens being added now
+
+    def update(self, attn: Attention, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        end = self.length + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KV cache of {self.max_len} tokens is full; raise max_len")
+        self.k[id(attn)][:, :, self.length : end] = k
+        self.v[id(attn)][:, :, self.length : end] = v
+        self._step = k.shape[2]
+        return self.k[id(attn)][:, :, :end], self.v[id(attn)][:, :, :end]
+
+    def advance(self) -> None:
+        self.length += self._step
 
 
 def document_mask_and_positions(doc_ids: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
@@ -214,6 +241,20 @@ class Transformer(nn.Module):
                 h = checkpoint(layer, h, cos, sin, mask, use_reentrant=False)
             else:
                 h = layer(h, cos, sin, mask)
+        return self.output(self.norm(h))  # [B, T, V]
+
+    def forward_cached(self, input_ids: torch.Tensor, positions: torch.Tensor, key_valid: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Decoding step(s): input_ids/positions [B, T] new tokens, key_valid [B, T_past + T] (False on
+        left padding) -> logits [B, T, V]; the cache grows by T."""
+        T, past = input_ids.shape[1], cache.length
+        causal = torch.ones(T, past + T, dtype=torch.bool, device=input_ids.device).tril(diagonal=past)  # [T, T_past+T]
+        mask = (causal[None] & key_valid[:, None, :])[:, None]  # [B, 1, T, T_past+T]
+        mask = mask | ~mask.any(-1, keepdim=True)  # a padding query row with no valid key: never NaN
+        cos, sin = rope_tables(positions, self.cfg.head_dim, self.cfg.rope_theta)
+        h = self.tok_embeddings(input_ids)  # [B, T, D]
+        for layer in self.layers:
+            h = layer(h, cos, sin, mask, cache)
+        cache.advance()
         return self.output(self.norm(h))  # [B, T, V]
 
     def loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
