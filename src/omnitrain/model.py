@@ -115,13 +115,11 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:  # decoding: append this step's keys/values, attend to everything so far
             k, v = cache.update(self, k, v)  # [B, Hkv, T_past + T, Dh]
-        if Hkv != H:  # GQA: each key/value head serves H/Hkv query heads
-            k = k.repeat_interleave(H // Hkv, dim=1)  # [B, Hkv, T, Dh] -> [B, H, T, Dh]
-            v = v.repeat_interleave(H // Hkv, dim=1)
+        # GQA: each key/value head serves H/Hkv query heads; SDPA broadcasts them without copies
         if mask is None:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # [B, H, T, Dh]
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=Hkv != H)  # [B, H, T, Dh]
         else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=Hkv != H)
         return self.wo(out.transpose(1, 2).reshape(B, T, H * hd))  # [B, H, T, Dh] -> [B, T, D]
 
 
@@ -231,7 +229,7 @@ class Transformer(nn.Module):
         """input_ids [B, T] (and doc_ids [B, T]) -> logits [B, T, V]."""
         B, T = input_ids.shape
         if doc_ids is None:
-            mask, positions = None, torch.arange(T, device=input_ids.device).expand(B, T)
+            mask, positions = None, torch.arange(T, device=input_ids.device)[None]  # [1, T]: broadcast over the batch
         else:
             mask, positions = document_mask_and_positions(doc_ids)
         cos, sin = rope_tables(positions, self.cfg.head_dim, self.cfg.rope_theta)
