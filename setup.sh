@@ -22,7 +22,8 @@ say() { printf '[setup] %s\n' "$*"; }
 # --- 1. Debian packages: text in 20 languages (gettext catalogs) for the tokenizer report,
 #        speech, fonts and images for the tokenizers and the demo.
 apt_pkgs=(iso-codes libgtk2.0-common libglib2.0-data libsndfile1 flite pocketsphinx-testdata
-          fonts-dejavu-core debian-handbook)
+          fonts-dejavu-core debian-handbook
+          slurmctld slurmd slurm-client munge)   # a one-node Slurm on localhost for the preemption test
 if [ -z "${OMNITRAIN_SKIP_APT:-}" ] && command -v dpkg-query >/dev/null 2>&1; then
   missing=()
   for p in "${apt_pkgs[@]}"; do

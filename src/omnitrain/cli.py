@@ -64,6 +64,10 @@ COMMANDS = [
             "data_build", _lazy("omnitrain.pipeline.build", "BuildConfig"), _lazy("omnitrain.pipeline.build", "build_shards")),
     Command("data inspect", "Decode shard samples back to text, PNG and WAV; print a manifest's statistics.",
             "data_inspect", _lazy("omnitrain.pipeline.inspect", "InspectConfig"), _lazy("omnitrain.pipeline.inspect", "inspect_shards")),
+    Command("train", "Train the model: a Fabric loop (single, DDP, FSDP, DeepSpeed ZeRO), exact resume, preemption-safe.",
+            "train", _lazy("omnitrain.train", "TrainConfig"), _lazy("omnitrain.train", "train")),
+    Command("slurm submit", "Snapshot the code and resolved config into the run directory and sbatch slurm/train.sbatch.",
+            "train", _lazy("omnitrain.train", "TrainConfig"), _lazy("omnitrain.slurm", "submit")),
     Command("demo", "Run the embedded demo end to end on data made from local packages (CPU, minutes).",
             "demo", _lazy("omnitrain.demo", "DemoConfig"), _lazy("omnitrain.demo", "run_demo")),
 ]  # fmt: skip
@@ -184,8 +188,23 @@ def build_parser() -> argparse.ArgumentParser:
         p.epilog = f"config: recipes/{cmd.recipe}.yaml (see it composed with --cfg)"
         p.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. key=value group=choice +new.key=value")
         p.add_argument("--cfg", action="store_true", help="print the composed, validated config and exit")
+        p.add_argument("-m", "--multirun", action="store_true", help="Hydra sweep: a=1,2 b=x,y runs every combination, one after the other")
         p.set_defaults(_cmd=cmd)
     return parser
+
+
+def sweep(overrides: list[str]) -> list[list[str]]:
+    """Hydra multirun: ``a=1,2 b=x,y`` -> the 4 override lists of the cartesian product."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except HydraException as e:
+        raise ConfigError(f"cannot parse overrides {overrides}: {e}") from e
+    batches = BasicSweeper.split_arguments(parsed, max_batch_size=None)
+    return [list(job) for batch in batches for job in batch]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -197,24 +216,32 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         recipes = recipes_dir(args.recipes)
-        cfg, plain = compose(cmd, args.overrides, recipes)
+        jobs = sweep(args.overrides) if args.multirun else [args.overrides]
+        composed = [compose(cmd, job, recipes) for job in jobs]  # every job is validated before any runs
     except ConfigError as e:
         print(f"omnitrain {cmd.name}: config error: {e}", file=sys.stderr)
         if "recipes" in locals():
             print(f"nothing was run. {_describe(cmd, recipes)}", file=sys.stderr)
         return 2
-    if args.cfg:
-        import yaml
+    if args.multirun and len(jobs) > 1 and all(hasattr(c, "run_dir") for c, _ in composed):
+        for i, (job, (cfg, plain)) in enumerate(zip(jobs, composed)):  # one run directory per job, like Hydra's sweep dir
+            cfg.run_dir = Path(cfg.run_dir) / f"{i}_{'_'.join(o.replace('/', '-') for o in job if ',' not in o)}"[:120]
+            plain["run_dir"] = str(cfg.run_dir)
+    for i, (job, (cfg, plain)) in enumerate(zip(jobs, composed)):
+        if args.cfg:
+            import yaml
 
-        print(yaml.safe_dump(plain, sort_keys=False, allow_unicode=True), end="")
-        return 0
-    try:
-        cmd.run(cfg)
-    except (ValueError, FileNotFoundError) as e:  # user-fixable problems: one clear line, no traceback
-        if os.environ.get("OMNITRAIN_DEBUG"):
-            raise
-        print(f"omnitrain {cmd.name}: error: {e}  (OMNITRAIN_DEBUG=1 shows the traceback)", file=sys.stderr)
-        return 1
+            print(yaml.safe_dump(plain, sort_keys=False, allow_unicode=True), end="")
+            continue
+        if len(jobs) > 1:
+            print(f"[multirun {i + 1}/{len(jobs)}] {' '.join(job)}", flush=True)
+        try:
+            cmd.run(cfg, args.overrides) if cmd.name == "slurm submit" else cmd.run(cfg)
+        except (ValueError, FileNotFoundError) as e:  # user-fixable problems: one clear line, no traceback
+            if os.environ.get("OMNITRAIN_DEBUG"):
+                raise
+            print(f"omnitrain {cmd.name}: error: {e}  (OMNITRAIN_DEBUG=1 shows the traceback)", file=sys.stderr)
+            return 1
     return 0
 
 

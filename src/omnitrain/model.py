@@ -258,25 +258,44 @@ class Transformer(nn.Module):
     def loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         """Weighted next-token loss of a loader batch, and loss / accuracy / tokens per modality."""
         logits = self(batch["input_ids"], batch.get("doc_ids"))  # [B, T, V]
-        targets, w = batch["targets"], batch["loss_weights"].float()
-        ce = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="none").view_as(w)  # [B, T]
+        return lm_loss(logits, batch, self.modality_table, self.cfg.z_loss)
+
+
+def lm_loss(logits: torch.Tensor, batch: dict[str, torch.Tensor], modality_table: torch.Tensor, z_loss: float = 0.0,
+            denom: torch.Tensor | float | None = None) -> tuple[torch.Tensor, dict[str, float]]:  # fmt: skip
+    """logits [B, T, V] and a loader batch -> (weighted next-token loss, metrics per modality).
+
+    Kept outside ``forward`` so that distributed wrappers (DDP, FSDP, DeepSpeed) see a plain
+    ``logits = model(input_ids, doc_ids)`` call. Metrics hold, per modality, the summed loss and
+    correct predictions and the token count (``sum/...``, ``tokens/...``) so that they can be summed
+    over ranks and micro-batches before being divided, plus the means of this batch.
+
+    ``denom``: what the weighted sum is divided by (default: this batch's total weight). The trainer
+    passes the weight of the whole step over all micro-batches and ranks (see ``train.py``)."""
+    targets, w = batch["targets"], batch["loss_weights"].float()
+    ce = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="none").view_as(w)  # [B, T]
+    if denom is None:
         denom = w.sum().clamp(min=1.0)
-        loss = (ce * w).sum() / denom
-        metrics: dict[str, float] = {}
-        if self.cfg.z_loss:
-            z = torch.logsumexp(logits.float(), dim=-1)  # [B, T]
-            zl = self.cfg.z_loss * ((z**2) * w).sum() / denom
-            loss = loss + zl
-            metrics["z_loss"] = float(zl.detach())
-        with torch.no_grad():
-            mod = self.modality_table[targets]  # [B, T]
-            correct = logits.argmax(-1) == targets
-            for i, m in enumerate(MODALITIES):
-                sel = (mod == i) & (w > 0)
-                n = int(sel.sum())
-                metrics[f"tokens/{m}"] = n
-                if n:
-                    metrics[f"loss/{m}"] = float(ce[sel].mean())
-                    metrics[f"acc/{m}"] = float(correct[sel].float().mean())
-        metrics["loss"] = float(loss.detach())
-        return loss, metrics
+    weighted = (ce * w).sum()
+    loss = weighted / denom
+    metrics: dict[str, float] = {"sum_weighted": float(weighted.detach())}
+    if z_loss:
+        z = torch.logsumexp(logits.float(), dim=-1)  # [B, T]
+        z_sum = z_loss * ((z**2) * w).sum()
+        loss = loss + z_sum / denom
+        metrics["sum_z"] = float(z_sum.detach())
+        metrics["z_loss"] = float(z_sum.detach() / denom)
+    with torch.no_grad():
+        mod = modality_table[targets]  # [B, T]
+        correct = logits.argmax(-1) == targets
+        for i, m in enumerate(MODALITIES):
+            sel = (mod == i) & (w > 0)
+            n = int(sel.sum())
+            metrics[f"tokens/{m}"] = n
+            metrics[f"sum_loss/{m}"] = float(ce[sel].sum())
+            metrics[f"sum_correct/{m}"] = float(correct[sel].sum())
+            if n:
+                metrics[f"loss/{m}"] = metrics[f"sum_loss/{m}"] / n
+                metrics[f"acc/{m}"] = metrics[f"sum_correct/{m}"] / n
+    metrics["loss"] = float(loss.detach())
+    return loss, metrics

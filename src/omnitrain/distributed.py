@@ -1,0 +1,167 @@
+"""Fabric from a ``StrategyConfig``: single device, DDP, FSDP (FSDP2 ``fully_shard``) or DeepSpeed ZeRO 1/2/3.
+
+Parallelism is applied from outside the model (torchtitan's rule): ``model.py`` knows nothing of it.
+
+* ``ddp``: Fabric's DDPStrategy (NCCL on GPUs, gloo on CPU).
+* ``fsdp``: Fabric's ModelParallelStrategy with a ``parallelize_fn`` that shards every
+  transformer block and then the root with FSDP2 ``fully_shard`` (the current FSDP; Fabric's
+  FSDPStrategy is FSDP1 and refuses CPU). Checkpoints are distributed (one file per rank).
+* ``deepspeed``: Fabric's DeepSpeedStrategy with ``zero_stage`` 1, 2 or 3 on GPUs. On CPU it is
+  :class:`CPUDeepSpeedStrategy`, which exists **only to verify the ZeRO code path on CPU** (tests,
+  this 2-core machine): stock Fabric refuses a CPU accelerator, DeepSpeed itself runs ZeRO over gloo.
+
+Launching: under ``srun`` / ``torchrun`` the processes exist already and Fabric reads their
+environment (Slurm needs ``--ntasks-per-node``); otherwise ``devices > 1`` makes Fabric start the
+other local processes itself (it re-runs the command line).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+
+
+@dataclass
+class StrategyConfig:
+    name: Literal["single", "ddp", "fsdp", "deepspeed"] = "single"
+    accelerator: Literal["auto", "cpu", "cuda"] = "auto"
+    devices: int = 1  # processes (GPUs) per node; -1: every GPU of the node
+    num_nodes: int = 1
+    precision: Literal["32-true", "bf16-mixed", "bf16-true", "16-mixed"] = "32-true"
+    zero_stage: int = 2  # deepspeed: 1, 2 or 3
+    offload_optimizer: bool = False  # deepspeed: optimizer state in CPU memory (ZeRO-Offload)
+    reshard_after_forward: bool = True  # fsdp: ZeRO-3 style (True) or keep parameters gathered until backward (ZeRO-2 style)
+
+    def __post_init__(self) -> None:
+        if self.zero_stage not in (1, 2, 3):
+            raise ValueError(f"strategy.zero_stage must be 1, 2 or 3, got {self.zero_stage}")
+        if self.name == "single" and (self.devices != 1 or self.num_nodes != 1):
+            raise ValueError("strategy=single runs one process: set strategy=ddp (or fsdp, deepspeed) for devices/num_nodes > 1")
+
+
+def on_gpu(cfg: StrategyConfig) -> bool:
+    return cfg.accelerator == "cuda" or (cfg.accelerator == "auto" and torch.cuda.is_available())
+
+
+def make_fabric(cfg: StrategyConfig, grad_clip: float = 0.0, grad_accum: int = 1) -> Any:
+    """A launched-ready Fabric for ``cfg`` (call ``fabric.launch()`` next)."""
+    from lightning.fabric import Fabric
+
+    gpu = on_gpu(cfg)
+    accelerator = "cuda" if gpu else "cpu"
+    if cfg.precision != "32-true" and not gpu and cfg.precision == "16-mixed":
+        raise ValueError("precision=16-mixed needs a GPU; on CPU use 32-true, bf16-mixed or bf16-true")
+    if cfg.precision.startswith("bf16") and gpu and not torch.cuda.is_bf16_supported():
+        raise ValueError("this GPU has no bf16: use precision=16-mixed or 32-true")
+    backend = None if gpu else "gloo"
+    if cfg.name == "single":
+        strategy: Any = "auto"
+    elif cfg.name == "ddp":
+        from lightning.fabric.strategies import DDPStrategy
+
+        strategy = DDPStrategy(process_group_backend=backend)
+    elif cfg.name == "fsdp":
+        from lightning.fabric.strategies import ModelParallelStrategy
+
+        strategy = ModelParallelStrategy(parallelize_fn=_fsdp_parallelize(cfg), data_parallel_size="auto", tensor_parallel_size=1,
+                                         process_group_backend=backend)  # fmt: skip
+    else:
+        strategy = _deepspeed(cfg, gpu, grad_clip, grad_accum)
+    return Fabric(accelerator=accelerator, devices=cfg.devices, num_nodes=cfg.num_nodes, strategy=strategy, precision=cfg.precision)
+
+
+def _fsdp_parallelize(cfg: StrategyConfig) -> Any:
+    def parallelize(model: torch.nn.Module, device_mesh: Any) -> torch.nn.Module:
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = device_mesh["data_parallel"]
+        for layer in model.layers:  # one FSDP unit per block: gather one block's weights at a time
+            fully_shard(layer, mesh=mesh, reshard_after_forward=cfg.reshard_after_forward)
+        fully_shard(model, mesh=mesh, reshard_after_forward=cfg.reshard_after_forward)
+        return model
+
+    return parallelize
+
+
+def deepspeed_config(cfg: StrategyConfig, grad_clip: float, grad_accum: int) -> dict[str, Any]:
+    zero: dict[str, Any] = {"stage": cfg.zero_stage, "contiguous_gradients": True, "overlap_comm": False}
+    if cfg.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+    return {
+        "zero_optimization": zero,
+        "gradient_clipping": grad_clip,  # DeepSpeed clips inside its step (Fabric's clip_gradients refuses DeepSpeed)
+        "train_micro_batch_size_per_gpu": 1,  # Fabric feeds batches itself; the value only matters for DeepSpeed's logging
+        "gradient_accumulation_steps": grad_accum,
+        "zero_allow_untested_optimizer": True,  # a torch AdamW (the CPU path; DeepSpeed's FusedAdam needs a build)
+        "bf16": {"enabled": cfg.precision.startswith("bf16")},
+        "fp16": {"enabled": cfg.precision == "16-mixed"},
+    }
+
+
+def _deepspeed(cfg: StrategyConfig, gpu: bool, grad_clip: float, grad_accum: int) -> Any:
+    try:
+        from lightning.fabric.strategies import DeepSpeedStrategy
+    except ImportError as e:  # pragma: no cover - deepspeed is a core dependency
+        raise ImportError("strategy=deepspeed needs `pip install deepspeed`") from e
+    config = deepspeed_config(cfg, grad_clip, grad_accum)
+    if gpu:
+        return DeepSpeedStrategy(config=config)
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    return _cpu_deepspeed_class()(config=config, process_group_backend="gloo")
+
+
+def _cpu_deepspeed_class() -> type:
+    """DeepSpeedStrategy minus its CUDA checks: for verifying ZeRO on CPU only (pinned: lightning 2.6)."""
+    from lightning.fabric.strategies import DDPStrategy, DeepSpeedStrategy
+
+    class CPUDeepSpeedStrategy(DeepSpeedStrategy):
+        def setup_environment(self) -> None:
+            DDPStrategy.setup_environment(self)  # skip DeepSpeedStrategy's "only supported on CUDA GPUs"
+
+        def _setup_distributed(self) -> None:
+            self._set_world_ranks()
+            self._init_deepspeed_distributed()
+            if not self._config_initialized:
+                self._format_config()
+                self._config_initialized = True
+
+        @property
+        def root_device(self) -> torch.device:
+            return torch.device("cpu")
+
+    return CPUDeepSpeedStrategy
+
+
+def peak_flops(device: torch.device, precision: str) -> float | None:
+    """Dense peak FLOP/s of one device for MFU (None when unknown, e.g. CPU: then only achieved FLOP/s is logged)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    bf16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12, "L4": 121e12, "V100": 125e12}
+    for key, value in bf16.items():
+        if key in name:
+            return value if precision != "32-true" else value / 16  # fp32 without TF32: roughly 1/16 of the tensor-core peak
+    return None
+
+
+def full_state_dict(fabric: Any, model: Any, strategy: str) -> dict[str, torch.Tensor] | None:
+    """The unsharded model weights on rank 0 (None elsewhere). A collective: every rank calls it."""
+    inner = getattr(model, "module", model)  # _FabricModule -> the module (or the DeepSpeed engine)
+    if strategy == "fsdp":
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        sd = get_model_state_dict(inner, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return sd if fabric.global_rank == 0 else None
+    if strategy == "deepspeed":
+        import deepspeed
+
+        engine_module = getattr(inner, "module", inner)
+        params = list(engine_module.parameters())
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):  # ZeRO-3: gather; ZeRO-1/2: a no-op
+            sd = {k: v.detach().float().cpu().clone() for k, v in engine_module.state_dict().items()} if fabric.global_rank == 0 else None
+        return sd
+    inner = getattr(inner, "_orig_mod", inner)
+    return {k: v.detach().cpu() for k, v in inner.state_dict().items()} if fabric.global_rank == 0 else None
