@@ -30,6 +30,24 @@ def test_every_command_has_help_and_composes_its_recipe(cmd, capsys):
     code, out, err = run_cli([*cmd.name.split(), "--cfg"], capsys)
     assert code == 0, err
     assert out.strip()  # the composed config, as YAML
+    # every field of the config dataclass is in the recipe, so that `key=value` overrides it (Hydra
+    # refuses to override a key the recipe lacks)
+    import dataclasses
+    import typing
+
+    import yaml
+
+    def missing(schema: type, plain: dict, prefix: str = "") -> list[str]:
+        out = []
+        hints = typing.get_type_hints(schema)
+        for f in dataclasses.fields(schema):
+            if f.name not in plain:
+                out.append(prefix + f.name)
+            elif dataclasses.is_dataclass(hints[f.name]) and isinstance(plain[f.name], dict):
+                out += missing(hints[f.name], plain[f.name], f"{prefix}{f.name}.")
+        return out
+
+    assert missing(cmd.schema(), yaml.safe_load(out)) == []
 
 
 @pytest.mark.parametrize(

@@ -64,3 +64,72 @@ def test_stop_sequences_and_errors(model):
         generate(model, LAYOUT, [[]], SamplingConfig())
     with pytest.raises(ValueError, match="not allowed"):  # a prompt that breaks the layout grammar
         generate(model, LAYOUT, [[1, LAYOUT.image_base]], SamplingConfig())
+
+
+@pytest.fixture(scope="module")
+def omni_model_dir(tmp_path_factory, text_tokenizer_dir):
+    """An untrained model over a real layout: a trained text BPE + small (untrained) image and audio tokenizers."""
+    from omnitrain.checkpoint import save_model
+    from omnitrain.tokenizer.audio import AudioCodecConfig, RVQAudioCodec
+    from omnitrain.tokenizer.image import ImageTokenizerConfig, VQImageTokenizer
+    from omnitrain.tokenizer.text import TextTokenizer
+
+    d = tmp_path_factory.mktemp("omni")
+    torch.manual_seed(0)
+    image = VQImageTokenizer(ImageTokenizerConfig(codebook_size=32, base_channels=8, max_channels=16))
+    audio = RVQAudioCodec(AudioCodecConfig(channels=4, latent_dim=16, n_levels=2, codebook_size=16))
+    image.save(d / "image.pt")
+    audio.save(d / "audio.pt")
+    layout = TokenLayout.from_tokenizers(TextTokenizer.load(text_tokenizer_dir), image, audio, max_grid=16)
+    layout.save(d / "layout")
+    model = Transformer(ModelConfig(vocab_size=layout.vocab_size, dim=64, n_layers=2, n_heads=4, n_kv_heads=2))
+    save_model(model, d / "model", d / "layout")
+    return d
+
+
+def _generate(d, text_tokenizer_dir, tmp_path, *extra):
+    import json
+
+    from omnitrain.cli import main
+
+    argv = ["generate", f"run={d / 'model'}", f"tokenizers.text={text_tokenizer_dir}", f"tokenizers.image={d / 'image.pt'}",
+            f"tokenizers.audio={d / 'audio.pt'}", "tokenizers.max_grid=16", f"out_dir={tmp_path}", "sampling.max_new_tokens=60", *extra]  # fmt: skip
+    assert main(argv) == 0
+    return json.loads((tmp_path / "result.json").read_text())
+
+
+def test_generate_cli_reads_image_and_audio_prompts_and_writes_png_and_wav(omni_model_dir, text_tokenizer_dir, tmp_path):
+    import numpy as np
+    import soundfile as sf
+    from PIL import Image
+
+    photo, clip = tmp_path / "in.png", tmp_path / "in.wav"
+    Image.fromarray((np.random.default_rng(0).random((40, 56, 3)) * 255).astype("uint8")).save(photo)
+    sf.write(clip, np.sin(np.arange(8000) / 10.0).astype("float32") * 0.3, 16000)
+    out = _generate(omni_model_dir, text_tokenizer_dir, tmp_path / "t", f"images=[{photo}]", f"audios=[{clip}]", "text=a picture of", "chat=true")
+    assert out["samples"][0]["new_tokens"] > 0 and out["time_to_first_token"] > 0
+
+    out = _generate(omni_model_dir, text_tokenizer_dir, tmp_path / "i", "text=a red square", "output=image", "image_grid=[3,4]", "num_samples=2")
+    for i, s in enumerate(out["samples"]):
+        assert s["parts"][0].startswith("[image 3x4 codes ->"), s  # a whole grid, every time
+        assert Image.open(tmp_path / "i" / f"sample{i}-0_000.png").size == (4 * 8, 3 * 8)
+
+    out = _generate(omni_model_dir, text_tokenizer_dir, tmp_path / "a", "text=hello", "output=audio", "sampling.greedy=true")
+    part = out["samples"][0]["parts"][0]
+    assert part.startswith("[audio ") and part.endswith(".wav]"), part  # closed at whole frames when cut by max_new_tokens
+    assert out["time_to_first_audio_chunk"] is None or out["time_to_first_audio_chunk"] > 0
+
+
+def test_generate_refuses_the_wrong_tokenizers_and_missing_files(omni_model_dir, text_tokenizer_dir, tmp_path, capsys):
+    from omnitrain.cli import main
+    from omnitrain.tokenizer.image import ImageTokenizerConfig, VQImageTokenizer
+
+    VQImageTokenizer(ImageTokenizerConfig(codebook_size=64, base_channels=8, max_channels=16)).save(tmp_path / "other.pt")
+    base = ["generate", f"run={omni_model_dir / 'model'}", f"tokenizers.text={text_tokenizer_dir}", f"tokenizers.audio={omni_model_dir / 'audio.pt'}",
+            "tokenizers.max_grid=16", f"out_dir={tmp_path}"]  # fmt: skip
+    assert main([*base, f"tokenizers.image={tmp_path / 'other.pt'}", "text=hi"]) == 1
+    assert "pass the tokenizers its shards were built with" in capsys.readouterr().err
+    assert main([*base, f"tokenizers.image={omni_model_dir / 'image.pt'}", "images=[/no/such.png]"]) == 1
+    assert "/no/such.png does not exist" in capsys.readouterr().err
+    assert main(["generate", f"run={tmp_path}"]) == 1
+    assert "not an omnitrain model folder" in capsys.readouterr().err

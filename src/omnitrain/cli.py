@@ -68,6 +68,8 @@ COMMANDS = [
             "train", _lazy("omnitrain.train", "TrainConfig"), _lazy("omnitrain.train", "train")),
     Command("slurm submit", "Snapshot the code and resolved config into the run directory and sbatch slurm/train.sbatch.",
             "train", _lazy("omnitrain.train", "TrainConfig"), _lazy("omnitrain.slurm", "submit")),
+    Command("generate", "Generate text, images (PNG) or speech (WAV) from a prompt of text, image and audio files.",
+            "generate", _lazy("omnitrain.prompting", "GenerateConfig"), _lazy("omnitrain.prompting", "run_generate")),
     Command("demo", "Run the embedded demo end to end on data made from local packages (CPU, minutes).",
             "demo", _lazy("omnitrain.demo", "DemoConfig"), _lazy("omnitrain.demo", "run_demo")),
 ]  # fmt: skip

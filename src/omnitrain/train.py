@@ -75,8 +75,11 @@ class Preemption:
 
     def __init__(self) -> None:
         self.signal: int | None = None
-        for sig in (signal.SIGUSR1, signal.SIGTERM):
-            signal.signal(sig, self._handle)
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGUSR1, signal.SIGTERM)}
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
     def _handle(self, signum: int, frame: Any) -> None:
         self.signal = signum
@@ -108,6 +111,9 @@ def train(cfg: TrainConfig, plain_config: dict[str, Any] | None = None) -> dict[
     resume_from = checkpoint.resolve_resume(run_dir, cfg.resume)
     if cfg.init_from and resume_from is None:
         init, _ = checkpoint.load_model(cfg.init_from)
+        if init.cfg != model.cfg:
+            raise ValueError(f"init_from={cfg.init_from} holds a model with {init.cfg}, this run builds {model.cfg}: "
+                             "choose the matching model= recipe or override its fields")  # fmt: skip
         model.load_state_dict(init.state_dict())
     modality_table = model.modality_table
     flops_per_token = model.flops_per_token(cfg.data.seq_len)  # before sharding: from the full parameter counts
@@ -201,7 +207,8 @@ def train(cfg: TrainConfig, plain_config: dict[str, Any] | None = None) -> dict[
 
         if every(step, cfg.log_every) or step == cfg.steps:
             row = {"loss": step_loss, "lr": lr, "grad_norm": grad_norm, "skipped": int(not finite), "tokens": state["tokens"],
-                   "tokens_per_s": step_tokens / dt, "flops_per_s": flops_per_token * step_tokens / dt, "step_time": dt}  # fmt: skip
+                   "tokens_per_s": step_tokens / dt, "flops_per_s": flops_per_token * step_tokens / dt, "step_time": dt,
+                   "elapsed": time.perf_counter() - t_start}  # fmt: skip
             if peak:
                 row["mfu"] = row["flops_per_s"] / (peak * fabric.world_size)
             for j, mod in enumerate(MODALITIES):
@@ -224,6 +231,7 @@ def train(cfg: TrainConfig, plain_config: dict[str, Any] | None = None) -> dict[
             break
 
     # --- the end: consolidated export, summary, requeue when preempted under Slurm
+    preempt.restore()
     loader.close()
     if cfg.export and not stopped_by:
         sd = full_state_dict(fabric, model, cfg.strategy.name)
