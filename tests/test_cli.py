@@ -103,7 +103,8 @@ def test_demo_command_runs_end_to_end(tmp_path):
     exe = Path(sys.executable).with_name("omnitrain")
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     proc = subprocess.run(
-        [str(exe), "demo", f"run_dir={tmp_path / 'demo'}", "image.steps=20", "audio.steps=20", "text_docs=3", "report_languages=[en,fr,gu]"],
+        [str(exe), "demo", f"run_dir={tmp_path / 'demo'}", "image.steps=20", "audio.steps=20", "text_docs=3", "report_languages=[en,fr,gu]",
+         "train_steps=12", "train_overrides=['data.seq_len=256','ckpt_every=6','wandb.mode=disabled']"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -119,6 +120,11 @@ def test_demo_command_runs_end_to_end(tmp_path):
     assert list((run / "shards/caption/inspect").glob("*.png")) and list((run / "shards/asr/inspect").glob("*.wav"))
     layout_hash = json.loads((run / "layout.json").read_text())["hash"]
     assert all(json.loads((run / f"shards/{n}/manifest.json").read_text())["layout_hash"] == layout_hash for n in summary["shards"])
+    # training and generation on what the demo built
+    assert summary["train"]["step"] == 12 and summary["train"]["loss"] < summary["train"]["first_loss"]
+    assert (run / "train/model/model.safetensors").is_file() and (run / "train/checkpoints/step_000000012/meta.json").is_file()
+    assert summary["generate"]["text_to_image"][0].startswith("[image 16x16 codes ->")
+    assert list((run / "generate/text_to_image").glob("*.png"))
 
 
 def test_import_omnitrain_is_free_of_side_effects():

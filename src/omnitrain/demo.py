@@ -1,9 +1,10 @@
 """``omnitrain demo``: the framework end to end on data made from local packages, on a CPU.
 
-It is a small configuration of the real path (the same tokenizers, layout, shard builder and
-files), never a separate code path. Stages that later parts of omnitrain add (loader, model,
-training, evaluation) are listed as pending until they exist, so the demo always runs everything
-that does.
+It is a small configuration of the real path (the same tokenizers, layout, shard builder,
+trainer and generator), never a separate code path. The training stage runs the recipe
+``experiment=demo`` (composed by Hydra, as ``omnitrain train`` does, with ``train_overrides`` on
+top). Stages that later parts of omnitrain add (evaluation) are listed as pending until they
+exist, so the demo always runs everything that does.
 """
 
 from __future__ import annotations
@@ -35,11 +36,10 @@ from omnitrain.tokenizer.text import (
 
 REPO = Path(__file__).resolve().parents[2]
 PENDING = [
-    ("streaming loader with mixture and packing", "issue 5"),
-    ("the omni transformer", "issue 6"),
-    ("training with Fabric", "issue 7"),
+    ("post-training: SFT and preference tuning", "issue 8"),
     ("evaluation before/after (WER, ANLS, perplexity)", "issue 9"),
 ]
+LIBRIVOX = Path("/usr/share/pocketsphinx/test/data/librivox")
 PHOTOS = ("astronaut", "camera", "coffee", "chelsea", "horse", "motorcycle_left", "brick", "coins", "moon", "page")
 
 
@@ -53,6 +53,8 @@ class DemoConfig:
     media: MediaConfig = field(default_factory=MediaConfig)
     text_docs: int = 40  # handbook pages in the text shards
     report_languages: list[str] = field(default_factory=list)  # empty: all 20
+    train_steps: int = 200  # steps of `omnitrain train experiment=demo` (0: skip training and generation)
+    train_overrides: list[str] = field(default_factory=list)  # more overrides for the training recipe
 
 
 def _stage(name: str) -> float:
@@ -84,22 +86,22 @@ def run_demo(cfg: DemoConfig) -> dict:
     run.mkdir(parents=True, exist_ok=True)
     summary: dict = {"stages": {}}
 
-    t = _stage("1/6 text tokenizer (SentencePiece BPE on Debian's multilingual text)")
+    t = _stage("1/8 text tokenizer (SentencePiece BPE on Debian's multilingual text)")
     tok_dir = run / "tokenizer" / "text"
     tok = train_text_tokenizer(TrainTextTokenizerConfig(run_dir=tok_dir, tokenizer=cfg.tokenizer, corpus=cfg.corpus))
     summary["stages"]["text_tokenizer"] = {"vocab_size": tok.vocab_size, "seconds": round(time.perf_counter() - t, 1)}
 
-    t = _stage("2/6 image tokenizer (VQ autoencoder on scikit-image photos)")
+    t = _stage("2/8 image tokenizer (VQ autoencoder on scikit-image photos)")
     cfg.image.run_dir = run / "tokenizer" / "image"
     img_metrics = train_image_tokenizer(cfg.image)
     summary["stages"]["image_tokenizer"] = {"init": img_metrics["init"], "trained": img_metrics["final"], "seconds": round(time.perf_counter() - t, 1)}
 
-    t = _stage("3/6 audio codec (RVQ on LibriVox read speech)")
+    t = _stage("3/8 audio codec (RVQ on LibriVox read speech)")
     cfg.audio.run_dir = run / "tokenizer" / "audio"
     aud_metrics = train_audio_codec(cfg.audio)
     summary["stages"]["audio_codec"] = {"init": aud_metrics["init"], "trained": aud_metrics["trained"], "seconds": round(time.perf_counter() - t, 1)}
 
-    t = _stage("4/6 token layout (one id space) and an exact serialize/parse round trip")
+    t = _stage("4/8 token layout (one id space) and an exact serialize/parse round trip")
     image_ckpt, audio_ckpt = cfg.image.run_dir / "image_tokenizer.pt", cfg.audio.run_dir / "audio_codec.pt"
     image, audio = load_media_tokenizers(image_ckpt, audio_ckpt)
     layout = TokenLayout.from_tokenizers(tok, image, audio)
@@ -112,7 +114,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     print(layout.describe())
     summary["layout"] = {"hash": layout.hash, "vocab_size": layout.vocab_size}
 
-    t = _stage("5/6 token shards: text LM, image captioning, speech recognition")
+    t = _stage("5/8 token shards: text LM, image captioning, speech recognition")
     tokenizers = TokenizersConfig(text=tok_dir, image=str(image_ckpt), audio=str(audio_ckpt))
     handbook = sorted(Path("/usr/share/doc/debian-handbook/html/en-US").glob("*.html"))[: cfg.text_docs]
     jobs = [
@@ -130,7 +132,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         inspect_shards(InspectConfig(shards=out, samples=1))
     summary["stages"]["shards_seconds"] = round(time.perf_counter() - t, 1)
 
-    t = _stage("6/6 tokenizer compression report (ours vs o200k_base vs cl100k_base)")
+    t = _stage("6/8 tokenizer compression report (ours vs o200k_base vs cl100k_base)")
     langs = cfg.report_languages or TokenizerReportConfig().languages
     report = write_report(TokenizerReportConfig(tokenizer=tok_dir, languages=langs, out_dir=run / "tokenizer" / "report"))
     rows = report["rows"]
@@ -139,6 +141,9 @@ def run_demo(cfg: DemoConfig) -> dict:
           f"cl100k_base {mean['cl100k_base']:.3f} -> {run / 'tokenizer/report/report.md'}")  # fmt: skip
     summary["compression_mean_tokens_per_char"] = mean
 
+    if cfg.train_steps:
+        summary["train"], summary["generate"] = _train_and_generate(cfg, run, tokenizers)
+
     print("\n== not yet in omnitrain (the demo grows as they land):")
     for what, issue in PENDING:
         print(f"   - {what} ({issue})")
@@ -146,6 +151,40 @@ def run_demo(cfg: DemoConfig) -> dict:
     summary["seconds"] = round(time.perf_counter() - t_start, 1)
     (run / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     n_samples = sum(s["samples"] for s in summary["shards"].values())
+    trained = f", trained {summary['train']['step']} steps (loss {summary['train']['first_loss']:.2f} -> {summary['train']['loss']:.2f})" if cfg.train_steps else ""
     print(f"\ndemo done in {summary['seconds']}s: 3 tokenizers, layout {layout.hash} (vocab {layout.vocab_size}), "
-          f"{n_samples} samples in 3 shard sets, {len(rows)}-language report -> {run}")  # fmt: skip
+          f"{n_samples} samples in 3 shard sets, {len(rows)}-language report{trained} -> {run}")  # fmt: skip
     return summary
+
+
+def _train_and_generate(cfg: DemoConfig, run: Path, tokenizers: TokenizersConfig) -> tuple[dict, dict]:
+    from omnitrain.cli import COMMANDS, compose, recipes_dir
+    from omnitrain.prompting import GenerateConfig, TokenizerPaths, run_generate
+    from omnitrain.runlog import read_metrics
+    from omnitrain.train import train
+
+    t = _stage("7/8 training: the tiny omni model on the three shard sets (recipes/experiment/demo.yaml, Fabric)")
+    shards = {name: run / "shards" / name for name in ("text_lm", "caption", "asr")}
+    overrides = [f"run_dir={run / 'train'}", f"steps={cfg.train_steps}", "resume=never",
+                 *(f"data.sources.{k}.path={v}" for k, v in shards.items()), *cfg.train_overrides]  # fmt: skip
+    shutil.rmtree(run / "train", ignore_errors=True)  # new tokenizers, new shards: a new run
+    train_cfg, plain = compose(next(c for c in COMMANDS if c.name == "train"), overrides, recipes_dir())
+    result = train(train_cfg, plain)
+    rows = read_metrics(run / "train")
+    trained = {"step": result["step"], "tokens": result["tokens"], "first_loss": rows[0]["loss"], "loss": rows[-1]["loss"],
+               **{k: rows[-1][k] for k in rows[-1] if k.startswith(("loss/", "acc/"))}, "seconds": round(time.perf_counter() - t, 1)}  # fmt: skip
+
+    t = _stage("8/8 generation: caption a photo, transcribe speech (the trained directions), and text -> image (PNG)")
+    skdata = Path(__import__("skimage").__file__).parent / "data"
+    paths = TokenizerPaths(text=str(tokenizers.text), image=tokenizers.image, audio=tokenizers.audio, max_grid=tokenizers.max_grid)
+    grid = cfg.media.image_size // cfg.image.model.downsample
+    outputs = {}
+    for name, changes in {
+        "caption": {"images": [str(skdata / "astronaut.png")], "output": "text"},
+        "text_to_image": {"text": "a picture of coffee", "output": "image", "image_grid": [grid, grid]},
+        "asr": {"audios": [str(LIBRIVOX / "sense_and_sensibility_01_austen_64kb-0870.wav")], "output": "text"},
+    }.items():
+        gen = GenerateConfig(run=run / "train", tokenizers=paths, out_dir=run / "generate" / name, media=cfg.media, **changes)
+        gen.sampling.max_new_tokens, gen.sampling.temperature = 300, 0.8
+        outputs[name] = run_generate(gen)["samples"][0]["parts"]
+    return trained, {**outputs, "seconds": round(time.perf_counter() - t, 1)}
