@@ -113,9 +113,10 @@ def load(fabric: Any, path: Path, state: dict[str, Any]) -> tuple[dict[str, Any]
     meta = json.loads((path / "meta.json").read_text())
     if meta.get("schema_version") != SCHEMA_VERSION:
         raise ValueError(f"checkpoint {path} has schema_version {meta.get('schema_version')}, this omnitrain reads {SCHEMA_VERSION}")
-    remainder = fabric.load(path / "state", state)
-    for key, value in remainder.items():  # plain values (step, tokens) come back in the remainder
-        state[key] = value
+    # Fabric restores every key of ``state`` in place, plain values (step, tokens) included, and returns what it
+    # did not ask for: with DeepSpeed that is the engine's own bookkeeping (ds_version, ds_config, ...), which must
+    # not join ``state``: the next save would hand it back to DeepSpeed, which refuses its reserved keys.
+    fabric.load(path / "state", state)
     ranks = [torch.load(path / f"rank_{r:05d}.pt", weights_only=False) for r in range(meta["world_size"])]
     return meta, ranks
 

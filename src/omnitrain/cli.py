@@ -238,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
         if len(jobs) > 1:
             print(f"[multirun {i + 1}/{len(jobs)}] {' '.join(job)}", flush=True)
         try:
-            cmd.run(cfg, args.overrides) if cmd.name == "slurm submit" else cmd.run(cfg)
+            cmd.run(cfg, job) if cmd.name == "slurm submit" else cmd.run(cfg)
         except (ValueError, FileNotFoundError) as e:  # user-fixable problems: one clear line, no traceback
             if os.environ.get("OMNITRAIN_DEBUG"):
                 raise

@@ -6,9 +6,13 @@ Parallelism is applied from outside the model (torchtitan's rule): ``model.py`` 
 * ``fsdp``: Fabric's ModelParallelStrategy with a ``parallelize_fn`` that shards every
   transformer block and then the root with FSDP2 ``fully_shard`` (the current FSDP; Fabric's
   FSDPStrategy is FSDP1 and refuses CPU). Checkpoints are distributed (one file per rank).
-* ``deepspeed``: Fabric's DeepSpeedStrategy with ``zero_stage`` 1, 2 or 3 on GPUs. On CPU it is
-  :class:`CPUDeepSpeedStrategy`, which exists **only to verify the ZeRO code path on CPU** (tests,
-  this 2-core machine): stock Fabric refuses a CPU accelerator, DeepSpeed itself runs ZeRO over gloo.
+* ``deepspeed``: Fabric's DeepSpeedStrategy with ``zero_stage`` 1, 2 or 3 on GPUs, with one fix:
+  ``optimizer.step()`` steps the DeepSpeedEngine, which owns gradient accumulation, clipping and the
+  gradient norm (see ``EngineStepDeepSpeedStrategy``). On CPU it is ``CPUDeepSpeedStrategy``, which
+  exists **only to verify the ZeRO code path on CPU** (tests, this 2-core machine): stock Fabric
+  refuses a CPU accelerator, DeepSpeed itself runs ZeRO over gloo.
+* Every strategy is checked against a single process (same global batch, same losses) and for exact
+  resume by ``tests/test_distributed.py``.
 
 Launching: under ``srun`` / ``torchrun`` the processes exist already and Fabric reads their
 environment (Slurm needs ``--ntasks-per-node``); otherwise ``devices > 1`` makes Fabric start the
@@ -66,7 +70,9 @@ def make_fabric(cfg: StrategyConfig, grad_clip: float = 0.0, grad_accum: int = 1
     elif cfg.name == "fsdp":
         from lightning.fabric.strategies import ModelParallelStrategy
 
-        strategy = ModelParallelStrategy(parallelize_fn=_fsdp_parallelize(cfg), data_parallel_size="auto", tensor_parallel_size=1,
+        # every process is one data-parallel shard ("auto" would mean one per node, the rest tensor parallel)
+        world = (cfg.devices if cfg.devices > 0 else torch.cuda.device_count()) * cfg.num_nodes
+        strategy = ModelParallelStrategy(parallelize_fn=_fsdp_parallelize(cfg), data_parallel_size=world, tensor_parallel_size=1,
                                          process_group_backend=backend)  # fmt: skip
     else:
         strategy = _deepspeed(cfg, gpu, grad_clip, grad_accum)
@@ -102,22 +108,33 @@ def deepspeed_config(cfg: StrategyConfig, grad_clip: float, grad_accum: int) -> 
 
 
 def _deepspeed(cfg: StrategyConfig, gpu: bool, grad_clip: float, grad_accum: int) -> Any:
+    if not gpu:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before DeepSpeed picks its accelerator (on first use)
     try:
-        from lightning.fabric.strategies import DeepSpeedStrategy
+        import deepspeed  # noqa: F401
     except ImportError as e:  # pragma: no cover - deepspeed is a core dependency
         raise ImportError("strategy=deepspeed needs `pip install deepspeed`") from e
+    engine_step_strategy, cpu_strategy = _deepspeed_classes()
     config = deepspeed_config(cfg, grad_clip, grad_accum)
-    if gpu:
-        return DeepSpeedStrategy(config=config)
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    return _cpu_deepspeed_class()(config=config, process_group_backend="gloo")
+    return engine_step_strategy(config=config) if gpu else cpu_strategy(config=config, process_group_backend="gloo")
 
 
-def _cpu_deepspeed_class() -> type:
-    """DeepSpeedStrategy minus its CUDA checks: for verifying ZeRO on CPU only (pinned: lightning 2.6)."""
+def _deepspeed_classes() -> tuple[type, type]:
+    """Fabric's DeepSpeedStrategy with its optimizer step fixed, and a CPU variant of that (pinned: lightning 2.6)."""
     from lightning.fabric.strategies import DDPStrategy, DeepSpeedStrategy
 
-    class CPUDeepSpeedStrategy(DeepSpeedStrategy):
+    class EngineStepDeepSpeedStrategy(DeepSpeedStrategy):
+        def optimizer_step(self, optimizer: Any, **kwargs: Any) -> Any:
+            # Fabric's optimizer.step() should call DeepSpeedEngine.step() (count micro-batches; at the accumulation
+            # boundary reduce, clip, step, record the gradient norm), but lightning 2.6 only does so when the engine
+            # passes its Optimizable check, which DeepSpeed 0.19's engine fails (no param_groups): Fabric then steps the
+            # ZeRO optimizer directly, on every micro-batch, and grad_accum > 1 crashes in the ZeRO optimizer.
+            assert not kwargs, f"DeepSpeedEngine.step takes no closure, got {list(kwargs)}"
+            return self.model.step()
+
+    class CPUDeepSpeedStrategy(EngineStepDeepSpeedStrategy):
+        """For verifying the ZeRO code path on CPU only: DeepSpeed runs ZeRO over gloo, stock Fabric refuses a CPU."""
+
         def setup_environment(self) -> None:
             DDPStrategy.setup_environment(self)  # skip DeepSpeedStrategy's "only supported on CUDA GPUs"
 
@@ -132,7 +149,19 @@ def _cpu_deepspeed_class() -> type:
         def root_device(self) -> torch.device:
             return torch.device("cpu")
 
-    return CPUDeepSpeedStrategy
+        def _initialize_engine(self, model: torch.nn.Module, optimizer: Any = None, scheduler: Any = None) -> tuple[Any, Any, Any]:
+            import argparse
+
+            import deepspeed
+
+            # Fabric passes root_device.index as DeepSpeed's device rank: None for "cpu", which DeepSpeed cannot compare
+            engine, optimizer, _, scheduler = deepspeed.initialize(
+                args=argparse.Namespace(device_rank=self.local_rank), config=self.config, model=model,
+                model_parameters=[p for p in model.parameters() if p.requires_grad], optimizer=optimizer,
+                lr_scheduler=scheduler, dist_init_required=False)  # fmt: skip
+            return engine, optimizer, scheduler
+
+    return EngineStepDeepSpeedStrategy, CPUDeepSpeedStrategy
 
 
 def peak_flops(device: torch.device, precision: str) -> float | None:

@@ -73,6 +73,8 @@ class RMSNorm(nn.Module):
         self.eps, self.weight = eps, nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:  # torch's fused kernel: the same numbers, faster
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         xf = x.float()  # normalise in fp32 (as Llama / HF do), return in the input's dtype
         return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
 
