@@ -2,7 +2,9 @@
 
 * forward + backward tokens/s of omnitrain's Transformer vs transformers' ``LlamaForCausalLM`` with
   the identical configuration and weights;
-* decoding tokens/s with the KV cache vs recomputing the whole sequence every step.
+* decoding tokens/s with the KV cache vs recomputing the whole sequence every step;
+* streaming speech: time to first token and to the first audio chunk (10 codec frames) decoded to a
+  waveform by the audio codec, end to end from the prompt, with the tiny model of recipes/model.
 """
 
 from __future__ import annotations
@@ -21,6 +23,43 @@ def _tokens_per_s(step, tokens: int, repeats: int) -> float:
         step()
         times.append(time.perf_counter() - t0)
     return tokens / statistics.median(times)
+
+
+def _time_to_first_audio(repeats: int) -> tuple[float, float, float]:
+    """Median (time to first token, time to first decoded audio chunk, chunk duration) in seconds."""
+    from pathlib import Path
+
+    import torch
+    import yaml
+
+    from omnitrain.generate import SamplingConfig, generate
+    from omnitrain.model import ModelConfig, Transformer
+    from omnitrain.tokenizer.audio import AudioCodecConfig, RVQAudioCodec
+    from omnitrain.tokenizer.layout import TokenLayout
+
+    torch.manual_seed(0)
+    codec = RVQAudioCodec(AudioCodecConfig()).eval()  # the recipe's architecture (weights do not change the timing)
+    layout = TokenLayout.build(8000, "bench", {"bos": 1, "eos": 2, "pad": 3}, image_codebook_size=256,
+                               audio_codebook_size=codec.codebook_size, audio_levels=codec.n_levels)  # fmt: skip
+    recipe = yaml.safe_load((Path(__file__).resolve().parents[1] / "recipes" / "model" / "tiny.yaml").read_text())
+    model = Transformer(ModelConfig(**{**recipe, "vocab_size": layout.vocab_size})).eval()
+    prompt = [1, *range(100, 116), layout.specials["boa"]]
+    cfg = SamplingConfig(max_new_tokens=10 * codec.n_levels, audio_chunk_frames=10, seed=0)
+    ttft, ttfa = [], []
+    for _ in range(repeats):
+        first: list[float] = []
+
+        def on_event(row: int, kind: str, payload: object) -> None:
+            if kind == "audio_chunk" and not first:
+                with torch.no_grad():
+                    codec.decode(torch.as_tensor(payload)[None])  # [1, frames, K] -> waveform
+                first.append(time.perf_counter() - t0)
+
+        t0 = time.perf_counter()
+        res = generate(model, layout, [prompt], cfg, on_event=on_event)
+        ttft.append(res.time_to_first_token)
+        ttfa.append(first[0])
+    return statistics.median(ttft), statistics.median(ttfa), 10 / codec.frame_rate
 
 
 def run(quick: bool = False) -> list[dict]:
@@ -63,11 +102,15 @@ def run(quick: bool = False) -> list[dict]:
     cfg = SamplingConfig(max_new_tokens=new, greedy=True, constrain=False)
     cached = _tokens_per_s(lambda: generate(ours, None, prompt, cfg), new, max(2, repeats // 2))
     uncached = _tokens_per_s(lambda: generate(ours, None, prompt, cfg, use_cache=False), new, max(2, repeats // 2))
+    ttft, ttfa, chunk_s = _time_to_first_audio(repeats=3 if quick else 5)
     rows = [
         {"metric": "forward+backward tokens/s, omnitrain", "value": ours_tps, "unit": "tokens/s", "baseline": hf_tps, "note": f"baseline: LlamaForCausalLM (sdpa), same config and weights, B={B} T={T}"},
         {"metric": "omnitrain / transformers", "value": ours_tps / hf_tps, "unit": "x", "baseline": 1.0, "note": "target >= 1.0x"},
         {"metric": "decode tokens/s with KV cache", "value": cached, "unit": "tokens/s", "baseline": uncached, "note": f"baseline: no cache; 64-token prompt, {new} new tokens, greedy"},
         {"metric": "KV cache speed-up", "value": cached / uncached, "unit": "x", "baseline": None, "note": ""},
+        {"metric": "time to first token, speech output", "value": ttft * 1e3, "unit": "ms", "baseline": None, "note": "tiny model (recipes/model/tiny), 16-token prompt + <boa>"},
+        {"metric": "time to first audio chunk, decoded to waveform", "value": ttfa * 1e3, "unit": "ms", "baseline": chunk_s * 1e3,
+         "note": "10 frames x 4 levels generated + RVQ codec decode; baseline column: the chunk's duration (real time if below)"},
     ]
     print_rows(rows)
     return rows

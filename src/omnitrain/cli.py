@@ -152,7 +152,7 @@ def compose(cmd: Command, overrides: list[str], recipes: Path) -> tuple[Any, dic
         _check_key(schema, key)
     try:
         with initialize_config_dir(config_dir=str(recipes), version_base="1.3", job_name="omnitrain"):
-            extra = [f"hydra.searchpath=[file://{pipelines_dir(recipes)}]"] if pipelines_dir(recipes) else []
+            extra = [f"hydra.searchpath=['file://{pipelines_dir(recipes)}']"] if pipelines_dir(recipes) else []
             composed = hydra_compose(config_name=cmd.recipe, overrides=extra + overrides)
         plain = OmegaConf.to_container(composed, resolve=True)
     except (HydraException, OmegaConfBaseException) as e:
