@@ -23,6 +23,7 @@ import os
 import signal
 import subprocess
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -170,7 +171,8 @@ def train(cfg: TrainConfig, plain_config: dict[str, Any] | None = None) -> dict[
         sums = torch.zeros(2 + 3 * len(MODALITIES), device=fabric.device)  # weighted loss, z-loss, per modality (loss, correct, tokens)
         for i, batch in enumerate(micro):
             last = i == len(micro) - 1
-            with fabric.no_backward_sync(model, enabled=not last and not deepspeed):
+            # DeepSpeed accumulates by itself (and Fabric warns on every no_backward_sync call for it, even a disabled one)
+            with fabric.no_backward_sync(model, enabled=not last) if not deepspeed else nullcontext():
                 logits = model(batch["input_ids"], batch["doc_ids"])  # [B, T, V]
                 loss, m = lm_loss(logits, batch, modality_table, cfg.model.z_loss, denom=n_weighted / dp_scale)
                 fabric.backward(loss)
