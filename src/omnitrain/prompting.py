@@ -104,7 +104,7 @@ def run_generate(cfg: GenerateConfig) -> dict[str, Any]:
     from omnitrain.checkpoint import load_model
     from omnitrain.pipeline.inspect import decode_sample
     from omnitrain.tokenizer.build import load_media_tokenizers
-    from omnitrain.tokenizer.text import TextTokenizer
+    from omnitrain.tokenizer.hf_text import load_text_tokenizer
 
     model, layout = load_model(cfg.run, cfg.device)
     if layout is None:
@@ -112,7 +112,7 @@ def run_generate(cfg: GenerateConfig) -> dict[str, Any]:
     model_dir = Path(cfg.run) / "model" if (Path(cfg.run) / "model").is_dir() else Path(cfg.run)
     t = cfg.tokenizers
     tok_cfg = TokenizersConfig(Path(t.text), t.image, t.audio, t.max_grid) if t.text else find_tokenizers(model_dir, Path(cfg.run))
-    text_tok = TextTokenizer.load(tok_cfg.text)
+    text_tok = load_text_tokenizer(tok_cfg.text)
     image, audio = load_media_tokenizers(tok_cfg.image, tok_cfg.audio, cfg.device)
     theirs = TokenLayout.from_tokenizers(text_tok, image, audio, max_grid=tok_cfg.max_grid)
     if theirs.hash != layout.hash:

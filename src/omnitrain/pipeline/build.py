@@ -67,7 +67,7 @@ class PipelineConfig:
 
 @dataclass
 class TokenizersConfig:
-    text: Path = Path("runs/tokenizer/text")
+    text: Path = Path("runs/tokenizer/text")  # SentencePiece run folder, or a Hugging Face tokenizer folder / .gguf / hub id
     image: str | None = None  # omnitrain checkpoint file, or a Hugging Face folder / hub id (Emu3, Chameleon)
     audio: str | None = None  # omnitrain checkpoint file, or a Hugging Face folder / hub id (EnCodec, Mimi)
     max_grid: int = 64
@@ -118,10 +118,10 @@ def _init_worker(cfg: BuildConfig, template: Template) -> None:
     import torch
 
     from omnitrain.tokenizer.build import load_media_tokenizers
-    from omnitrain.tokenizer.text import TextTokenizer
+    from omnitrain.tokenizer.hf_text import load_text_tokenizer
 
     torch.set_num_threads(1)  # one core per worker: parallelism comes from the workers
-    text = TextTokenizer.load(cfg.tokenizers.text)
+    text = load_text_tokenizer(cfg.tokenizers.text)
     image, audio = load_media_tokenizers(cfg.tokenizers.image, cfg.tokenizers.audio, device=cfg.media.device)
     layout = TokenLayout.from_tokenizers(text, image, audio, max_grid=cfg.tokenizers.max_grid)
     media = MediaTokenizers(image, audio, cfg.media, layout.max_grid) if (image or audio) else None

@@ -52,12 +52,12 @@ def decode_sample(ids: Any, layout: TokenLayout, text_tok: Any, media: MediaToke
 
 def inspect_shards(cfg: InspectConfig) -> dict[str, Any]:
     from omnitrain.tokenizer.build import load_media_tokenizers
-    from omnitrain.tokenizer.text import TextTokenizer
+    from omnitrain.tokenizer.hf_text import load_text_tokenizer
 
     folder = Path(cfg.shards)
     manifest = read_manifest(folder)
     tok_cfg = cfg.tokenizers or from_dict(TokenizersConfig, manifest["config"]["tokenizers"])
-    text = TextTokenizer.load(tok_cfg.text)
+    text = load_text_tokenizer(tok_cfg.text)
     image, audio = load_media_tokenizers(tok_cfg.image, tok_cfg.audio)
     layout = TokenLayout.from_tokenizers(text, image, audio, max_grid=tok_cfg.max_grid)
     read_manifest(folder, expect_hash=layout.hash)  # the tokenizers given must be the ones used

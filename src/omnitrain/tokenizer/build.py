@@ -6,12 +6,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from omnitrain.tokenizer.layout import TokenLayout
-from omnitrain.tokenizer.text import TextTokenizer
+from omnitrain.tokenizer.hf_text import load_text_tokenizer
 
 
 @dataclass
 class LayoutConfig:
-    text: Path = Path("runs/tokenizer/text")  # text tokenizer run folder or .model file
+    text: Path = Path("runs/tokenizer/text")  # SentencePiece run folder / .model file, or a Hugging Face folder / .gguf / hub id
     image: str | None = None  # image tokenizer: omnitrain checkpoint file, or HF folder / hub id (Emu3, Chameleon)
     audio: str | None = None  # audio codec: omnitrain checkpoint file, or HF folder / hub id (EnCodec, Mimi)
     max_grid: int = 64  # largest image code grid side the layout can express
@@ -47,7 +47,7 @@ def load_media_tokenizers(image: Path | str | None, audio: Path | str | None, de
 
 
 def build_layout(cfg: LayoutConfig) -> TokenLayout:
-    text = TextTokenizer.load(cfg.text)
+    text = load_text_tokenizer(cfg.text)
     image, audio = load_media_tokenizers(cfg.image, cfg.audio)
     layout = TokenLayout.from_tokenizers(text, image, audio, max_grid=cfg.max_grid)
     path = layout.save(cfg.out)
