@@ -58,7 +58,11 @@ def test_exit_status_output_and_stdin():
     exit3 = run_python("import sys; sys.exit(3)", FAST)
     assert (exit3.status, exit3.returncode, exit3.passed) == ("failed", 3, False)
     boom = run_python("def f():\n    raise ValueError('boom')\nf()", FAST)
-    assert boom.status == "failed" and "ValueError: boom" in boom.stderr and 'File "prog.py", line 2' in boom.stderr
+    assert (
+        boom.status == "failed"
+        and "ValueError: boom" in boom.stderr
+        and 'File "prog.py", line 2' in boom.stderr
+    )
 
 
 def test_stdlib_imports_and_a_fresh_working_directory_removed_afterwards():
@@ -98,7 +102,9 @@ def test_memory_hog_fails():
 
 
 def test_output_flood_is_capped():
-    r = run_python("import sys\nwhile True:\n    sys.stdout.write('y' * 65536)", SandboxLimits(file_size_mb=4))
+    r = run_python(
+        "import sys\nwhile True:\n    sys.stdout.write('y' * 65536)", SandboxLimits(file_size_mb=4)
+    )
     assert not r.passed and r.status in ("failed", "killed")
     assert len(r.stdout) < OUTPUT_CAP + 100 and r.stdout.startswith("yyyy") and "more bytes cut" in r.stdout
 

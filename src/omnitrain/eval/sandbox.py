@@ -44,7 +44,7 @@ OUTPUT_CAP = 1 << 20  # bytes of stdout and of stderr kept in a result
 _NS_FLAGS = ("--net", "--pid", "--fork", "--kill-child", "--mount", "--mount-proc")
 
 
-@dataclass
+@dataclass(frozen=True)
 class SandboxLimits:
     """Resource limits of one program run."""
 
@@ -59,6 +59,9 @@ class SandboxLimits:
         for name in ("wall_s", "cpu_s", "memory_mb", "file_size_mb", "max_procs"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"SandboxLimits.{name} must be > 0, got {getattr(self, name)!r}")
+
+
+DEFAULT_LIMITS = SandboxLimits()
 
 
 @dataclass
@@ -245,7 +248,10 @@ def _run(code: str, limits: SandboxLimits, stdin: str, iso: Isolation) -> Sandbo
         if iso.drop_uid:
             os.chown(workdir, NOBODY, NOBODY)
             os.chown(os.path.join(workdir, "prog.py"), NOBODY, NOBODY)
-        files = {n: open(os.path.join(iodir, n), "rb" if n == "stdin" else "w+b") for n in ("stdin", "out", "err", "status")}
+        files = {
+            n: open(os.path.join(iodir, n), "rb" if n == "stdin" else "w+b")
+            for n in ("stdin", "out", "err", "status")
+        }
         cfg = {
             "status_fd": files["status"].fileno(),
             "workdir": workdir,
@@ -323,13 +329,13 @@ def isolation() -> Isolation:
     raise RuntimeError(f"the omnitrain sandbox cannot run a trivial program here; last attempt: {result}")
 
 
-def run_python(code: str, limits: SandboxLimits = SandboxLimits(), stdin: str = "") -> SandboxResult:
+def run_python(code: str, limits: SandboxLimits = DEFAULT_LIMITS, stdin: str = "") -> SandboxResult:
     """Run ``code`` as ``prog.py`` in a fresh sandbox; ``passed`` means exit code 0."""
     return _run(code, limits, stdin, isolation())
 
 
 def run_many(
-    programs: list[str], limits: SandboxLimits = SandboxLimits(), workers: int = 2, progress: bool = True
+    programs: list[str], limits: SandboxLimits = DEFAULT_LIMITS, workers: int = 2, progress: bool = True
 ) -> list[SandboxResult]:
     """Run programs in parallel sandboxes (``workers`` at a time); results in input order."""
     isolation()  # probe before the threads start
