@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from omnitrain.eval.sandbox import OUTPUT_CAP, SandboxLimits, isolation, run_many, run_python
+from omnitrain.eval import sandbox
+from omnitrain.eval.sandbox import OUTPUT_CAP, Isolation, SandboxLimits, isolation, run_many, run_python
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = SandboxLimits(wall_s=5.0, cpu_s=5.0, memory_mb=512)
@@ -191,6 +192,21 @@ def test_run_many_keeps_order_and_runs_in_parallel():
     results = run_many(programs, FAST, workers=3, progress=False)
     assert [r.stdout for r in results] == [f"{i}\n" for i in range(6)]
     assert time.monotonic() - start < 6 * 0.4  # overlapped, not one after the other
+
+
+def test_fallback_without_namespaces_still_guards_network_and_kills_escapees():
+    """What a machine without util-linux unshare gets: a socket guard and a search for escaped children."""
+    bare = Isolation(unshare=(), drop_uid=False, readonly_fs=False)
+    assert bare.describe().startswith("network: socket guard, no pid namespace, host mounts writable")
+    net = sandbox._run("import socket\nsocket.create_connection(('127.0.0.1', 9))", FAST, "", bare)
+    assert net.status == "failed" and "network access is disabled in the omnitrain sandbox" in net.stderr
+    marker = f"escapee-{uuid.uuid4().hex}"
+    code = (
+        "import subprocess, sys\n"
+        f"subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(300)  # {marker}'], start_new_session=True)"
+    )
+    assert sandbox._run(code, FAST, "", bare).passed
+    assert_no_strays(marker)
 
 
 def test_limits_are_validated():

@@ -20,12 +20,15 @@ it (``isolation()`` probes once and says which ones apply; every result carries 
 - Without a network namespace, a socket guard inside the program's interpreter (a courtesy only:
   ctypes can bypass it; the isolation text says ``network: socket guard``).
 
-Without a PID namespace, processes that left the session can outlive the run, and without a uid
-change or a mount namespace the program can write wherever the caller can: ``isolation()`` says so.
+Without a PID namespace, processes that left the session are searched by the run's ``HOME`` in their
+environment and killed (best effort: a program can clear its environment first); without a uid change
+or a mount namespace the program can write wherever the caller can: ``isolation()`` says which applies.
+Measured here (2 shared cores): ~70 ms per program; the 164 HumanEval solutions take ~12 s with 2 workers.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -229,6 +232,19 @@ def _kill_group(pgid: int) -> None:
         pass  # nothing left in the group
 
 
+def _kill_stragglers(workdir: str) -> None:
+    """Without a PID namespace: kill what left the session but still has the run's HOME in its environment."""
+    marker = f"HOME={workdir}".encode()
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                found = marker in f.read().split(b"\0")
+            if found:
+                os.kill(int(pid), signal.SIGKILL)
+        except (FileNotFoundError, ProcessLookupError, PermissionError):
+            continue  # gone, or not ours to read
+
+
 def _rmtree(path: str) -> None:
     def force(func, p, exc):  # the program may have chmod-ed its files
         os.chmod(os.path.dirname(p), 0o700)
@@ -238,9 +254,11 @@ def _rmtree(path: str) -> None:
 
 
 def _run(code: str, limits: SandboxLimits, stdin: str, iso: Isolation) -> SandboxResult:
-    workdir = tempfile.mkdtemp(prefix="omnitrain-sandbox-")
-    iodir = tempfile.mkdtemp(prefix="omnitrain-sandbox-io-")
-    try:
+    with contextlib.ExitStack() as stack:
+        workdir = tempfile.mkdtemp(prefix="omnitrain-sandbox-")
+        stack.callback(_rmtree, workdir)
+        iodir = tempfile.mkdtemp(prefix="omnitrain-sandbox-io-")  # outside the program's reach
+        stack.callback(_rmtree, iodir)
         with open(os.path.join(workdir, "prog.py"), "w") as f:
             f.write(code)
         with open(os.path.join(iodir, "stdin"), "w") as f:
@@ -248,10 +266,8 @@ def _run(code: str, limits: SandboxLimits, stdin: str, iso: Isolation) -> Sandbo
         if iso.drop_uid:
             os.chown(workdir, NOBODY, NOBODY)
             os.chown(os.path.join(workdir, "prog.py"), NOBODY, NOBODY)
-        files = {
-            n: open(os.path.join(iodir, n), "rb" if n == "stdin" else "w+b")
-            for n in ("stdin", "out", "err", "status")
-        }
+        files = {n: stack.enter_context(open(os.path.join(iodir, n), "rb" if n == "stdin" else "w+b"))
+                 for n in ("stdin", "out", "err", "status")}  # fmt: skip
         cfg = {
             "status_fd": files["status"].fileno(),
             "workdir": workdir,
@@ -280,14 +296,11 @@ def _run(code: str, limits: SandboxLimits, stdin: str, iso: Isolation) -> Sandbo
             timed_out = True
         finally:
             _kill_group(proc.pid)  # the session leader's group: unshare, the supervisor, the program
+            if "--pid" not in prefix:
+                _kill_stragglers(workdir)  # a PID namespace needs no search: its end kills them all
             proc.wait()
         wall = time.monotonic() - start
         out, err, st = (_read_capped(files[n]) for n in ("out", "err", "status"))
-        for f in files.values():
-            f.close()
-    finally:
-        _rmtree(workdir)
-        _rmtree(iodir)
     kind, _, arg = st.partition(" ")
     if timed_out:
         status, rc = "timeout", None
