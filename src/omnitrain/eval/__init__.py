@@ -1,0 +1,2 @@
+"""Evaluation: the ``omnitrain eval`` harness, benchmark tasks (MMLU, HumanEval, DocVQA, speech WER),
+metrics, the code-execution sandbox and reports."""
