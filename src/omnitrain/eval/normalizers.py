@@ -166,7 +166,7 @@ def _concat_or_add(value: int | str | None, n: int, place: int, prev: str | None
 
 
 def _times(value: int | str | None, mult: int) -> int | str:
-    """"two hundred" -> 200, "one thousand two hundred" -> 1200, "2.5 million" -> 2500000."""
+    """Multiplies: "two hundred" -> 200, "one thousand two hundred" -> 1200, "2.5 million" -> 2500000."""
     if value is None:
         return mult
     if isinstance(value, str):
