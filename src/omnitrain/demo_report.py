@@ -1,0 +1,241 @@
+"""The demo's evaluation (before and after training, on held-out data) and ``report.md``.
+
+The evaluation goes through the eval package: the model adapter of ``omnitrain.eval.harness``
+(``OmniModel``: greedy, layout-constrained generation from image / audio / text prompts, and
+log-likelihoods), its metrics (ANLS, corpus WER) and its results format (``results.json`` +
+``samples.jsonl``). Tasks, all on splits no training sample comes from:
+
+* ``reading``: the digits of a held-out rendered number (exact match, and digits right in place);
+* ``docqa``: a question about a held-out rendered form (ANLS, exact match);
+* ``speech_wer``: held-out flite utterances, spoken digit strings and handbook sentences (corpus WER,
+  ``basic`` normaliser so that each spoken digit stays a word);
+* ``text_ppl``: perplexity on held-out handbook pages (teacher-forced, per text token).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from omnitrain.demo_data import read_jsonl
+from omnitrain.prompting import TokenizerPaths
+
+ASR_MAX_TOKENS, ANSWER_MAX_TOKENS = 40, 8  # the longest reference is ~15 text tokens / 4
+TEXT_CHUNK_CHARS = 1200  # held-out text is scored in windows of about this many characters (~300 tokens)
+MODALITY_ORDER = ("text", "image", "audio")
+
+
+def _load(model_path: Path, paths: TokenizerPaths, batch_size: int) -> Any:
+    from omnitrain.eval.harness import ModelSpec, load_system
+
+    return load_system(ModelSpec(kind="omnitrain", path=str(model_path), tokenizers=paths), batch_size=batch_size)
+
+
+def _prepare_images_at(system: Any, size: int) -> None:
+    """The harness prepares images with MediaConfig's defaults; the demo's shard sets use their own
+    sizes, and a prompt must be tokenized as the training images were."""
+    media = system.media()
+    media.cfg = type(media.cfg)(**{**vars(media.cfg), "image_size": size})
+
+
+def _text_chunks(pages: list[str]) -> list[str]:
+    from omnitrain.sources import html_to_text
+
+    chunks = []
+    for page in pages:
+        words, cur = html_to_text(Path(page).read_text(encoding="utf-8", errors="replace")).split(), []
+        for w in words:
+            cur.append(w)
+            if sum(map(len, cur)) + len(cur) >= TEXT_CHUNK_CHARS:
+                chunks.append(" ".join(cur))
+                cur = []
+        if len(cur) > 20:
+            chunks.append(" ".join(cur))
+    return chunks
+
+
+def evaluate(model_path: Path, out_dir: Path, corpus: dict[str, Any], paths: TokenizerPaths, image_sizes: dict[str, int],
+             batch_size: int = 16) -> dict[str, Any]:  # fmt: skip
+    """Every demo task on the held-out splits; writes ``results.json`` + ``samples.jsonl`` to ``out_dir``
+    and returns the ``tasks`` part of the results."""
+    from omnitrain.eval.metrics import corpus_wer, mean_anls
+    from omnitrain.eval.results import metric, new_results, write_results, write_samples
+
+    system = _load(model_path, paths, batch_size)
+    results = new_results(system.info, {"corpus": corpus, "image_sizes": image_sizes, "greedy": True,
+                                        "max_new_tokens": {"asr": ASR_MAX_TOKENS, "answers": ANSWER_MAX_TOKENS}})  # fmt: skip
+    samples: list[dict[str, Any]] = []
+
+    def task(name: str, t0: float, metrics: dict[str, dict], n: int) -> None:
+        secs = time.perf_counter() - t0
+        results["tasks"][name] = {"metrics": metrics, "seconds": round(secs, 2), "items_per_s": n / max(secs, 1e-9)}
+
+    # reading: a held-out number -> its digits
+    t0, rows = time.perf_counter(), read_jsonl(corpus["digits"]["test"])
+    _prepare_images_at(system, image_sizes["reading"])
+    outs = system.generate_multimodal([{"images": [r["image"]]} for r in rows], ANSWER_MAX_TOKENS)
+    exact = [float(o.replace(" ", "") == r["caption"]) for o, r in zip(outs, rows, strict=True)]
+    digit = [sum(a == b for a, b in zip(o.replace(" ", "")[:len(r["caption"])], r["caption"], strict=False)) / len(r["caption"]) for o, r in zip(outs, rows, strict=True)]
+    samples += [{"task": "reading", "id": r["id"], "prompt": r["image"], "output": o, "target": r["caption"], "score": e}
+                for r, o, e in zip(rows, outs, exact, strict=True)]  # fmt: skip
+    task("reading", t0, {"exact_match": metric(exact), "digit_accuracy": metric(digit)}, len(rows))
+
+    # document QA: a held-out form + a question -> the field's value
+    t0, rows = time.perf_counter(), read_jsonl(corpus["forms"]["test"])
+    _prepare_images_at(system, image_sizes["doc_qa"])
+    outs = system.generate_multimodal([{"images": [r["image"]], "text": r["question"]} for r in rows], ANSWER_MAX_TOKENS)
+    a = mean_anls(outs, [r["answers"] for r in rows])
+    exact = [float(o.strip().lower() in [x.lower() for x in r["answers"]]) for o, r in zip(outs, rows, strict=True)]
+    samples += [{"task": "docqa", "id": r["id"], "prompt": f"{r['image']} {r['question']}", "output": o, "target": r["answers"], "score": e}
+                for r, o, e in zip(rows, outs, exact, strict=True)]  # fmt: skip
+    task("docqa", t0, {"anls": {"value": a["anls"], "stderr": a["stderr"], "n": a["n"]}, "exact_match": metric(exact)}, len(rows))
+
+    # speech recognition: held-out flite utterances -> transcripts
+    t0, rows = time.perf_counter(), read_jsonl(corpus["speech"]["test"])
+    outs = system.generate_multimodal([{"audios": [r["audio"]]} for r in rows], ASR_MAX_TOKENS)
+    metrics = {}
+    for kind in (None, "digits", "sentence"):
+        pick = [i for i, r in enumerate(rows) if kind in (None, r["kind"])]
+        w = corpus_wer([rows[i]["text"] for i in pick], [outs[i] for i in pick], normalizer="basic")
+        metrics["wer" if kind is None else f"wer_{kind}"] = {"value": w["wer"], "stderr": w["stderr"], "n": w["n"]}
+    samples += [{"task": "speech_wer", "id": r["id"], "prompt": r["audio"], "output": o, "target": r["text"]} for r, o in zip(rows, outs, strict=True)]
+    task("speech_wer", t0, metrics, len(rows))
+
+    # text perplexity: held-out handbook pages, teacher-forced
+    t0, chunks = time.perf_counter(), _text_chunks(corpus["text"]["test"])
+    lls = system.loglikelihood([("", c) for c in chunks])
+    n_tokens = [len(system.encode(c)) for c in chunks]
+    nll = -sum(ll for ll, _ in lls) / sum(n_tokens)
+    per_chunk = [-ll / n for (ll, _), n in zip(lls, n_tokens, strict=True)]
+    task("text_ppl", t0, {"perplexity": {"value": math.exp(nll), "stderr": None, "n": sum(n_tokens)},
+                          "nll_per_token": metric(per_chunk)}, len(chunks))  # fmt: skip
+
+    write_samples(out_dir, samples)
+    write_results(out_dir, results)
+    print(f"eval {system.info['name']} (step {system.info['checkpoint_step']}): " + ", ".join(
+        f"{t} {next(iter(r['metrics']))} {next(iter(r['metrics'].values()))['value']:.3f}" for t, r in results["tasks"].items()))
+    return results["tasks"]
+
+
+# ----------------------------------------------------------------------------- training curves
+def loss_drop(rows: list[dict[str, Any]], window: int = 10) -> dict[str, dict[str, float]]:
+    """Per modality: mean loss over the first and the last ``window`` logged steps that saw it."""
+    out = {}
+    for mod in MODALITY_ORDER:
+        vals = [r[f"loss/{mod}"] for r in rows if f"loss/{mod}" in r]
+        if vals:
+            k = max(1, min(window, len(vals) // 3))
+            out[mod] = {"first": float(np.mean(vals[:k])), "last": float(np.mean(vals[-k:])), "steps": len(vals)}
+    return out
+
+
+def plot_losses(rows: list[dict[str, Any]], out: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for mod in MODALITY_ORDER:
+        pts = [(r["step"], r[f"loss/{mod}"]) for r in rows if f"loss/{mod}" in r]
+        if pts:
+            steps, vals = zip(*pts, strict=True)
+            k = max(1, len(vals) // 30)  # a running mean: the per-step loss swings with the mixture of the batch
+            smooth = np.convolve(vals, np.ones(k) / k, mode="valid")
+            ax.plot(steps, vals, alpha=0.25)
+            ax.plot(steps[k - 1 :], smooth, label=f"{mod}", color=ax.lines[-1].get_color())
+    ax.set(xlabel="step", ylabel="cross-entropy (nats/token)", title="training loss per modality (learned tokens)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+# ----------------------------------------------------------------------------- report.md
+TABLE = [  # (task, metric, label, higher is better)
+    ("reading", "exact_match", "reading: held-out numbers read exactly", True),
+    ("reading", "digit_accuracy", "reading: digits right in place", True),
+    ("docqa", "anls", "document QA: ANLS on held-out forms", True),
+    ("docqa", "exact_match", "document QA: exact match", True),
+    ("speech_wer", "wer", "ASR: corpus WER on held-out flite speech", False),
+    ("speech_wer", "wer_digits", "ASR: WER, spoken digit strings", False),
+    ("speech_wer", "wer_sentence", "ASR: WER, handbook sentences", False),
+    ("text_ppl", "perplexity", "text: perplexity on held-out handbook pages", False),
+]
+
+
+def comparison(before: dict[str, Any], after: dict[str, Any]) -> list[dict[str, Any]]:
+    rows = []
+    for task, name, label, higher in TABLE:
+        b, a = before[task]["metrics"][name], after[task]["metrics"][name]
+        better = a["value"] > b["value"] if higher else a["value"] < b["value"]
+        rows.append({"task": task, "metric": name, "label": label, "before": b["value"], "after": a["value"], "n": a["n"],
+                     "higher_is_better": higher, "better": better})  # fmt: skip
+    return rows
+
+
+def _rel(path: str | Path, base: Path) -> str:
+    try:
+        return str(Path(path).resolve().relative_to(base.resolve()))
+    except ValueError:
+        return str(path)
+
+
+def write_demo_report(run: Path, summary: dict[str, Any]) -> Path:
+    """``run/report.md`` with the loss curves, the before/after table, the samples and the timings."""
+    from omnitrain.runlog import read_metrics
+
+    run = Path(run)
+    rows = read_metrics(run / "train")
+    plot_losses(rows, run / "loss_curves.png")
+    table = comparison(summary["eval"]["init"], summary["eval"]["trained"])
+    summary["comparison"] = table
+    t = summary["train"]
+    lines = [
+        "# omnitrain demo report", "",
+        f"Wall time **{summary['seconds'] / 60:.1f} min** on {summary['cpus']} CPU(s) (load average at start "
+        f"{summary['load_average_start'][0]:.1f}, at end {summary['load_average_end'][0]:.1f}). Layout `{summary['layout']['hash']}`, "
+        f"vocabulary {summary['layout']['vocab_size']}; model {t['params'] / 1e6:.1f}M parameters, {t['step']} steps, "
+        f"{t['tokens']:,} tokens at {t['tokens_per_s']:.0f} tokens/s.", "",
+        "## Before / after training (held-out data, greedy decoding)", "",
+        "| task | untrained | trained | n | better |", "|---|---:|---:|---:|:---:|",
+    ]  # fmt: skip
+    for r in table:
+        lines.append(f"| {r['label']} ({'higher' if r['higher_is_better'] else 'lower'} is better) | {r['before']:.3f} | "
+                     f"{r['after']:.3f} | {r['n']} | {'yes' if r['better'] else '**no**'} |")  # fmt: skip
+    lines += ["", "Results: `eval/init/results.json`, `eval/trained/results.json` (per-item outputs in `samples.jsonl`).", "",
+              "## Training loss per modality", "", "![loss curves](loss_curves.png)", "",
+              "| modality | first steps | last steps |", "|---|---:|---:|"]  # fmt: skip
+    lines += [f"| {m} | {d['first']:.3f} | {d['last']:.3f} |" for m, d in t["loss_by_modality"].items()]
+    lines += ["", "## Generated by the trained model", ""]
+    for name, g in summary.get("generate", {}).items():
+        parts = []
+        for p in g["parts"]:
+            if "->" in p and p.endswith(".png]"):
+                path = p.rsplit("-> ", 1)[1][:-1]
+                parts.append(f"![{name}]({_rel(path, run)})")
+            elif "->" in p and p.endswith(".wav]"):
+                path = p.rsplit("-> ", 1)[1][:-1]
+                parts.append(f"[{p.split(' ->')[0][1:]}]({_rel(path, run)})")
+            elif not p.startswith("<"):
+                parts.append(f"`{p[:160]}`" + (" ..." if len(p) > 160 else ""))
+        lines.append(f"- **{name}** (prompt `{_rel(g['prompt'], run)}`): " + " ".join(parts))
+    lines += ["", "## Data", "", "| shard set | template | samples | text | image | audio tokens |", "|---|---|---:|---:|---:|---:|"]
+    for name, s in summary["shards"].items():
+        tok = s["tokens"]
+        lines.append(f"| {name} | {s['template']} | {s['samples']:,} | {tok['text']:,} | {tok['image']:,} | {tok['audio']:,} |")
+    lines += ["", "## Stage timings", "", "| stage | seconds |", "|---|---:|"]
+    lines += [f"| {k} | {v:.1f} |" for k, v in summary["stage_seconds"].items()]
+    lines += [f"| **total** | **{summary['seconds']:.1f}** |", ""]
+    path = run / "report.md"
+    path.write_text("\n".join(lines) + "\n")
+    import json
+
+    (run / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    return path
