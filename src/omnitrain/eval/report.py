@@ -28,7 +28,9 @@ def load_references(folder: Path | None = None) -> dict[str, dict[str, Any]]:
     """task name -> its evals/<name>.yaml (``metric``, ``references``: [{name, value, source}])."""
     import yaml
 
-    folder = Path(folder) if folder is not None else (Path("evals") if Path("evals").is_dir() else CHECKOUT_EVALS)
+    folder = (
+        Path(folder) if folder is not None else (Path("evals") if Path("evals").is_dir() else CHECKOUT_EVALS)
+    )
     out: dict[str, dict[str, Any]] = {}
     for f in sorted(folder.glob("*.yaml")) if folder.is_dir() else []:
         spec = yaml.safe_load(f.read_text()) or {}
@@ -43,7 +45,15 @@ def _fmt(v: Any, stderr: Any = None) -> str:
     return s + (f" ± {stderr:.4f}" if isinstance(stderr, (int, float)) and not math.isnan(stderr) else "")
 
 
-def _bar_chart(path: Path, title: str, labels: list[str], values: list[float], errors: list[float], ours: list[bool], xlabel: str) -> None:
+def _bar_chart(
+    path: Path,
+    title: str,
+    labels: list[str],
+    values: list[float],
+    errors: list[float],
+    ours: list[bool],
+    xlabel: str,
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -78,7 +88,9 @@ def write_report(results: dict[str, Any], out_dir: Path, references: Path | None
              "| task | metric | value ± stderr | n | items/s |", "|---|---|---:|---:|---:|"]  # fmt: skip
     for task, t in results["tasks"].items():
         for metric, v in t["metrics"].items():
-            lines.append(f"| {task} | {metric} | {_fmt(v['value'], v.get('stderr'))} | {v['n']} | {t.get('items_per_s') or 0:.2f} |")
+            lines.append(
+                f"| {task} | {metric} | {_fmt(v['value'], v.get('stderr'))} | {v['n']} | {t.get('items_per_s') or 0:.2f} |"
+            )
     for task, t in results["tasks"].items():
         spec = refs.get(task, {})
         metric = spec.get("metric") or next(iter(t["metrics"]))
@@ -88,7 +100,10 @@ def write_report(results: dict[str, Any], out_dir: Path, references: Path | None
             lines += [spec["protocol"].strip(), ""]
         lines += [f"| system | {metric} | source |", "|---|---:|---|"]
         rows = [(name, ours["value"], ours.get("stderr"), True, "this run")] if ours else []
-        rows += [(r["name"], float(r["value"]), None, False, r.get("source", "")) for r in spec.get("references", [])]
+        rows += [
+            (r["name"], float(r["value"]), None, False, r.get("source", ""))
+            for r in spec.get("references", [])
+        ]
         lines += [f"| {'**' + n + '**' if o else n} | {_fmt(v, e)} | {src} |" for n, v, e, o, src in rows]
         if rows:
             png = f"{task}.png"
@@ -98,14 +113,26 @@ def write_report(results: dict[str, Any], out_dir: Path, references: Path | None
             lines += ["", f"![{task}]({png})"]
         cats = [g for g in ("stem", "humanities", "social_sciences", "other") if g in t.get("groups", {})]
         if cats:  # MMLU's four groups, then every subject
-            lines += ["", "Category groups (lm-eval's subject -> category assignment):", "", "| group | acc ± stderr | n |", "|---|---:|---:|"]
-            lines += [f"| {g} | {_fmt(t['groups'][g]['acc']['value'], t['groups'][g]['acc']['stderr'])} | {t['groups'][g]['acc']['n']} |" for g in cats]
+            lines += [
+                "",
+                "Category groups (lm-eval's subject -> category assignment):",
+                "",
+                "| group | acc ± stderr | n |",
+                "|---|---:|---:|",
+            ]
+            lines += [
+                f"| {g} | {_fmt(t['groups'][g]['acc']['value'], t['groups'][g]['acc']['stderr'])} | {t['groups'][g]['acc']['n']} |"
+                for g in cats
+            ]
             subj = {k: v for k, v in t["groups"].items() if k not in cats}
             _bar_chart(out_dir / f"{task}_groups.png", f"{task}: acc by category", cats, [t["groups"][g]["acc"]["value"] for g in cats],
                        [t["groups"][g]["acc"]["stderr"] for g in cats], [True] * len(cats), "acc")  # fmt: skip
             lines += ["", f"![{task} groups]({task}_groups.png)", "", "<details><summary>per subject</summary>", "",
                       "| subject | acc ± stderr | n |", "|---|---:|---:|"]  # fmt: skip
-            lines += [f"| {s} | {_fmt(v['acc']['value'], v['acc']['stderr'])} | {v['acc']['n']} |" for s, v in subj.items()]
+            lines += [
+                f"| {s} | {_fmt(v['acc']['value'], v['acc']['stderr'])} | {v['acc']['n']} |"
+                for s, v in subj.items()
+            ]
             lines += ["", "</details>"]
     path = out_dir / "report.md"
     path.write_text("\n".join(lines) + "\n")
@@ -128,19 +155,36 @@ def compare(cfg: CompareConfig) -> Path:
     for k, r in enumerate(runs):
         for task, t in r["tasks"].items():
             entries = [(f"{task} {m}", v) for m, v in t["metrics"].items()]
-            entries += [(f"{task} {g}", t["groups"][g]["acc"]) for g in ("stem", "humanities", "social_sciences", "other") if g in t.get("groups", {})]
+            entries += [
+                (f"{task} {g}", t["groups"][g]["acc"])
+                for g in ("stem", "humanities", "social_sciences", "other")
+                if g in t.get("groups", {})
+            ]
             for key, v in entries:
                 rows.setdefault(key, [None] * len(runs))[k] = v
     refs = load_references(cfg.references)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    lines = ["# Eval comparison", "", "| | " + " | ".join(names) + " | references |", "|---|" + "---:|" * len(names) + "---|"]
+    lines = [
+        "# Eval comparison",
+        "",
+        "| | " + " | ".join(names) + " | references |",
+        "|---|" + "---:|" * len(names) + "---|",
+    ]
     for key, vals in rows.items():
         task, metric = key.split(" ", 1)
         spec = refs.get(task, {})
-        ref = ", ".join(f"{r['name']} {float(r['value']):.3f}" for r in spec.get("references", [])) if metric == spec.get("metric") else ""
-        lines.append(f"| {key} | " + " | ".join(_fmt(v["value"], v.get("stderr")) if v else "–" for v in vals) + f" | {ref} |")
-    lines += ["", "Columns: " + "; ".join(f"{n} = `{p}` (git `{r.get('git_commit')}`)" for n, p, r in zip(names, cfg.results, runs)), "",
+        ref = (
+            ", ".join(f"{r['name']} {float(r['value']):.3f}" for r in spec.get("references", []))
+            if metric == spec.get("metric")
+            else ""
+        )
+        lines.append(
+            f"| {key} | "
+            + " | ".join(_fmt(v["value"], v.get("stderr")) if v else "–" for v in vals)
+            + f" | {ref} |"
+        )
+    lines += ["", "Columns: " + "; ".join(f"{n} = `{p}` (git `{r.get('git_commit')}`)" for n, p, r in zip(names, cfg.results, runs, strict=True)), "",
               "![comparison](compare.png)"]  # fmt: skip
     _compare_chart(out / "compare.png", names, rows)
     path = out / "compare.md"
@@ -161,7 +205,9 @@ def _compare_chart(path: Path, names: list[str], rows: dict[str, list[Any]]) -> 
     width = 0.8 / len(names)
     x = np.arange(len(keys))
     for k, n in enumerate(names):
-        vals = [rows[key][k]["value"] if rows[key][k] and rows[key][k]["value"] is not None else 0 for key in keys]
+        vals = [
+            rows[key][k]["value"] if rows[key][k] and rows[key][k]["value"] is not None else 0 for key in keys
+        ]
         errs = [(rows[key][k].get("stderr") or 0) if rows[key][k] else 0 for key in keys]
         ax.bar(x + k * width - 0.4 + width / 2, vals, width, yerr=errs, label=n, capsize=2)
     ax.set_xticks(x, keys, rotation=30, ha="right")

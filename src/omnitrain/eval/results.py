@@ -37,8 +37,16 @@ def metric(values: list[float]) -> dict[str, float | int]:
 def git_commit(where: Path | None = None) -> str | None:
     try:
         cwd = where or Path(__file__).resolve().parent
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd, capture_output=True, text=True, timeout=10)
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10
+        )
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
         return (out.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")) or None
     except (OSError, subprocess.SubprocessError):
         return None
@@ -91,7 +99,9 @@ def read_results(path: str | Path) -> dict[str, Any]:
     if not isinstance(version, int):
         raise ValueError(f"{path} has no schema_version: not an omnitrain eval results file")
     if version > SCHEMA_VERSION:
-        raise ValueError(f"{path} has schema_version {version}; this omnitrain reads up to {SCHEMA_VERSION}: upgrade omnitrain")
+        raise ValueError(
+            f"{path} has schema_version {version}; this omnitrain reads up to {SCHEMA_VERSION}: upgrade omnitrain"
+        )
     return data
 
 

