@@ -98,7 +98,9 @@ class TesseractDocQA:
        cell matches <row>, under the header cell that matches <column>.
     4. Other questions: every cell is a candidate label; its value is the next cell on the line, or
        the next line when the label ends its line. The label whose words best match the question's
-       content words (stop words dropped, "No."/"#" read as "number") wins; ties go to the shorter label.
+       content words (stop words and non-words dropped, "No."/"#" read as "number") wins; ties go to
+       the label that starts with the question's first content word, then to the shorter label.
+       The first line (title or issuer) is never a label.
     5. "Which company issued ...?", or no label shares a word with the question: the page's first
        cell (the issuer's name or the title) is returned.
 
@@ -203,10 +205,12 @@ class TesseractDocQA:
     @staticmethod
     def _key_value(cells: list[list[tuple[str, float]]], question: str) -> str:
         wanted = [w for w in _words(question) if w not in _STOP]
-        best, best_key = "", (0.0, 0)
+        best, best_key = "", (0.0, False, 0)
         for i, line in enumerate(cells):
+            if i == 0 and len(cells) > 1:
+                continue  # the first line is the title or issuer, never a label
             for j, (label, _) in enumerate(line):
-                lw = _words(label)
+                lw = [w for w in _words(label) if w not in _STOP and w.isalpha()]  # "Tax (5%)" -> tax
                 if not lw:
                     continue
                 hits = sum(1 for w in set(lw) if w in wanted or any(_stem(w) == _stem(q) for q in wanted))
@@ -218,8 +222,10 @@ class TesseractDocQA:
                     value = cells[i + 1][0][0]
                 else:
                     continue
-                # precision and recall of the label's words against the question's
-                score = (hits / len(set(lw)) + hits / max(1, len(set(wanted))), -len(lw))
+                # precision + recall of the label's words against the question's; then a label that
+                # starts with the question's first content word ("tax amount" -> "Tax", not "Amount")
+                first = bool(wanted) and _stem(lw[0]) == _stem(wanted[0])
+                score = (hits / len(set(lw)) + hits / max(1, len(set(wanted))), first, -len(lw))
                 if score > best_key:
                     best, best_key = value, score
         if best_key[0] == 0.0:
