@@ -265,3 +265,67 @@ def test_smollm2_loglikelihood_equals_transformers():
         assert lp == pytest.approx(float(logp.gather(1, tgt[:, None]).sum()), abs=1e-3)
         assert greedy == bool((logp.argmax(-1) == tgt).all())
     assert len({lp for lp, _ in got[:4]}) == 4  # four distinct scores from the one shared forward
+
+
+@pytest.fixture(scope="module")
+def omni_media_run(tmp_path_factory, text_tokenizer_dir):
+    """An untrained model over a layout with (untrained, small) image and audio tokenizers."""
+    from omnitrain.checkpoint import save_model
+    from omnitrain.tokenizer.audio import AudioCodecConfig, RVQAudioCodec
+    from omnitrain.tokenizer.image import ImageTokenizerConfig, VQImageTokenizer
+    from omnitrain.tokenizer.layout import TokenLayout
+    from omnitrain.tokenizer.text import TextTokenizer
+
+    d = tmp_path_factory.mktemp("omni_media")
+    torch.manual_seed(0)
+    image = VQImageTokenizer(ImageTokenizerConfig(codebook_size=32, base_channels=8, max_channels=16))
+    audio = RVQAudioCodec(AudioCodecConfig(channels=4, latent_dim=16, n_levels=2, codebook_size=16))
+    image.save(d / "image.pt")
+    audio.save(d / "audio.pt")
+    layout = TokenLayout.from_tokenizers(TextTokenizer.load(text_tokenizer_dir), image, audio, max_grid=16)
+    layout.save(d / "layout")
+    model = Transformer(
+        ModelConfig(vocab_size=layout.vocab_size, dim=32, n_layers=2, n_heads=4, n_kv_heads=2)
+    )
+    save_model(model, d / "model", d / "layout", {"step": 7})
+    return d
+
+
+def test_cli_docvqa_and_speech_wer_on_an_omnitrain_model_with_image_and_audio_prompts(
+    omni_media_run, text_tokenizer_dir, tmp_path, capsys
+):
+    """Image + question and audio in, layout-constrained text out, scored with ANLS and WER."""
+    import numpy as np
+    import soundfile as sf
+    from PIL import Image
+
+    from omnitrain.cli import main
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    rows = []
+    for i in range(2):
+        Image.fromarray((np.random.default_rng(i).random((48, 64, 3)) * 255).astype("uint8")).save(
+            docs / f"p{i}.png"
+        )
+        sf.write(tmp_path / f"a{i}.wav", (np.sin(np.arange(8000) / (5.0 + i)) * 0.3).astype("float32"), 16000)
+        rows.append({"id": f"d{i}", "audio": str(tmp_path / f"a{i}.wav"), "text": "hello world"})
+    (docs / "docqa.jsonl").write_text("".join(json.dumps({"id": f"q{i}", "image": str(docs / f"p{i}.png"), "question": "What is the total?",
+                                                         "answers": ["42.00"]}) + "\n" for i in range(2)))  # fmt: skip
+    (tmp_path / "speech.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    m = omni_media_run
+    out = tmp_path / "ev"
+    argv = ["eval", f"model.path={m / 'model'}", f"model.tokenizers.text={text_tokenizer_dir}", f"model.tokenizers.image={m / 'image.pt'}",
+            f"model.tokenizers.audio={m / 'audio.pt'}", "model.tokenizers.max_grid=16", "tasks=[docvqa,speech_wer]",
+            f"docvqa.path={docs}", f"speech_wer.source={tmp_path / 'speech.jsonl'}", "docvqa.max_new_tokens=6",
+            "speech_wer.max_new_tokens=6", f"out_dir={out}", "progress=false"]  # fmt: skip
+    assert main(argv) == 0, capsys.readouterr().err
+    res = R.read_results(out)
+    assert (
+        res["tasks"]["docvqa"]["metrics"]["anls"]["n"] == 2
+        and res["tasks"]["speech_wer"]["metrics"]["wer"]["n"] == 2
+    )
+    samples = R.read_samples(out)
+    assert [s["task"] for s in samples] == ["docvqa", "docvqa", "speech_wer", "speech_wer"]
+    assert all(isinstance(s["output"], str) for s in samples)
+    assert (out / "docvqa.png").is_file() and (out / "speech_wer.png").is_file()

@@ -74,6 +74,8 @@ COMMANDS = [
             "eval", _lazy("omnitrain.eval.harness", "EvalConfig"), _lazy("omnitrain.eval.harness", "run_eval")),
     Command("eval compare", "Put several eval results side by side (e.g. across the checkpoints of a run): table + chart.",
             "eval/compare", _lazy("omnitrain.eval.report", "CompareConfig"), _lazy("omnitrain.eval.report", "compare")),
+    Command("eval make-docqa", "Render a synthetic DocVQA-style set (invoices, forms, tables; noise, blur, rotation) for the docvqa task.",
+            "eval/make_docqa", _lazy("omnitrain.eval.docqa", "MakeDocQAConfig"), _lazy("omnitrain.eval.docqa", "make_docqa")),
     Command("demo", "Run the embedded demo end to end on data made from local packages (CPU, minutes).",
             "demo", _lazy("omnitrain.demo", "DemoConfig"), _lazy("omnitrain.demo", "run_demo")),
 ]  # fmt: skip

@@ -98,7 +98,7 @@ class TextLM:
 
     kind = "text"
 
-    def __init__(self, model: Any, encode: Any, decode: Any, prefix: list[int], eos: list[int], spec: ModelSpec,
+    def __init__(self, model: Any, encode: Any, decode: Any, prefix: list[int], eos: list[int], spec: ModelSpec,  # eos: end ids
                  batch_size: int, layout: Any = None) -> None:  # fmt: skip
         self.model, self.encode, self.decode, self.prefix, self.eos = model, encode, decode, prefix, eos
         self.spec, self.batch_size, self.layout = spec, batch_size, layout
@@ -172,15 +172,17 @@ class TextLM:
             for p in prompts
         ]
         rows.sort(key=lambda r: len(ids[r[0]]), reverse=True)
-        stop_ids = [self.eos] + [
-            list(self.encode(s)) for s in stop
-        ]  # early exit where the stop string tokenizes alone
+        # early exit: the stop strings as ids, also after 1-3 newlines (a "\n\n\n" is often one token); any
+        # such match decodes to text holding the stop string, so the string-level cut below agrees with it
+        stop_ids = [[e] for e in self.eos] + list(
+            {tuple(self.encode(nl + s)): 0 for s in stop if s for nl in ("", "\n", "\n\n", "\n\n\n")}
+        )
         out: list[list[str]] = [[""] * n for _ in prompts]
         bar = tqdm(total=len(rows), desc="generate", unit="sample", disable=not progress, mininterval=2.0)
         for b in range(0, len(rows), self.batch_size):
             batch = rows[b : b + self.batch_size]
             cfg = SamplingConfig(max_new_tokens=max_new_tokens, greedy=temperature == 0, temperature=max(temperature, 1e-6),
-                                 top_p=top_p, stop=[s for s in stop_ids if s], constrain=self.layout is not None, seed=seed + b)  # fmt: skip
+                                 top_p=top_p, stop=[list(t) for t in stop_ids if t], constrain=self.layout is not None, seed=seed + b)  # fmt: skip
             res = generate(self.model, self.layout, [ids[p] for p, _ in batch], cfg)
             for (p, j), new in zip(batch, res.tokens, strict=True):
                 out[p][j] = cut_at_stop(self.decode(self._text_ids(new)), stop)
@@ -191,7 +193,7 @@ class TextLM:
     def _text_ids(self, new: list[int]) -> list[int]:
         """New tokens up to the end of the answer (eos), text ids only."""
         for k, t in enumerate(new):
-            if [t] == self.eos:
+            if t in self.eos:
                 new = new[:k]
                 break
         return [t for t in new if self.layout is None or t < self.layout.text_vocab_size]
@@ -200,6 +202,9 @@ class TextLM:
 def cut_at_stop(text: str, stop: list[str]) -> str:
     cut = min((text.find(s) for s in stop if s and s in text), default=-1)
     return text if cut < 0 else text[:cut]
+
+
+END_TOKENS = ("<|endoftext|>", "<|im_end|>", "</s>", "<|eot_id|>", "<|end_of_text|>")
 
 
 class HFModel(TextLM):
@@ -222,7 +227,8 @@ class HFModel(TextLM):
         model, _ = load_hf_llama(path, gguf_file=gguf)
         tok = AutoTokenizer.from_pretrained(path, gguf_file=gguf)
         self.tokenizer = tok
-        eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
+        ends = {tok.eos_token_id} | {tok.convert_tokens_to_ids(t) for t in END_TOKENS if t in tok.get_vocab()}
+        eos = sorted(e for e in ends if e is not None)  # an Instruct model ends plain text with <|endoftext|>, turns with <|im_end|>
         # tok.encode adds the tokenizer's own specials, as lm-eval's hf model does (none for SmolLM2)
         super().__init__(model.to(spec.device), tok.encode, lambda ids: tok.decode(ids, skip_special_tokens=True), [], eos, spec, batch_size)  # fmt: skip
         self.info = {"kind": "hf", "path": spec.path, "gguf_file": gguf, "checkpoint_step": None, "layout_hash": None,
@@ -311,7 +317,7 @@ class OmniModel(TextLM):
         bar = tqdm(total=len(ids), desc="generate", unit="sample", disable=not progress, mininterval=2.0)
         for b in range(0, len(order), self.batch_size):
             batch = order[b : b + self.batch_size]
-            cfg = SamplingConfig(max_new_tokens=max_new_tokens, greedy=True, stop=[self.eos], constrain=True)
+            cfg = SamplingConfig(max_new_tokens=max_new_tokens, greedy=True, stop=[[e] for e in self.eos], constrain=True)
             res = generate(self.model, self.layout, [ids[i] for i in batch], cfg)
             for i, new in zip(batch, res.tokens, strict=True):
                 out[i] = self.decode(self._text_ids(new)).strip()

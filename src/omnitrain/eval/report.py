@@ -107,7 +107,7 @@ def write_report(results: dict[str, Any], out_dir: Path, references: Path | None
         lines += [f"| {'**' + n + '**' if o else n} | {_fmt(v, e)} | {src} |" for n, v, e, o, src in rows]
         if rows:
             png = f"{task}.png"
-            lower = spec.get("lower_is_better", False)
+            lower = spec.get("lower_is_better", metric in ("wer", "cer"))
             _bar_chart(out_dir / png, f"{spec.get('title', task)}: {metric}", [r[0] for r in rows], [r[1] for r in rows],
                        [r[2] for r in rows], [r[3] for r in rows], metric + (" (lower is better)" if lower else ""))  # fmt: skip
             lines += ["", f"![{task}]({png})"]

@@ -28,7 +28,7 @@ class HumanEvalConfig:
     temperature: float = 0.0  # 0: greedy (pass@1 of the greedy completion)
     top_p: float = 0.95
     ks: list[int] = field(default_factory=lambda: [1])
-    max_new_tokens: int = 512
+    max_new_tokens: int = 1024  # lm-eval's max_gen_toks
     timeout_s: float = 10.0  # per program, in the sandbox
     workers: int = 2
 
@@ -138,25 +138,26 @@ class HumanEvalTask:
         completions = {
             p["task_id"]: [humaneval.truncate(t) for t in ts] for p, ts in zip(problems, texts, strict=True)
         }
+        limits = SandboxLimits(wall_s=c.timeout_s, cpu_s=c.timeout_s)
         res = humaneval.evaluate(
-            problems, completions, ks=c.ks, limits=SandboxLimits(timeout_s=c.timeout_s), workers=c.workers
+            problems, completions, ks=c.ks, limits=limits, workers=c.workers, progress=progress
         )
-        per_task = res.get("per_task", {})
+        per_task = res["per_task"]
         metrics = {}
-        for k in c.ks:
-            vals = [
-                humaneval.pass_at_k(c.n_samples, int(sum(per_task[p["task_id"]]["passed"])), k)
-                for p in problems
-            ]
-            metrics[f"pass@{k}"] = metric(vals)  # stderr over problems
+        for k in c.ks:  # the value is evaluate's; stderr over problems of the per-task estimate
+            m = metric(
+                [
+                    humaneval.pass_at_k(per_task[p["task_id"]]["n"], per_task[p["task_id"]]["c"], k)
+                    for p in problems
+                ]
+            )
+            metrics[f"pass@{k}"] = {**m, "value": res.get(f"pass@{k}", m["value"])}
         samples = []
         for p in problems:
-            t = per_task.get(p["task_id"], {})
+            t = per_task[p["task_id"]]
             for j, comp in enumerate(completions[p["task_id"]]):
-                passed = t.get("passed", [None] * c.n_samples)[j]
                 samples.append({"task": self.name, "id": f"{p['task_id']}#{j}", "prompt": p["prompt"], "output": comp,
-                                "target": p["canonical_solution"], "score": float(bool(passed)),
-                                "status": (t.get("status") or [None] * c.n_samples)[j]})  # fmt: skip
+                                "target": p["canonical_solution"], "score": float(t["passed"][j]), "status": t["statuses"][j]})  # fmt: skip
         return TaskOutput(metrics, samples, {}, len(problems))
 
 
@@ -207,7 +208,7 @@ class SpeechWERTask:
             hyps = system.generate_multimodal(prompts, self.cfg.max_new_tokens, progress=progress)
         refs = [it["text"] for it in items]
         wer, cer = corpus_wer(refs, hyps, normalizer=self.cfg.normalizer), corpus_cer(refs, hyps)
-        samples = [{"task": self.name, "id": it["id"], "prompt": str(it["audio"]), "output": h, "target": r,
+        samples = [{"task": self.name, "id": it.get("id", str(it["audio"])), "prompt": str(it["audio"]), "output": h, "target": r,
                     "score": corpus_wer([r], [h], normalizer=self.cfg.normalizer)["wer"]} for it, h, r in zip(items, hyps, refs, strict=True)]  # fmt: skip
         metrics = {"wer": {"value": wer["wer"], "stderr": wer["stderr"], "n": wer["n"]},
                    "cer": {"value": cer["cer"], "stderr": cer["stderr"], "n": cer["n"]}}  # fmt: skip
