@@ -97,7 +97,7 @@ class RunLog:
         self.metrics.flush()
         if self._wandb is not None:
             self._wandb.log(row, step=step)
-        if self._bar is not None:
+        if self._bar is not None and "loss" in row:  # (a row of held-out losses before training has no step loss)
             self._bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", tok_s=f"{row['tokens_per_s']:.0f}", refresh=False)
 
     def advance(self) -> None:

@@ -78,3 +78,25 @@ def make_omni_sources(root: Path, seed: int = 0, n_shards: int = 4, per_shard: i
         "caption": make_shard_set(root / "caption", "caption", layout, n_shards, per_shard, {"image": 0.8, "text": 0.2}, seed=seed + 2),
         "speech": make_shard_set(root / "speech", "speech", layout, n_shards, per_shard, {"audio": 0.7, "text": 0.3}, seed=seed + 3),
     }
+
+
+def make_text_shard_set(folder: Path, name: str, layout: TokenLayout, docs: list[list[int]], n_shards: int = 4) -> Path:
+    """Real text documents (token ids of the layout's text tokenizer) as a shard set: ``<bos> ids <eos>``,
+    all learned, split over ``n_shards`` shards."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    layout.save(folder)
+    sp, k = layout.specials, 0
+    for s in range(n_shards):
+        samples, tokens = [], dict.fromkeys(("text", "image", "audio"), 0)
+        for ids in docs[s::n_shards]:
+            arr = np.asarray([sp["bos"], *ids, sp["eos"]], dtype=np.uint32)
+            meta = {"schema_version": SCHEMA_VERSION, "layout_hash": layout.hash, "source": name, "template": "text_lm",
+                    "segments": [[0, len(arr), "text"]], "learn": [[1, len(arr)]], "origin": f"{name}:{k}"}  # fmt: skip
+            samples.append(Sample(f"p000-{k:09d}", arr, meta))
+            tokens["text"] += len(arr)
+            k += 1
+        write_shard(folder / shard_name(0, s), samples, ShardInfo(shard_name(0, s), len(samples), tokens, 0, 0))
+    (folder / "done-p000.json").write_text("{}")
+    write_manifest(folder, {"layout_hash": layout.hash, "source": name, "template": "text_lm", "partitions": 1, "complete": True}, 1)
+    return folder

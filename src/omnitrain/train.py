@@ -10,6 +10,10 @@ backward gets its share of that sum (times the data-parallel size, which the gra
 DDP / FSDP / DeepSpeed divides out), so 2 ranks x batch b, 1 rank x batch 2b and 1 rank x 2 micro
 batches of b all compute the same gradient: loss curves match across strategies.
 
+Objectives. What a step optimises is an objective (``omnitrain.posttrain``): the weighted LM loss
+(pretraining, continued pretraining from a Hugging Face LLM, SFT) or DPO (``omnitrain.dpo``, with
+its frozen reference model); the loop is the same. ``count`` gives what the loss is normalised by.
+
 Preemption. SIGUSR1 or SIGTERM sets a flag; at the end of the current step every rank learns of it
 (a max all-reduce), the loop saves a checkpoint and exits. Under Slurm, SIGUSR1 (``--signal=USR1@120``)
 also requeues the job (``scontrol requeue``) and the requeued job resumes from that checkpoint
@@ -18,6 +22,7 @@ also requeues the job (``scontrol requeue``) and the requeued job resumes from t
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import signal
@@ -33,8 +38,19 @@ import torch
 from omnitrain import checkpoint
 from omnitrain.data import LoaderConfig, OmniLoader
 from omnitrain.distributed import StrategyConfig, full_state_dict, make_fabric, peak_flops
-from omnitrain.model import ModelConfig, Transformer, lm_loss
+from omnitrain.dpo import DPOConfig, DPOObjective, make_preference_loader, precompute_reference
+from omnitrain.model import ModelConfig, Transformer
 from omnitrain.optim import OptimConfig, build_optimizer, lr_at
+from omnitrain.posttrain import (
+    HFInitConfig,
+    LMObjective,
+    ValConfig,
+    Validation,
+    embedding_rows,
+    freeze_old_weights,
+    init_from_hf,
+    make_lm_loader,
+)
 from omnitrain.runlog import RunLog, WandbConfig, truncate_metrics
 from omnitrain.tokenizer.layout import MODALITIES, TokenLayout
 
@@ -55,6 +71,11 @@ class TrainConfig:
     keep_last: int = 3  # complete checkpoints kept
     resume: str = "auto"  # auto (latest in run_dir, if any) | never | a checkpoint folder
     init_from: str | None = None  # start from a consolidated omnitrain model folder (ignored when resuming)
+    hf_init: HFInitConfig = field(default_factory=HFInitConfig)  # start from a Hugging Face Llama (continued pretraining)
+    freeze_warmup_steps: int = 0  # with hf_init: the first N steps train only the new embedding rows
+    objective: Literal["lm", "dpo"] = "lm"  # lm: pretraining / continued pretraining / SFT; dpo: preference pairs
+    dpo: DPOConfig = field(default_factory=DPOConfig)
+    val: ValConfig = field(default_factory=ValConfig)  # held-out shard sets scored during training
     on_nonfinite: Literal["skip", "stop"] = "stop"  # a NaN/inf loss or gradient: skip the step, or stop
     max_skipped: int = 10  # on_nonfinite=skip: stop after this many skipped steps in a row
     compile: bool = False  # torch.compile the model
@@ -65,6 +86,10 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.steps < 1 or self.grad_accum < 1 or self.log_every < 1 or self.ckpt_every < 1:
             raise ValueError("steps, grad_accum, log_every and ckpt_every must be >= 1")
+        if self.freeze_warmup_steps and not self.hf_init.path:
+            raise ValueError("freeze_warmup_steps trains only the rows added to a pretrained model: set hf_init.path too")
+        if self.hf_init.path and self.init_from:
+            raise ValueError("give one of init_from (an omnitrain model) and hf_init.path (a Hugging Face model), not both")
 
 
 def every(step: int, n: int) -> bool:
@@ -107,9 +132,16 @@ def train(cfg: TrainConfig, plain_config: dict[str, Any] | None = None) -> dict[
 
     # --- model, optimizer, data
     fabric.seed_everything(cfg.seed)  # the same initial weights on every rank
-    model = Transformer(cfg.model)
+    new_rows_from = 0  # hf_init: the first row the layout added to the pretrained vocabulary
+    if cfg.hf_init.path:  # continued pretraining: the LLM with its vocabulary grown to the layout's
+        model, new_rows_from = init_from_hf(cfg.hf_init, cfg.model, layout)
+        cfg.model = model.cfg
+    else:
+        model = Transformer(cfg.model)
     model.set_modalities(layout.modality_of(torch.arange(layout.vocab_size).numpy()))
     resume_from = checkpoint.resolve_resume(run_dir, cfg.resume)
+    if cfg.freeze_warmup_steps and cfg.strategy.name not in ("single", "ddp"):
+        raise ValueError(f"freeze_warmup_steps masks rows of unsharded gradients: use strategy=single or ddp, not {cfg.strategy.name}")
     if cfg.init_from and resume_from is None:
         init, _ = checkpoint.load_model(cfg.init_from)
         if init.cfg != model.cfg:
@@ -117,6 +149,17 @@ def train(cfg: TrainConfig, plain_config: dict[str, Any] | None = None) -> dict[
                              "choose the matching model= recipe or override its fields")  # fmt: skip
         model.load_state_dict(init.state_dict())
     modality_table = model.modality_table
+    reference, ref_table, make_loader = None, None, make_lm_loader
+    if cfg.objective == "dpo":  # the frozen reference: the model as it starts (also when resuming)
+        if cfg.dpo.reference == "on_the_fly":
+            reference = copy.deepcopy(model).eval().requires_grad_(False).to(fabric.device)
+        else:
+            ref_file = Path(cfg.dpo.reference_logps or run_dir / "reference_logps.json")
+            if fabric.global_rank == 0:
+                precompute_reference(copy.deepcopy(model).to(fabric.device), cfg.data, layout.specials["pad"], ref_file, fabric.device)
+            fabric.barrier()
+            ref_table = precompute_reference(model, cfg.data, layout.specials["pad"], ref_file, fabric.device)  # reads the file
+        make_loader = make_preference_loader(ref_table)
     flops_per_token = model.flops_per_token(cfg.data.seq_len)  # before sharding: from the full parameter counts
     n_params = sum(p.numel() for p in model.parameters())
     if cfg.compile:
@@ -127,7 +170,12 @@ def train(cfg: TrainConfig, plain_config: dict[str, Any] | None = None) -> dict[
     else:
         model, optimizer = fabric.setup(model, build_optimizer(model, cfg.optim))
     modality_table = modality_table.to(fabric.device)
-    loader = OmniLoader(cfg.data, rank=fabric.global_rank, world_size=fabric.world_size)
+    if cfg.objective == "dpo":
+        objective = DPOObjective(cfg.dpo, modality_table, reference)
+    else:
+        objective = LMObjective(modality_table, cfg.model.z_loss)
+    loader: OmniLoader = make_loader(cfg.data, fabric.global_rank, fabric.world_size)
+    validation = Validation(cfg.val, cfg.data, make_loader, fabric.global_rank, fabric.world_size, layout.hash)
     state: dict[str, Any] = {"model": model, "optimizer": optimizer, "step": 0, "tokens": 0}
     skipped_in_a_row = 0
 
@@ -157,6 +205,8 @@ def train(cfg: TrainConfig, plain_config: dict[str, Any] | None = None) -> dict[
     dp_scale = fabric.world_size * (cfg.grad_accum if deepspeed else 1)  # undone by gradient averaging (and DeepSpeed's 1/accum)
 
     # --- the loop
+    if validation.due(start_step, False) and start_step == 0:
+        log.log(0, validation.run(fabric, model, objective))  # the held-out losses before any training
     t_start = time.perf_counter()
     while state["step"] < cfg.steps:
         step = state["step"]
@@ -165,24 +215,25 @@ def train(cfg: TrainConfig, plain_config: dict[str, Any] | None = None) -> dict[
         for group in optimizer.param_groups:
             group["lr"] = lr
         micro = [fabric.to_device(next(loader)) for _ in range(cfg.grad_accum)]
-        n_weighted = fabric.all_reduce(sum(b["loss_weights"].sum() for b in micro).float(), reduce_op="sum") if fabric.world_size > 1 \
-            else sum(b["loss_weights"].sum() for b in micro).float()  # fmt: skip
-        n_weighted = n_weighted.clamp(min=1.0)
-        sums = torch.zeros(2 + 3 * len(MODALITIES), device=fabric.device)  # weighted loss, z-loss, per modality (loss, correct, tokens)
+        count = sum(objective.count(b) for b in micro)  # weighted target tokens (LM) or pairs (DPO) of the step
+        count = (fabric.all_reduce(count, reduce_op="sum") if fabric.world_size > 1 else count).clamp(min=1.0)
+        sums = torch.zeros(len(objective.keys), device=fabric.device)  # additive metrics, named by objective.keys
         for i, batch in enumerate(micro):
             last = i == len(micro) - 1
             # DeepSpeed accumulates by itself (and Fabric warns on every no_backward_sync call for it, even a disabled one)
             with fabric.no_backward_sync(model, enabled=not last) if not deepspeed else nullcontext():
-                logits = model(batch["input_ids"], batch["doc_ids"])  # [B, T, V]
-                loss, m = lm_loss(logits, batch, modality_table, cfg.model.z_loss, denom=n_weighted / dp_scale)
+                loss, s = objective.loss(model, batch, denom=count / dp_scale)
                 fabric.backward(loss)
-            sums += torch.tensor([m["sum_weighted"], m.get("sum_z", 0.0)] + [m[f"{k}/{mod}"] for mod in MODALITIES
-                                 for k in ("sum_loss", "sum_correct", "tokens")], device=fabric.device)  # fmt: skip
+            sums += s
             if deepspeed:
                 optimizer.step()  # DeepSpeed counts micro-steps and really steps (and clips) at the last one
         if fabric.world_size > 1:
             sums = fabric.all_reduce(sums, reduce_op="sum")
-        step_loss = float(sums[0] + sums[1]) / float(n_weighted)
+        summary_row, mod_tokens = objective.summary(sums, count)
+        step_loss = summary_row["loss"]
+        frozen = step < cfg.freeze_warmup_steps
+        if frozen:  # warm-up of continued pretraining: only the new embedding rows learn
+            freeze_old_weights(_unwrap(model), new_rows_from)
         if deepspeed:
             grad_norm = float(_unwrap_engine(model).get_global_grad_norm() or 0.0)
         else:
@@ -199,25 +250,28 @@ def train(cfg: TrainConfig, plain_config: dict[str, Any] | None = None) -> dict[
             )
         if not deepspeed:
             if finite:
+                kept = embedding_rows(_unwrap(model), new_rows_from) if frozen else []
                 optimizer.step()
+                for weight, rows in kept:
+                    weight.data[:new_rows_from] = rows
             optimizer.zero_grad(set_to_none=True)
         skipped_in_a_row = 0 if finite else skipped_in_a_row + 1
         state["step"] = step = step + 1
-        step_tokens = int(sum(sums[4::3]))
+        step_tokens = sum(mod_tokens.values())
         state["tokens"] += step_tokens
         dt = time.perf_counter() - t0
 
-        if every(step, cfg.log_every) or step == cfg.steps:
-            row = {"loss": step_loss, "lr": lr, "grad_norm": grad_norm, "skipped": int(not finite), "tokens": state["tokens"],
+        val_row = validation.run(fabric, model, objective) if validation.due(step, step == cfg.steps) else {}
+        if every(step, cfg.log_every) or step == cfg.steps or val_row:
+            row = {**summary_row, "lr": lr, "grad_norm": grad_norm, "skipped": int(not finite), "tokens": state["tokens"],
                    "tokens_per_s": step_tokens / dt, "flops_per_s": flops_per_token * step_tokens / dt, "step_time": dt,
                    "elapsed": time.perf_counter() - t_start}  # fmt: skip
             if peak:
                 row["mfu"] = row["flops_per_s"] / (peak * fabric.world_size)
-            for j, mod in enumerate(MODALITIES):
-                s_loss, s_correct, n = (float(x) for x in sums[2 + 3 * j : 5 + 3 * j])
-                row[f"tokens_per_s/{mod}"] = n / dt
-                if n:
-                    row[f"loss/{mod}"], row[f"acc/{mod}"] = s_loss / n, s_correct / n
+            row.update({f"tokens_per_s/{mod}": mod_tokens[mod] / dt for mod in MODALITIES})
+            if cfg.freeze_warmup_steps:
+                row["frozen"] = int(frozen)
+            row.update(val_row)
             row["packing_efficiency"] = loader.packing_efficiency()
             row.update({f"share/{k}": v for k, v in loader.realised_shares().items()})
             log.log(step, row)

@@ -172,6 +172,8 @@ def _encode_item(item: int, record: dict[str, Any]) -> dict[str, Any]:
         "schema_version": SCHEMA_VERSION, "layout_hash": _STATE["layout"].hash, "source": cfg.pipeline.name,
         "template": template.name, "segments": e.segments, "learn": e.learn, "origin": origin,
     }  # fmt: skip
+    if e.branches:
+        meta["branches"] = e.branches
     tokens = dict.fromkeys(MODALITIES, 0)
     for start, end, mod in e.segments:
         tokens[mod] += end - start

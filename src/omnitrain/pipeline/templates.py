@@ -15,8 +15,13 @@ text), ``text`` / ``image`` / ``audio`` / ``video`` (a record field; a video bec
 frames, each followed by the audio codes of its time window), ``interleaved`` (a field holding a list
 of ``{"text": ...}``, ``{"image": ...}``, ``{"audio": ...}`` items) and ``chat`` (a field holding
 ``[{"role", "content"}]`` turns; content is a string or an interleaved list; only the content and
-``<end_of_turn>`` of assistant turns are learned, as in SFT). :class:`SampleEncoder` turns (template, record) into ids, the
-``[start, end, modality]`` segments and the learned spans that go into a shard.
+``<end_of_turn>`` of assistant turns are learned, as in SFT; none with ``learn: false``). :class:`SampleEncoder` turns
+(template, record) into ids, the ``[start, end, modality]`` segments and the learned spans that go into a shard.
+
+Preference pairs (DPO): parts with ``branch: chosen`` / ``branch: rejected`` hold the two answers;
+one sample stores prompt, chosen and rejected once, and ``meta["branches"]`` the ``[start, end]``
+spans of each branch. The chosen sequence is the sample without the rejected spans, and the other
+way round (``omnitrain.dpo``).
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ from omnitrain.tokenizer.layout import (
 
 KINDS = ("special", "literal", "text", "image", "audio", "video", "interleaved", "chat")
 ROLES = ("system", "user", "assistant")
+BRANCHES = ("chosen", "rejected")
 
 
 @dataclass
@@ -52,11 +58,14 @@ class Part:
     chat: str | None = None
     learn: bool = True
     optional: bool = False  # a missing/empty field is skipped instead of an error
+    branch: str | None = None  # preference pairs: "chosen" or "rejected" (None: shared by both)
 
     def __post_init__(self) -> None:
         given = [k for k in KINDS if getattr(self, k) is not None]
         if len(given) != 1:
             raise ValueError(f"a template part names exactly one of {KINDS}, got {given or 'none'}")
+        if self.branch is not None and self.branch not in BRANCHES:
+            raise ValueError(f"a template part's branch is one of {BRANCHES}, got {self.branch!r}")
 
     @property
     def kind(self) -> str:
@@ -92,6 +101,7 @@ class Encoded:
     ids: np.ndarray  # [n] int64
     segments: list[list]  # [[start, end, modality], ...] covering ids
     learn: list[list[int]]  # [[start, end], ...] trained-on spans
+    branches: dict[str, list[list[int]]] = field(default_factory=dict)  # preference pairs: spans of each branch
 
 
 class SampleEncoder:
@@ -101,13 +111,13 @@ class SampleEncoder:
         self.layout, self.text, self.media = layout, text_tokenizer, media
 
     def encode(self, template: Template, record: dict[str, Any]) -> Encoded:
-        pieces: list[tuple[Segment, bool]] = []  # (segment, learned)
+        pieces: list[tuple[Segment, bool, str | None]] = []  # (segment, learned, branch)
         for part in template.parts:
-            pieces += self._part(part, record)
-        if not any(isinstance(s, (TextSegment, ImageSegment, AudioSegment)) for s, _ in pieces):
+            pieces += [(s, learned, part.branch) for s, learned in self._part(part, record)]
+        if not any(isinstance(s, (TextSegment, ImageSegment, AudioSegment)) for s, _, _ in pieces):
             raise SkipSample("empty sample: no text, image or audio content")
-        ids, segments, learn, pos = [], [], [], 0
-        for seg, learned in pieces:
+        ids, segments, learn, branches, pos = [], [], [], {}, 0
+        for seg, learned, branch in pieces:
             seg_ids = self.layout.serialize([seg])
             n = len(seg_ids)
             if n == 0:
@@ -122,9 +132,17 @@ class SampleEncoder:
                     learn[-1][1] = pos + n
                 else:
                     learn.append([pos, pos + n])
+            if branch is not None:
+                spans = branches.setdefault(branch, [])
+                if spans and spans[-1][1] == pos:
+                    spans[-1][1] = pos + n
+                else:
+                    spans.append([pos, pos + n])
             ids.append(seg_ids)
             pos += n
-        return Encoded(np.concatenate(ids), segments, learn)
+        if branches and set(branches) != set(BRANCHES):
+            raise SkipSample(f"a preference sample needs both a chosen and a rejected answer, got {sorted(branches)}")
+        return Encoded(np.concatenate(ids), segments, learn, branches)
 
     # ------------------------------------------------------------------ parts
     def _field(self, record: dict[str, Any], name: str, part: Part) -> Any:
@@ -177,17 +195,17 @@ class SampleEncoder:
                 raise ValueError("the template has video parts but no image tokenizer / audio codec is configured")
             return [(s, part.learn) for s in self.media.video_segments(value)]
         if kind == "interleaved":
-            return [(s, part.learn) for s in self._interleaved(value)]
-        return self._chat(value)
+            return [(s, part.learn) for s in self._interleaved([value] if isinstance(value, str) else value)]
+        return self._chat(value, part.learn)
 
-    def _chat(self, turns: list[dict[str, Any]]) -> list[tuple[Segment, bool]]:
+    def _chat(self, turns: list[dict[str, Any]], learn: bool = True) -> list[tuple[Segment, bool]]:
         out: list[tuple[Segment, bool]] = []
         for i, turn in enumerate(turns):
             role = turn.get("role") if isinstance(turn, dict) else None
             if role not in ROLES:
                 raise SkipSample(f"chat turn {i} has role {role!r}; roles are {ROLES}")
             content = turn.get("content")
-            learned = role == "assistant"  # SFT: only what the assistant says is learned
+            learned = learn and role == "assistant"  # SFT: only what the assistant says is learned
             segs = self._interleaved([content] if isinstance(content, str) else list(content or []))
             out.append((SpecialSegment(role), False))  # the role marker is prompt: generation starts after it
             out += [(s, learned) for s in segs]
