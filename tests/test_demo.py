@@ -25,6 +25,7 @@ from omnitrain.demo_data import (
     spoken_digits,
 )
 from omnitrain.demo_report import comparison, loss_drop
+from omnitrain.eval.tasks import DocVQAConfig
 
 REPO = Path(__file__).resolve().parents[1]
 needs_fonts = pytest.mark.skipif(not any((d / f).is_file() for d in demo_data.FONT_DIRS for f in demo_data.FONTS),
@@ -68,6 +69,7 @@ def test_forms_answer_a_field_printed_on_the_page_and_held_out_pages_are_new(tmp
     for r in train + test:
         key = names[r["question"].removeprefix("What is the ").removesuffix("?")]
         assert r["answers"] == [r["fields"][key]] == [r["answer"]] and len(r["fields"]) == 3
+        assert r["prompted_question"] == f"{r['question']}\n{DocVQAConfig().prompt}"  # what `omnitrain eval` docvqa asks
     assert Image.open(test[0]["image"]).size == (8 * CELL_W, 3 * CELL_H)
 
 
@@ -89,7 +91,7 @@ def test_loss_drop_and_comparison_read_metrics_and_results():
     assert set(d) == {"text", "audio"} and d["text"]["last"] < d["text"]["first"] and d["audio"]["steps"] == 15
     m = lambda v: {"value": v, "stderr": None, "n": 10}  # noqa: E731
     res = lambda e, a, w, p: {"reading": {"metrics": {"exact_match": m(e), "digit_accuracy": m(e)}},  # noqa: E731
-                              "docqa": {"metrics": {"anls": m(a), "exact_match": m(a)}},
+                              "docvqa": {"metrics": {"anls": m(a), "exact_match": m(a)}},
                               "speech_wer": {"metrics": {"wer": m(w), "wer_digits": m(w), "wer_sentence": m(w)}},
                               "text_ppl": {"metrics": {"perplexity": m(p)}}}  # fmt: skip
     table = comparison(res(0.0, 0.0, 1.0, 900.0), res(0.2, 0.3, 0.8, 90.0))
@@ -107,8 +109,8 @@ def test_reduced_demo_runs_every_stage_and_training_lowers_every_modality_loss(t
     proc = subprocess.run(
         [str(exe), "demo", f"run_dir={run}", "data.digits_train=150", "data.digits_test=8", "data.forms_train=100", "data.forms_test=8",
          "data.speech_digits_train=40", "data.speech_digits_test=6", "data.sentences_train=20", "data.sentences_test=3",
-         "data.text_docs=1", "data.text_test_docs=1", "tokenizer.vocab_size=2000", "image.steps=20", "audio.steps=20",
-         "audio.data.max_eval_seconds=10", "report_languages=[en]", "train_steps=40", "eval_batch_size=8",
+         "data.text_docs=1", "data.text_test_docs=1", "tokenizer.vocab_size=4000", "image.steps=20", "audio.steps=20",
+         "audio.data.max_eval_seconds=10", "report_languages=[fr]", "train_steps=40", "eval_batch_size=8",
          "train_overrides=['data.seq_len=256','ckpt_every=20','wandb.mode=disabled','optim.warmup_steps=5']"],
         cwd=REPO, env={**os.environ, "PYTHONWARNINGS": "ignore"}, capture_output=True, text=True, timeout=900,
     )  # fmt: skip
@@ -129,7 +131,7 @@ def test_reduced_demo_runs_every_stage_and_training_lowers_every_modality_loss(t
     for which, step in (("init", 0), ("trained", 40)):
         res = json.loads((run / "eval" / which / "results.json").read_text())
         assert res["schema_version"] == 1 and res["model"]["layout_hash"] == layout_hash and res["model"]["checkpoint_step"] == step
-        assert set(res["tasks"]) == {"reading", "docqa", "speech_wer", "text_ppl"}
+        assert set(res["tasks"]) == {"reading", "docvqa", "speech_wer", "text_ppl"}
         assert res["tasks"]["reading"]["metrics"]["exact_match"]["n"] == 8 and res["tasks"]["speech_wer"]["metrics"]["wer"]["n"] == 9
         assert (run / "eval" / which / "samples.jsonl").is_file()
     # training lowered the loss of each modality (mean of the first vs the last logged steps)

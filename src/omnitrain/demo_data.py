@@ -40,6 +40,9 @@ FORM_FIELDS = {
     "DAY": ("day", lambda r: r.choice(DAYS)),
     "BOX": ("box", lambda r: r.choice("ABCDEFGH") + str(r.randrange(10))),
 }
+# what `omnitrain eval`'s docvqa task puts after the question (omnitrain.eval.tasks.DocVQAConfig.prompt):
+# the training samples carry it too, so the model sees at evaluation the prompt it was trained with
+DOCQA_PROMPT = "Answer the question using a single word or phrase."
 LIBRIVOX = Path("/usr/share/pocketsphinx/test/data/librivox")
 HANDBOOK = Path("/usr/share/doc/debian-handbook/html/en-US")
 PHOTOS = ("astronaut", "camera", "coffee", "chelsea", "horse", "motorcycle_left", "brick", "coins", "moon", "page")
@@ -134,7 +137,7 @@ def make_digits(out: Path, n_train: int, n_test: int, length: int, seed: int) ->
 
 def make_forms(out: Path, n_train: int, n_test: int, seed: int) -> dict[str, Path]:
     """Rendered forms of three ``KEY value`` lines: ``{split}.jsonl`` rows ``{id, image, question,
-    answer, answers, fields}``; the held-out pages (their whole content) never occur in training."""
+    answer, answers, prompted_question, fields}``; the held-out pages (their whole content) never occur in training."""
     rng, fonts = random.Random(seed + 1), font_paths()
 
     def page(r: random.Random) -> str:
@@ -153,8 +156,9 @@ def make_forms(out: Path, n_train: int, n_test: int, seed: int) -> dict[str, Pat
             name = f"{split}/{i:05d}.png"
             (out / split).mkdir(parents=True, exist_ok=True)
             render_lines(lines, fonts[i % len(fonts)], rng, width_cells=8).save(out / name)
-            rows.append({"id": f"forms-{split}-{i}", "image": name, "question": f"What is the {FORM_FIELDS[key][0]}?",
-                         "answer": fields[key], "answers": [fields[key]], "fields": fields})  # fmt: skip
+            question = f"What is the {FORM_FIELDS[key][0]}?"
+            rows.append({"id": f"forms-{split}-{i}", "image": name, "question": question, "answer": fields[key], "answers": [fields[key]],
+                         "prompted_question": f"{question}\n{DOCQA_PROMPT}", "fields": fields})  # fmt: skip
         paths[split] = _write_jsonl(out / f"{split}.jsonl", rows)
     return paths
 

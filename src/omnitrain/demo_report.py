@@ -1,14 +1,15 @@
 """The demo's evaluation (before and after training, on held-out data) and ``report.md``.
 
-The evaluation goes through the eval package: the model adapter of ``omnitrain.eval.harness``
-(``OmniModel``: greedy, layout-constrained generation from image / audio / text prompts, and
-log-likelihoods), its metrics (ANLS, corpus WER) and its results format (``results.json`` +
-``samples.jsonl``). Tasks, all on splits no training sample comes from:
+The evaluation is the eval package's: ``docvqa`` and ``speech_wer`` run as ``omnitrain eval`` (its
+config composed from ``recipes/eval.yaml`` with the demo's overrides, :func:`eval_overrides`), and
+the two demo tasks the harness has no task for yet run on the same model adapter (``OmniModel``:
+greedy, layout-constrained generation; log-likelihoods) into the same ``results.json`` +
+``samples.jsonl``. All on splits no training sample comes from:
 
 * ``reading``: the digits of a held-out rendered number (exact match, and digits right in place);
-* ``docqa``: a question about a held-out rendered form (ANLS, exact match);
+* ``docvqa``: a question about a held-out rendered form (ANLS, and exact match);
 * ``speech_wer``: held-out flite utterances, spoken digit strings and handbook sentences (corpus WER,
-  ``basic`` normaliser so that each spoken digit stays a word);
+  ``basic`` normaliser so that each spoken digit stays a word; also per kind);
 * ``text_ppl``: perplexity on held-out handbook pages (teacher-forced, per text token).
 """
 
@@ -29,15 +30,9 @@ TEXT_CHUNK_CHARS = 1200  # held-out text is scored in windows of about this many
 MODALITY_ORDER = ("text", "image", "audio")
 
 
-def _load(model_path: Path, paths: TokenizerPaths, batch_size: int) -> Any:
-    from omnitrain.eval.harness import ModelSpec, load_system
-
-    return load_system(ModelSpec(kind="omnitrain", path=str(model_path), tokenizers=paths), batch_size=batch_size)
-
-
 def _prepare_images_at(system: Any, size: int) -> None:
-    """The harness prepares images with MediaConfig's defaults; the demo's shard sets use their own
-    sizes, and a prompt must be tokenized as the training images were."""
+    """The harness prepares images with MediaConfig's defaults; the reading set's shards use their own
+    size, and a prompt must be tokenized as the training images were."""
     media = system.media()
     media.cfg = type(media.cfg)(**{**vars(media.cfg), "image_size": size})
 
@@ -58,54 +53,65 @@ def _text_chunks(pages: list[str]) -> list[str]:
     return chunks
 
 
+def eval_overrides(model_path: Path, out_dir: Path, corpus: dict[str, Any], paths: TokenizerPaths, batch_size: int) -> list[str]:
+    """The ``omnitrain eval`` command line of the demo's harness tasks (document QA and speech WER)."""
+    return ["model.kind=omnitrain", f"model.path={model_path}", f"model.tokenizers.text={paths.text}",
+            f"model.tokenizers.image={paths.image}", f"model.tokenizers.audio={paths.audio}", "tasks=[docvqa,speech_wer]",
+            f"docvqa.path={corpus['forms']['test']}", f"docvqa.max_new_tokens={ANSWER_MAX_TOKENS}",
+            f"speech_wer.source={corpus['speech']['test']}", "speech_wer.normalizer=basic",
+            f"speech_wer.max_new_tokens={ASR_MAX_TOKENS}", f"batch_size={batch_size}", f"out_dir={out_dir}", "report=false"]  # fmt: skip
+
+
 def evaluate(model_path: Path, out_dir: Path, corpus: dict[str, Any], paths: TokenizerPaths, image_sizes: dict[str, int],
              batch_size: int = 16) -> dict[str, Any]:  # fmt: skip
-    """Every demo task on the held-out splits; writes ``results.json`` + ``samples.jsonl`` to ``out_dir``
-    and returns the ``tasks`` part of the results."""
-    from omnitrain.eval.metrics import corpus_wer, mean_anls
-    from omnitrain.eval.results import metric, new_results, write_results, write_samples
+    """Every demo task on the held-out splits, into one ``results.json`` + ``samples.jsonl`` in ``out_dir``;
+    returns the ``tasks`` part of the results.
 
-    system = _load(model_path, paths, batch_size)
-    results = new_results(system.info, {"corpus": corpus, "image_sizes": image_sizes, "greedy": True,
-                                        "max_new_tokens": {"asr": ASR_MAX_TOKENS, "answers": ANSWER_MAX_TOKENS}})  # fmt: skip
-    samples: list[dict[str, Any]] = []
+    Document QA and speech WER are ``omnitrain eval`` itself (composed from ``recipes/eval.yaml`` as the
+    command line does); reading and text perplexity, which the harness has no task for yet, run on
+    the same model adapter and are added to the same results."""
+    from omnitrain.cli import COMMANDS, compose, recipes_dir
+    from omnitrain.eval.harness import ModelSpec, load_system, run_eval
+    from omnitrain.eval.metrics import corpus_wer
+    from omnitrain.eval.report import write_report
+    from omnitrain.eval.results import metric, read_samples, write_results, write_samples
+
+    eval_cfg, _ = compose(next(c for c in COMMANDS if c.name == "eval run"), eval_overrides(model_path, out_dir, corpus, paths, batch_size),
+                          recipes_dir())  # fmt: skip
+    results = run_eval(eval_cfg)
+    samples = read_samples(Path(out_dir) / "samples.jsonl")
+
+    # per-kind WER of the harness's transcripts (spoken digit strings, sentences)
+    kind = {r["id"]: r["kind"] for r in read_jsonl(corpus["speech"]["test"])}
+    asr = [s for s in samples if s["task"] == "speech_wer"]
+    for k in ("digits", "sentence"):
+        pick = [s for s in asr if kind.get(s["id"]) == k]
+        w = corpus_wer([s["target"] for s in pick], [s["output"] for s in pick], normalizer="basic")
+        results["tasks"]["speech_wer"]["metrics"][f"wer_{k}"] = {"value": w["wer"], "stderr": w["stderr"], "n": w["n"]}
+    results["tasks"]["docvqa"]["metrics"]["exact_match"] = metric([float(s["output"].strip().lower() in [a.lower() for a in s["target"]])
+                                              for s in samples if s["task"] == "docvqa"])  # fmt: skip
+
+    system = load_system(ModelSpec(kind="omnitrain", path=str(model_path), tokenizers=paths), batch_size=batch_size)
+    extra: list[dict[str, Any]] = []
 
     def task(name: str, t0: float, metrics: dict[str, dict], n: int) -> None:
         secs = time.perf_counter() - t0
-        results["tasks"][name] = {"metrics": metrics, "seconds": round(secs, 2), "items_per_s": n / max(secs, 1e-9)}
+        results["tasks"][name] = {"metrics": metrics, "groups": {}, "items": n, "seconds": secs, "items_per_s": n / max(secs, 1e-9),
+                                  "config": {"greedy": True, "max_new_tokens": ANSWER_MAX_TOKENS} if name == "reading" else
+                                            {"chunk_chars": TEXT_CHUNK_CHARS}}  # fmt: skip
 
-    # reading: a held-out number -> its digits
+    # reading: a held-out rendered number -> its digits
     t0, rows = time.perf_counter(), read_jsonl(corpus["digits"]["test"])
     _prepare_images_at(system, image_sizes["reading"])
     outs = system.generate_multimodal([{"images": [r["image"]]} for r in rows], ANSWER_MAX_TOKENS)
     exact = [float(o.replace(" ", "") == r["caption"]) for o, r in zip(outs, rows, strict=True)]
-    digit = [sum(a == b for a, b in zip(o.replace(" ", "")[:len(r["caption"])], r["caption"], strict=False)) / len(r["caption"]) for o, r in zip(outs, rows, strict=True)]
-    samples += [{"task": "reading", "id": r["id"], "prompt": r["image"], "output": o, "target": r["caption"], "score": e}
-                for r, o, e in zip(rows, outs, exact, strict=True)]  # fmt: skip
+    digit = [sum(a == b for a, b in zip(o.replace(" ", "")[: len(r["caption"])], r["caption"], strict=False)) / len(r["caption"])
+             for o, r in zip(outs, rows, strict=True)]  # fmt: skip
+    extra += [{"task": "reading", "id": r["id"], "prompt": r["image"], "output": o, "target": r["caption"], "score": e}
+              for r, o, e in zip(rows, outs, exact, strict=True)]  # fmt: skip
     task("reading", t0, {"exact_match": metric(exact), "digit_accuracy": metric(digit)}, len(rows))
 
-    # document QA: a held-out form + a question -> the field's value
-    t0, rows = time.perf_counter(), read_jsonl(corpus["forms"]["test"])
-    _prepare_images_at(system, image_sizes["doc_qa"])
-    outs = system.generate_multimodal([{"images": [r["image"]], "text": r["question"]} for r in rows], ANSWER_MAX_TOKENS)
-    a = mean_anls(outs, [r["answers"] for r in rows])
-    exact = [float(o.strip().lower() in [x.lower() for x in r["answers"]]) for o, r in zip(outs, rows, strict=True)]
-    samples += [{"task": "docqa", "id": r["id"], "prompt": f"{r['image']} {r['question']}", "output": o, "target": r["answers"], "score": e}
-                for r, o, e in zip(rows, outs, exact, strict=True)]  # fmt: skip
-    task("docqa", t0, {"anls": {"value": a["anls"], "stderr": a["stderr"], "n": a["n"]}, "exact_match": metric(exact)}, len(rows))
-
-    # speech recognition: held-out flite utterances -> transcripts
-    t0, rows = time.perf_counter(), read_jsonl(corpus["speech"]["test"])
-    outs = system.generate_multimodal([{"audios": [r["audio"]]} for r in rows], ASR_MAX_TOKENS)
-    metrics = {}
-    for kind in (None, "digits", "sentence"):
-        pick = [i for i, r in enumerate(rows) if kind in (None, r["kind"])]
-        w = corpus_wer([rows[i]["text"] for i in pick], [outs[i] for i in pick], normalizer="basic")
-        metrics["wer" if kind is None else f"wer_{kind}"] = {"value": w["wer"], "stderr": w["stderr"], "n": w["n"]}
-    samples += [{"task": "speech_wer", "id": r["id"], "prompt": r["audio"], "output": o, "target": r["text"]} for r, o in zip(rows, outs, strict=True)]
-    task("speech_wer", t0, metrics, len(rows))
-
-    # text perplexity: held-out handbook pages, teacher-forced
+    # text perplexity: held-out handbook pages, teacher-forced, per text token
     t0, chunks = time.perf_counter(), _text_chunks(corpus["text"]["test"])
     lls = system.loglikelihood([("", c) for c in chunks])
     n_tokens = [len(system.encode(c)) for c in chunks]
@@ -114,8 +120,9 @@ def evaluate(model_path: Path, out_dir: Path, corpus: dict[str, Any], paths: Tok
     task("text_ppl", t0, {"perplexity": {"value": math.exp(nll), "stderr": None, "n": sum(n_tokens)},
                           "nll_per_token": metric(per_chunk)}, len(chunks))  # fmt: skip
 
-    write_samples(out_dir, samples)
+    write_samples(out_dir, extra, append=True)
     write_results(out_dir, results)
+    write_report(results, Path(out_dir), None)
     print(f"eval {system.info['name']} (step {system.info['checkpoint_step']}): " + ", ".join(
         f"{t} {next(iter(r['metrics']))} {next(iter(r['metrics'].values()))['value']:.3f}" for t, r in results["tasks"].items()))
     return results["tasks"]
@@ -161,8 +168,8 @@ def plot_losses(rows: list[dict[str, Any]], out: Path) -> Path:
 TABLE = [  # (task, metric, label, higher is better)
     ("reading", "exact_match", "reading: held-out numbers read exactly", True),
     ("reading", "digit_accuracy", "reading: digits right in place", True),
-    ("docqa", "anls", "document QA: ANLS on held-out forms", True),
-    ("docqa", "exact_match", "document QA: exact match", True),
+    ("docvqa", "anls", "document QA: ANLS on held-out forms", True),
+    ("docvqa", "exact_match", "document QA: exact match", True),
     ("speech_wer", "wer", "ASR: corpus WER on held-out flite speech", False),
     ("speech_wer", "wer_digits", "ASR: WER, spoken digit strings", False),
     ("speech_wer", "wer_sentence", "ASR: WER, handbook sentences", False),
@@ -209,7 +216,11 @@ def write_demo_report(run: Path, summary: dict[str, Any]) -> Path:
     for r in table:
         lines.append(f"| {r['label']} ({'higher' if r['higher_is_better'] else 'lower'} is better) | {r['before']:.3f} | "
                      f"{r['after']:.3f} | {r['n']} | {'yes' if r['better'] else '**no**'} |")  # fmt: skip
-    lines += ["", "Results: `eval/init/results.json`, `eval/trained/results.json` (per-item outputs in `samples.jsonl`).", "",
+    from omnitrain.eval.report import CompareConfig, compare
+
+    compare(CompareConfig(results=[str(run / "eval" / "init"), str(run / "eval" / "trained")], out_dir=run / "eval" / "compare"))
+    lines += ["", "Results: `eval/init/results.json`, `eval/trained/results.json` (per-item outputs in `samples.jsonl`; "
+              "`omnitrain eval compare` of the two: `eval/compare/`).", "",
               "## Training loss per modality", "", "![loss curves](loss_curves.png)", "",
               "| modality | first steps | last steps |", "|---|---:|---:|"]  # fmt: skip
     lines += [f"| {m} | {d['first']:.3f} | {d['last']:.3f} |" for m, d in t["loss_by_modality"].items()]
