@@ -5,8 +5,10 @@
     omnitrain generate run=runs/demo/train audios=[speech.wav] output=text               # speech -> text
     omnitrain generate run=runs/demo/train text="Hello there" output=audio               # text -> speech
 
-A prompt is ``<bos>`` then the images, the audio clips and the text, in that order (wrapped in a
-user turn and followed by ``<assistant>`` with ``chat=true``); ``output=image`` / ``audio`` opens an
+A prompt is ``<bos>`` then the images, the audio clips and the text, in that order. With ``chat=true``
+they are one user turn (after a ``system`` turn when given), written with the chat template the
+layout records and followed by the opening of the assistant's turn (``TokenLayout.chat_prompt``,
+the same format the SFT shards were built with); ``output=image`` / ``audio`` opens an
 image / audio span, which layout-constrained decoding fills with a whole code grid / whole frames.
 The tokenizers are the ones the model's training shards were built with (their manifest records
 them) unless ``tokenizers.*`` says otherwise; a tokenizer whose layout differs from the model's is
@@ -48,7 +50,8 @@ class GenerateConfig:
     audios: list[str] = field(default_factory=list)  # audio files, placed before the text
     output: Literal["text", "image", "audio"] = "text"  # what to generate
     image_grid: list[int] | None = None  # output=image: [h, w] codes (None: the model chooses, within the layout's max_grid)
-    chat: bool = False  # wrap the prompt in a user turn and answer as the assistant
+    chat: bool = False  # wrap the prompt in a user turn and answer as the assistant (the layout's chat template)
+    system: str | None = None  # chat=true: a system message before the user turn
     num_samples: int = 1  # continuations of the same prompt, batched
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     media: MediaConfig = field(default_factory=MediaConfig)  # how input images / audio are prepared
@@ -76,24 +79,29 @@ def find_tokenizers(model_dir: Path, run_dir: Path | None) -> TokenizersConfig:
 
 
 def build_prompt(cfg: GenerateConfig, layout: TokenLayout, text_tok: Any, media: MediaTokenizers | None) -> list[int]:
-    segments: list[Segment] = [SpecialSegment("bos")] + ([SpecialSegment("user")] if cfg.chat else [])
+    if cfg.system is not None and not cfg.chat:
+        raise ValueError("system=... is a chat message: pass chat=true with it (or drop system)")
     if (cfg.images or cfg.output == "image") and (media is None or media.image is None):
         raise ValueError("this model's layout has no image tokenizer: images cannot be read or generated")
     if (cfg.audios or cfg.output == "audio") and (media is None or media.audio is None):
         raise ValueError("this model's layout has no audio codec: audio cannot be read or generated")
+    parts: list[Segment] = []
     for path in cfg.images:
         if not Path(path).is_file():
             raise FileNotFoundError(f"image {path} does not exist")
-        segments.append(ImageSegment(media.image_codes(path)))
+        parts.append(ImageSegment(media.image_codes(path)))
     for path in cfg.audios:
         if not Path(path).is_file():
             raise FileNotFoundError(f"audio file {path} does not exist")
-        segments.append(AudioSegment(media.audio_codes(path)))
+        parts.append(AudioSegment(media.audio_codes(path)))
     if cfg.text:
-        segments.append(TextSegment(np.asarray(text_tok.encode(cfg.text))))
+        parts.append(TextSegment(np.asarray(text_tok.encode(cfg.text))))
+    ids = layout.serialize([SpecialSegment("bos")]).tolist()
     if cfg.chat:
-        segments += [SpecialSegment("end_of_turn"), SpecialSegment("assistant")]
-    ids = layout.serialize(segments).tolist()
+        system = [("system", [TextSegment(np.asarray(text_tok.encode(cfg.system)))])] if cfg.system is not None else []
+        ids += layout.chat_prompt(system + [("user", parts)]).tolist()
+    else:
+        ids += layout.serialize(parts).tolist()
     if cfg.output == "image":
         grid = [layout.size_token(n) for n in cfg.image_grid] if cfg.image_grid else []
         return ids + [layout.specials["boi"], *grid]
@@ -114,14 +122,15 @@ def run_generate(cfg: GenerateConfig) -> dict[str, Any]:
     tok_cfg = TokenizersConfig(Path(t.text), t.image, t.audio, t.max_grid) if t.text else find_tokenizers(model_dir, Path(cfg.run))
     text_tok = load_text_tokenizer(tok_cfg.text)
     image, audio = load_media_tokenizers(tok_cfg.image, tok_cfg.audio, cfg.device)
-    theirs = TokenLayout.from_tokenizers(text_tok, image, audio, max_grid=tok_cfg.max_grid)
+    # the chat template is the model's (its layout.json), not the tokenizers': only the ids must agree
+    theirs = TokenLayout.from_tokenizers(text_tok, image, audio, max_grid=tok_cfg.max_grid, chat_template=layout.chat_template)
     if theirs.hash != layout.hash:
         raise ValueError(f"the tokenizers {tok_cfg} make layout {theirs.hash}, the model was trained on {layout.hash}: "
                          "pass the tokenizers its shards were built with")  # fmt: skip
     media = MediaTokenizers(image, audio, cfg.media, layout.max_grid) if (image or audio) else None
     prompt = build_prompt(cfg, layout, text_tok, media)
     sp = layout.specials
-    end = {"text": "end_of_turn" if cfg.chat else "eos", "image": "eoi", "audio": "eoa"}[cfg.output]
+    end = {"text": layout.chat_template.stop if cfg.chat else "eos", "image": "eoi", "audio": "eoa"}[cfg.output]
     sampling = cfg.sampling
     sampling.stop = sampling.stop or [[sp[end]]]
     if cfg.output == "image" and cfg.image_grid:  # room for the whole grid: h rows of w codes + <eol>, then <eoi>

@@ -14,8 +14,10 @@ Part kinds: ``special`` (bos, eos, system, user, assistant, end_of_turn), ``lite
 text), ``text`` / ``image`` / ``audio`` / ``video`` (a record field; a video becomes its sampled
 frames, each followed by the audio codes of its time window), ``interleaved`` (a field holding a list
 of ``{"text": ...}``, ``{"image": ...}``, ``{"audio": ...}`` items) and ``chat`` (a field holding
-``[{"role", "content"}]`` turns; content is a string or an interleaved list; only the content and
-``<end_of_turn>`` of assistant turns are learned, as in SFT; none with ``learn: false``). :class:`SampleEncoder` turns
+``[{"role", "content"}]`` turns; content is a string or an interleaved list; turns are written with
+the chat template the layout records (``TokenLayout.chat_template``, by default ``<role> content
+<end_of_turn>``); only the content and ``<end_of_turn>`` of assistant turns are learned, as in SFT;
+none with ``learn: false``). :class:`SampleEncoder` turns
 (template, record) into ids, the ``[start, end, modality]`` segments and the learned spans that go into a shard.
 
 Preference pairs (DPO): parts with ``branch: chosen`` / ``branch: rejected`` hold the two answers;
@@ -42,7 +44,6 @@ from omnitrain.tokenizer.layout import (
 )
 
 KINDS = ("special", "literal", "text", "image", "audio", "video", "interleaved", "chat")
-ROLES = ("system", "user", "assistant")
 BRANCHES = ("chosen", "rejected")
 
 
@@ -199,15 +200,14 @@ class SampleEncoder:
         return self._chat(value, part.learn)
 
     def _chat(self, turns: list[dict[str, Any]], learn: bool = True) -> list[tuple[Segment, bool]]:
-        out: list[tuple[Segment, bool]] = []
+        """Turns -> segments through the layout's chat template (``TokenLayout.chat_segments``)."""
+        roles = self.layout.chat_template.roles
+        messages: list[tuple[str, list[Segment]]] = []
         for i, turn in enumerate(turns):
             role = turn.get("role") if isinstance(turn, dict) else None
-            if role not in ROLES:
-                raise SkipSample(f"chat turn {i} has role {role!r}; roles are {ROLES}")
+            if role not in roles:
+                raise SkipSample(f"chat turn {i} has role {role!r}; roles are {roles}")
             content = turn.get("content")
-            learned = learn and role == "assistant"  # SFT: only what the assistant says is learned
-            segs = self._interleaved([content] if isinstance(content, str) else list(content or []))
-            out.append((SpecialSegment(role), False))  # the role marker is prompt: generation starts after it
-            out += [(s, learned) for s in segs]
-            out.append((SpecialSegment("end_of_turn"), learned))
-        return out
+            messages.append((role, self._interleaved([content] if isinstance(content, str) else list(content or []))))
+        # SFT: only what the assistant says is learned (its content and <end_of_turn>), never its role marker
+        return [(seg, learn and learned) for seg, learned in self.layout.chat_segments(messages)]

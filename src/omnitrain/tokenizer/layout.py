@@ -14,8 +14,20 @@ Serialization (``serialize`` / ``parse`` are exact inverses):
     audio:  <boa> f0[l0] f0[l1] .. f0[lK-1] f1[l0] .. <eoa>      (frame-major, level order)
     text:   plain text ids; specials (bos, eos, chat roles) are their own segments
 
+Chat: the layout also records the chat template (:class:`ChatTemplate`), so that the shard builder
+(``chat`` template parts), ``omnitrain generate chat=true`` and anyone reading ``layout.json`` write
+conversations the same way. The default, ``omnitrain-v1``, is one turn per message::
+
+    <role> content segments (text / image / audio) <end_of_turn>       role: <system> <user> <assistant>
+
+and a generation prompt is the conversation so far, then ``<assistant>``. In SFT the model learns
+what it generates after that prompt: the content of assistant turns and the template items after it.
+
 A layout is saved as ``layout.json`` with a content hash; shards, checkpoints and eval results
-carry that hash and refuse to load under another one (:func:`check_layout_hash`).
+carry that hash and refuse to load under another one (:func:`check_layout_hash`). Hash contract of
+the chat template: the default template is left out of the hashed content, so every layout built
+before the template was recorded keeps its hash (and its shards and checkpoints still load); a
+non-default template changes the hash; a ``layout.json`` without ``chat_template`` loads as the default.
 
 Legend: h/w code grid, T audio frames, K residual levels, C codes per level, V vocabulary.
 """
@@ -39,6 +51,46 @@ TEXT, IMAGE, AUDIO = 0, 1, 2  # modality indices used by modality_of()
 SPECIAL_NAMES = ("bos", "eos", "pad", "boi", "eoi", "eol", "boa", "eoa", "system", "user", "assistant", "end_of_turn")
 # Specials that live at the text level (a segment of their own); the rest are image/audio structure.
 TEXT_SPECIALS = ("bos", "eos", "pad", "system", "user", "assistant", "end_of_turn")
+
+
+ROLE, CONTENT = "<role>", "<content>"  # the placeholders of a chat turn
+
+
+@dataclass(frozen=True)
+class ChatTemplate:
+    """How a conversation becomes segments; recorded in ``layout.json`` (module docstring).
+
+    ``turn`` is one message, in order: ``"<role>"`` (the role's own special: ``<system>``, ``<user>``,
+    ``<assistant>``), ``"<content>"`` (the message's text / image / audio segments) and names of
+    text-level specials (TEXT_SPECIALS). ``roles`` are the roles a message may have; an
+    ``"assistant"`` role is always the one that answers. The generation prompt is the part of an
+    assistant turn before ``<content>``; generation stops at the first special after it (or ``<eos>``).
+    """
+
+    name: str = "omnitrain-v1"
+    turn: tuple[str, ...] = (ROLE, CONTENT, "end_of_turn")
+    roles: tuple[str, ...] = ("system", "user", "assistant")
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "turn", tuple(self.turn))  # lists from layout.json / configs
+        object.__setattr__(self, "roles", tuple(self.roles))
+        if self.turn.count(ROLE) != 1 or self.turn.count(CONTENT) != 1 or self.turn.index(ROLE) > self.turn.index(CONTENT):
+            raise ValueError(f"chat template {self.name!r}: a turn holds {ROLE!r} once, then {CONTENT!r} once; got {list(self.turn)}")
+        bad = [t for t in self.turn if t not in (ROLE, CONTENT) and t not in TEXT_SPECIALS]
+        if bad:
+            raise ValueError(f"chat template {self.name!r}: turn items {bad} are not {ROLE}, {CONTENT} or one of {TEXT_SPECIALS}")
+        if "assistant" not in self.roles or not set(self.roles) <= {"system", "user", "assistant"}:
+            raise ValueError(f"chat template {self.name!r}: roles {list(self.roles)} must include assistant, "
+                             "from system, user, assistant")  # fmt: skip
+
+    @property
+    def stop(self) -> str:
+        """The special that ends an assistant reply (what generation stops at)."""
+        after = self.turn[self.turn.index(CONTENT) + 1 :]
+        return after[0] if after else "eos"
+
+
+DEFAULT_CHAT_TEMPLATE = ChatTemplate()
 
 
 class LayoutMismatchError(ValueError):
@@ -122,6 +174,7 @@ class TokenLayout:
     audio_base: int
     vocab_size: int
     schema_version: int = SCHEMA_VERSION
+    chat_template: ChatTemplate = DEFAULT_CHAT_TEMPLATE  # how conversations are written (module docstring)
 
     # ---------------------------------------------------------------- construction
     @classmethod
@@ -136,6 +189,7 @@ class TokenLayout:
         audio_levels: int = 0,
         audio_fingerprint: str = "",
         max_grid: int = 64,
+        chat_template: ChatTemplate = DEFAULT_CHAT_TEMPLATE,
     ) -> TokenLayout:
         """Lay out the ranges. ``text_specials`` maps special names the text tokenizer already has
         (typically bos/eos/pad) to their ids; every other special gets a new id after the text range."""
@@ -162,10 +216,14 @@ class TokenLayout:
         return cls(
             text_vocab_size, text_fingerprint, specials, max_grid, image_codebook_size, image_fingerprint,
             audio_codebook_size, audio_levels, audio_fingerprint, size_base, image_base, audio_base, vocab_size,
+            chat_template=chat_template,
         )  # fmt: skip
 
     @classmethod
-    def from_tokenizers(cls, text: Any, image: Any = None, audio: Any = None, max_grid: int = 64) -> TokenLayout:
+    def from_tokenizers(
+        cls, text: Any, image: Any = None, audio: Any = None, max_grid: int = 64,
+        chat_template: ChatTemplate = DEFAULT_CHAT_TEMPLATE,
+    ) -> TokenLayout:  # fmt: skip
         """Build from a text tokenizer (``vocab_size``, ``fingerprint``, ``special_ids``) and optional
         image / audio tokenizers following ``omnitrain.tokenizer.base``."""
         return cls.build(
@@ -175,7 +233,7 @@ class TokenLayout:
             audio_codebook_size=audio.codebook_size if audio else 0,
             audio_levels=audio.n_levels if audio else 0,
             audio_fingerprint=audio.fingerprint if audio else "",
-            max_grid=max_grid,
+            max_grid=max_grid, chat_template=chat_template,
         )  # fmt: skip
 
     # ---------------------------------------------------------------- identity and files
@@ -188,8 +246,12 @@ class TokenLayout:
 
     @property
     def hash(self) -> str:
-        """Content hash: 16 hex chars of sha256 over the canonical JSON of every field."""
-        blob = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":")).encode()
+        """Content hash: 16 hex chars of sha256 over the canonical JSON of every field (the default
+        chat template left out, so layouts from before it was recorded keep their hash)."""
+        d = self.to_dict()
+        if self.chat_template == DEFAULT_CHAT_TEMPLATE:
+            del d["chat_template"]
+        blob = json.dumps(d, sort_keys=True, separators=(",", ":")).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
     def save(self, path: str | Path) -> Path:
@@ -222,7 +284,11 @@ class TokenLayout:
         stored = d.pop("hash", None)
         d.pop("audio_order", None), d.pop("image_order", None)
         names = {f.name for f in dataclasses.fields(cls)}
-        layout = cls(**{k: v for k, v in d.items() if k in names})
+        try:  # no chat_template: a layout from before it was recorded, which used the default
+            template = ChatTemplate(**d.pop("chat_template", {}))
+        except TypeError as e:
+            raise ValueError(f"{path}: chat_template has unknown keys ({e}); it holds name, turn and roles") from e
+        layout = cls(**{k: v for k, v in d.items() if k in names}, chat_template=template)
         if stored != layout.hash:
             raise ValueError(f"{path}: stored hash {stored} does not match its content ({layout.hash}); "
                              "the file was edited by hand or corrupted. Rebuild it.")  # fmt: skip
@@ -242,6 +308,34 @@ class TokenLayout:
             f"specials {self.size_base - self.text_vocab_size} + sizes {self.max_grid} + image "
             f"{self.image_codebook_size} + audio {self.audio_levels}x{self.audio_codebook_size}"
         )
+
+    # ---------------------------------------------------------------- chat
+    def chat_segments(
+        self, messages: list[tuple[str, list[Segment]]], add_generation_prompt: bool = False
+    ) -> list[tuple[Segment, bool]]:
+        """A conversation ``[(role, content segments)]`` -> ``(segment, learned)`` pairs through the chat
+        template. ``learned`` (SFT) marks what the assistant generates: its content and the items after
+        it in the turn. ``add_generation_prompt`` appends the opening of an assistant turn."""
+        tpl, out = self.chat_template, []
+        for i, (role, content) in enumerate(messages):
+            if role not in tpl.roles:
+                raise ValueError(f"message {i} has role {role!r}; chat template {tpl.name!r} has roles {list(tpl.roles)}")
+            learned = False  # a turn is prompt up to its content
+            for item in tpl.turn:
+                if item == CONTENT:
+                    learned = role == "assistant"
+                    out += [(seg, learned) for seg in content]
+                else:
+                    out.append((SpecialSegment(role if item == ROLE else item), learned))
+        if add_generation_prompt:
+            opening = tpl.turn[: tpl.turn.index(CONTENT)]
+            out += [(SpecialSegment("assistant" if item == ROLE else item), False) for item in opening]
+        return out
+
+    def chat_prompt(self, messages: list[tuple[str, list[Segment]]], add_generation_prompt: bool = True) -> np.ndarray:
+        """Ids of a conversation prefix for generation: the messages, then (by default) the opening of
+        the assistant's turn, so the model's next token starts the reply."""
+        return self.serialize([seg for seg, _ in self.chat_segments(messages, add_generation_prompt)])
 
     # ---------------------------------------------------------------- serialize / parse
     def serialize(self, segments: list[Segment]) -> np.ndarray:
