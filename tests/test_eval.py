@@ -267,32 +267,8 @@ def test_smollm2_loglikelihood_equals_transformers():
     assert len({lp for lp, _ in got[:4]}) == 4  # four distinct scores from the one shared forward
 
 
-@pytest.fixture(scope="module")
-def omni_media_run(tmp_path_factory, text_tokenizer_dir):
-    """An untrained model over a layout with (untrained, small) image and audio tokenizers."""
-    from omnitrain.checkpoint import save_model
-    from omnitrain.tokenizer.audio import AudioCodecConfig, RVQAudioCodec
-    from omnitrain.tokenizer.image import ImageTokenizerConfig, VQImageTokenizer
-    from omnitrain.tokenizer.layout import TokenLayout
-    from omnitrain.tokenizer.text import TextTokenizer
-
-    d = tmp_path_factory.mktemp("omni_media")
-    torch.manual_seed(0)
-    image = VQImageTokenizer(ImageTokenizerConfig(codebook_size=32, base_channels=8, max_channels=16))
-    audio = RVQAudioCodec(AudioCodecConfig(channels=4, latent_dim=16, n_levels=2, codebook_size=16))
-    image.save(d / "image.pt")
-    audio.save(d / "audio.pt")
-    layout = TokenLayout.from_tokenizers(TextTokenizer.load(text_tokenizer_dir), image, audio, max_grid=16)
-    layout.save(d / "layout")
-    model = Transformer(
-        ModelConfig(vocab_size=layout.vocab_size, dim=32, n_layers=2, n_heads=4, n_kv_heads=2)
-    )
-    save_model(model, d / "model", d / "layout", {"step": 7})
-    return d
-
-
 def test_cli_docvqa_and_speech_wer_on_an_omnitrain_model_with_image_and_audio_prompts(
-    omni_media_run, text_tokenizer_dir, tmp_path, capsys
+    omni_model_dir, text_tokenizer_dir, tmp_path, capsys
 ):
     """Image + question and audio in, layout-constrained text out, scored with ANLS and WER."""
     import numpy as np
@@ -313,7 +289,7 @@ def test_cli_docvqa_and_speech_wer_on_an_omnitrain_model_with_image_and_audio_pr
     (docs / "docqa.jsonl").write_text("".join(json.dumps({"id": f"q{i}", "image": str(docs / f"p{i}.png"), "question": "What is the total?",
                                                          "answers": ["42.00"]}) + "\n" for i in range(2)))  # fmt: skip
     (tmp_path / "speech.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    m = omni_media_run
+    m = omni_model_dir
     out = tmp_path / "ev"
     argv = ["eval", f"model.path={m / 'model'}", f"model.tokenizers.text={text_tokenizer_dir}", f"model.tokenizers.image={m / 'image.pt'}",
             f"model.tokenizers.audio={m / 'audio.pt'}", "model.tokenizers.max_grid=16", "tasks=[docvqa,speech_wer]",

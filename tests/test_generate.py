@@ -66,27 +66,6 @@ def test_stop_sequences_and_errors(model):
         generate(model, LAYOUT, [[1, LAYOUT.image_base]], SamplingConfig())
 
 
-@pytest.fixture(scope="module")
-def omni_model_dir(tmp_path_factory, text_tokenizer_dir):
-    """An untrained model over a real layout: a trained text BPE + small (untrained) image and audio tokenizers."""
-    from omnitrain.checkpoint import save_model
-    from omnitrain.tokenizer.audio import AudioCodecConfig, RVQAudioCodec
-    from omnitrain.tokenizer.image import ImageTokenizerConfig, VQImageTokenizer
-    from omnitrain.tokenizer.text import TextTokenizer
-
-    d = tmp_path_factory.mktemp("omni")
-    torch.manual_seed(0)
-    image = VQImageTokenizer(ImageTokenizerConfig(codebook_size=32, base_channels=8, max_channels=16))
-    audio = RVQAudioCodec(AudioCodecConfig(channels=4, latent_dim=16, n_levels=2, codebook_size=16))
-    image.save(d / "image.pt")
-    audio.save(d / "audio.pt")
-    layout = TokenLayout.from_tokenizers(TextTokenizer.load(text_tokenizer_dir), image, audio, max_grid=16)
-    layout.save(d / "layout")
-    model = Transformer(ModelConfig(vocab_size=layout.vocab_size, dim=64, n_layers=2, n_heads=4, n_kv_heads=2))
-    save_model(model, d / "model", d / "layout")
-    return d
-
-
 def _generate(d, text_tokenizer_dir, tmp_path, *extra):
     import json
 
