@@ -191,8 +191,10 @@ def synthesize(items: list[tuple[str, str, str]], workers: int = 2) -> None:
         text, voice, path = item
         subprocess.run(["flite", "-voice", voice, "-t", text, "-o", path], check=True, capture_output=True)
 
+    from tqdm.auto import tqdm
+
     with ThreadPoolExecutor(workers) as pool:
-        list(pool.map(one, items))
+        list(tqdm(pool.map(one, items), total=len(items), desc="flite", unit=" utterances", mininterval=2.0))
 
 
 def make_speech(out: Path, cfg: CorpusConfig, sentences: list[str]) -> dict[str, Path]:
