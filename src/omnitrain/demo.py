@@ -181,8 +181,9 @@ def run_demo(cfg: DemoConfig) -> dict:
     for name, pipeline in shard_jobs(cfg, corpus).items():
         out = run / "shards" / name
         media = MediaConfig(**{**vars(cfg.media), "image_size": sizes.get(name, cfg.media.image_size)})
-        stats = build_shards(BuildConfig(pipeline=pipeline, tokenizers=tokenizers, media=media, out_dir=out, shard_samples=64,
-                                         workers=cfg.workers))  # fmt: skip
+        # the builder sets 1 torch thread in this process (its encoder runs here too): restore them for training
+        stats = _with_threads(0, build_shards, BuildConfig(pipeline=pipeline, tokenizers=tokenizers, media=media, out_dir=out,
+                                                           shard_samples=64, workers=cfg.workers))  # fmt: skip
         summary["shards"][name] = {"template": pipeline.template, "samples": stats["samples"], "tokens": stats["tokens"], "errors": stats["errors"]}
         inspect_shards(InspectConfig(shards=out, samples=1))
     n_tok = sum(sum(s["tokens"].values()) for s in summary["shards"].values())
