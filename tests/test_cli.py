@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,8 +9,6 @@ from pathlib import Path
 import pytest
 
 from omnitrain.cli import COMMANDS, main
-
-from .conftest import REPO
 
 
 def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
@@ -95,36 +91,6 @@ def test_train_text_then_layout_through_the_cli(capsys, tmp_path):
 
     layout = TokenLayout.load(tmp_path / "layout.json")
     assert layout.text_vocab_size == 500 and layout.hash in out
-
-
-@pytest.mark.slow
-def test_demo_command_runs_end_to_end(tmp_path):
-    """The README's main command, as a user runs it: the console script in a fresh process."""
-    exe = Path(sys.executable).with_name("omnitrain")
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run(
-        [str(exe), "demo", f"run_dir={tmp_path / 'demo'}", "image.steps=20", "audio.steps=20", "text_docs=3", "report_languages=[en,fr,gu]",
-         "train_steps=12", "train_overrides=['data.seq_len=256','ckpt_every=6','wandb.mode=disabled']"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "demo done" in proc.stdout
-    run = tmp_path / "demo"
-    for f in ("layout.json", "summary.json", "tokenizer/text/text_tokenizer.model", "tokenizer/image/image_tokenizer.pt",
-              "tokenizer/audio/audio_codec.pt", "tokenizer/report/report.md", "tokenizer/report/compression.png",
-              "shards/text_lm/manifest.json", "shards/caption/manifest.json", "shards/asr/manifest.json"):  # fmt: skip
-        assert (run / f).is_file(), f
-    summary = json.loads((run / "summary.json").read_text())
-    assert summary["shards"]["text_lm"]["samples"] == 3 and summary["shards"]["caption"]["samples"] == 10
-    assert summary["shards"]["asr"]["samples"] == 5 and summary["shards"]["asr"]["tokens"]["audio"] > 5000
-    assert list((run / "shards/caption/inspect").glob("*.png")) and list((run / "shards/asr/inspect").glob("*.wav"))
-    layout_hash = json.loads((run / "layout.json").read_text())["hash"]
-    assert all(json.loads((run / f"shards/{n}/manifest.json").read_text())["layout_hash"] == layout_hash for n in summary["shards"])
-    # training and generation on what the demo built
-    assert summary["train"]["step"] == 12 and summary["train"]["loss"] < summary["train"]["first_loss"]
-    assert (run / "train/model/model.safetensors").is_file() and (run / "train/checkpoints/step_000000012/meta.json").is_file()
-    assert summary["generate"]["text_to_image"][0].startswith("[image 16x16 codes ->")
-    assert list((run / "generate/text_to_image").glob("*.png"))
 
 
 def test_import_omnitrain_is_free_of_side_effects():

@@ -112,6 +112,20 @@ def test_training_learns_logs_per_modality_and_exports_a_loadable_model(referenc
     assert layout is not None and model.cfg.vocab_size == layout.vocab_size and torch.isfinite(model(ids)).all()
 
 
+def test_wandb_offline_by_default_logs_the_run_and_a_resume_continues_the_same_wandb_run(shards, tmp_path):
+    run = tmp_path / "run"
+    short = [o for o in overrides(shards, run, "steps=4", "ckpt_every=2") if o != "wandb.mode=disabled"]  # the recipe's default: offline
+    cfg, plain = compose(TRAIN, short, recipes_dir())
+    assert cfg.wandb.mode == "offline"
+    train(cfg, plain)
+    run_id = (run / "wandb_id").read_text().strip()
+    assert len(run_id) == 8 and list((run / "wandb").glob(f"offline-run-*-{run_id}"))
+    cfg, plain = compose(TRAIN, [*short, "steps=6"], recipes_dir())
+    train(cfg, plain)  # resumes from step 4 into the same wandb run
+    assert (run / "wandb_id").read_text().strip() == run_id
+    assert [r["step"] for r in read_metrics(run)] == list(range(1, 7))
+
+
 def test_kill_9_mid_run_then_resume_gives_identical_losses(shards, reference, tmp_path):
     run = tmp_path / "run"
     proc = start(shards, run)
@@ -160,8 +174,7 @@ def test_a_preemption_signal_saves_at_the_end_of_the_step_and_exits_then_the_run
 
 
 def test_a_non_finite_loss_is_never_trained_on(shards, tmp_path):
-    from omnitrain.model import ModelConfig, Transformer
-
+    from omnitrain.model import Transformer
     from omnitrain.tokenizer.layout import TokenLayout
 
     layout_dir = next(iter(shards.values()))  # a model whose weights give NaN logits: every step is non-finite

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import secrets
 import socket
 import subprocess
 import sys
@@ -84,7 +85,8 @@ class RunLog:
         import wandb
 
         id_file = self.run_dir / "wandb_id"
-        run_id = id_file.read_text().strip() if id_file.is_file() else wandb.util.generate_id()
+        # our own id (wandb 0.31 has no wandb.util.generate_id): 8 lowercase hex chars, kept across resumes
+        run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(4)
         id_file.write_text(run_id + "\n")
         self._wandb = wandb.init(project=cfg.project, entity=cfg.entity, name=cfg.name or self.run_dir.name, tags=cfg.tags,
                                  dir=str(self.run_dir), mode=cfg.mode, id=run_id, resume="allow", config=config)  # fmt: skip
