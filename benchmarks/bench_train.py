@@ -2,7 +2,7 @@
 
 Both train the same model (``recipes/model/tiny.yaml``, the same seed) on the same loader batches
 (seq 512 x 4 rows) with AdamW, gradient clipping and the same number of torch threads. The bare loop
-is what a researcher writes by hand: forward, weighted cross-entropy, backward, clip, step. Ours is the
+is what a researcher writes by hand: forward, weighted cross-entropy (+ the recipe's z-loss), backward, clip, step. Ours is the
 full ``train()``: Fabric, per-modality metrics, metrics.jsonl, the progress bar, the preemption check.
 Throughput of both is measured over the steps after a warm-up, from wall-clock time (ours: the
 ``elapsed`` column of metrics.jsonl, so logging is included). Target: ours >= 0.95x the bare loop.
@@ -69,6 +69,9 @@ def _bare(cfg) -> float:
         w = batch["loss_weights"]
         ce = F.cross_entropy(logits.flatten(0, 1), batch["targets"].flatten(), reduction="none")
         loss = (ce * w.flatten()).sum() / w.sum()
+        if cfg.model.z_loss:  # the same objective as ours (the tiny recipe has z-loss on, as Chameleon)
+            z = torch.logsumexp(logits, dim=-1)  # [B, T]
+            loss = loss + cfg.model.z_loss * ((z**2) * w).sum() / w.sum()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
         opt.step()
