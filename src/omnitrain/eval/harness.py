@@ -326,6 +326,11 @@ class OmniModel(TextLM):
         return out
 
 
+def _baseline_info(kind: str, spec: ModelSpec) -> dict[str, Any]:
+    """results.json's model block for a baseline system: no checkpoint, no layout."""
+    return {"kind": kind, "path": None, "checkpoint_step": None, "layout_hash": None, "name": spec.name or kind}
+
+
 class PocketsphinxSystem:
     """The ASR baseline (PyPI pocketsphinx, its bundled US English model): transcripts only."""
 
@@ -335,13 +340,7 @@ class PocketsphinxSystem:
         from omnitrain.eval.baselines import PocketsphinxASR
 
         self.asr = PocketsphinxASR()
-        self.info = {
-            "kind": "pocketsphinx",
-            "path": None,
-            "checkpoint_step": None,
-            "layout_hash": None,
-            "name": spec.name or "pocketsphinx",
-        }
+        self.info = _baseline_info("pocketsphinx", spec)
 
     def transcribe(self, paths: list[str]) -> list[str]:
         return self.asr.transcribe(paths)
@@ -356,13 +355,7 @@ class TesseractSystem:
         from omnitrain.eval.baselines import TesseractDocQA
 
         self.qa = TesseractDocQA()
-        self.info = {
-            "kind": "tesseract",
-            "path": None,
-            "checkpoint_step": None,
-            "layout_hash": None,
-            "name": spec.name or "tesseract",
-        }
+        self.info = _baseline_info("tesseract", spec)
 
     def answer(self, image_path: str, question: str) -> str:
         return self.qa.answer(image_path, question)
