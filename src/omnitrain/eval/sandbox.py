@@ -42,6 +42,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 NOBODY = 65534  # uid/gid the programs run as when we are root
+# The base interpreter, not the venv's: programs use the standard library only (-I -S), and a venv in a
+# private folder (mktemp -d is 0700, as a CI clone may be) is out of reach for uid nobody.
+PYTHON = os.path.realpath(getattr(sys, "_base_executable", None) or sys.executable)
 OUTPUT_CAP = 1 << 20  # bytes of stdout and of stderr kept in a result
 
 _NS_FLAGS = ("--net", "--pid", "--fork", "--kill-child", "--mount", "--mount-proc")
@@ -285,7 +288,7 @@ def _run(code: str, limits: SandboxLimits, stdin: str, iso: Isolation) -> Sandbo
         env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": workdir, "TMPDIR": workdir, "LANG": "C.UTF-8"}
         start = time.monotonic()
         proc = subprocess.Popen(
-            [*prefix, sys.executable, "-I", "-S", "-c", _BOOT, json.dumps(cfg)],
+            [*prefix, PYTHON, "-I", "-S", "-c", _BOOT, json.dumps(cfg)],
             stdin=files["stdin"], stdout=files["out"], stderr=files["err"], pass_fds=(files["status"].fileno(),),
             cwd=workdir, env=env, start_new_session=True,
         )  # fmt: skip
