@@ -420,3 +420,15 @@ def test_hugging_face_source_with_column_mapping_and_doc_qa(tmp_path, text_token
     bad = make_cfg(tmp_path, text_tokenizer_dir, {**src, "columns": {"image": "picture"}}, "doc_qa", media_ckpts, out="bad", min_items_for_error_rate=1000)
     assert build_shards(bad)["errors"] == 2
     assert "no column 'picture'" in (bad.out_dir / "errors-p000.jsonl").read_text()
+
+
+def test_a_build_gives_the_caller_its_torch_threads_back(text_tokenizer_dir, tmp_path):
+    src = tmp_path / "docs.jsonl"
+    src.write_text("".join(json.dumps({"text": f"document number {i}"}) + "\n" for i in range(4)))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        build_shards(make_cfg(tmp_path, text_tokenizer_dir, {"kind": "text", "paths": [str(src)]}, "text_lm"))
+        assert torch.get_num_threads() == 2  # the parent encoded on 1 thread, then got its 2 back
+    finally:
+        torch.set_num_threads(before)

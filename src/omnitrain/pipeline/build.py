@@ -197,6 +197,21 @@ def _chunks(records: Iterator[tuple[int, dict]], size: int) -> Iterator[list[tup
 
 
 def build_shards(cfg: BuildConfig) -> dict[str, Any]:
+    """Build (or resume) one partition of a source's shards; returns the build's statistics.
+
+    The calling process encodes too (``_init_worker`` puts it on one torch thread, as the workers);
+    its thread count is restored at the end, so that training in the same process after a build
+    (the demo) keeps every core."""
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        return _build_shards(cfg)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _build_shards(cfg: BuildConfig) -> dict[str, Any]:
     part, n_parts = (int(x) for x in cfg.partition.split("/"))
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
