@@ -69,6 +69,40 @@ def test_loglikelihood_equals_a_direct_forward_with_shared_contexts_batches_and_
     assert greedy and not greedy2 and lp > lp2
 
 
+def test_a_killed_loglikelihood_run_resumes_from_its_cache_and_another_model_is_refused(tiny_lm, tmp_path, monkeypatch):
+    from omnitrain.eval import harness
+    from omnitrain.eval.cache import ScoreCache, fingerprint
+
+    reqs = [(f"Question {i}: what is {i}+{i}?\nAnswer:", f" {c}") for i in range(7) for c in "ABCD"]
+    want = tiny_lm.loglikelihood(reqs, progress=False)
+    fp = fingerprint({"name": "tiny"}, tiny_lm.model, 64)
+    path = tmp_path / "cache" / "loglikelihood.jsonl"
+    forwards = []
+    real = harness.hidden_states
+    monkeypatch.setattr(harness, "hidden_states", lambda m, ids: forwards.append(ids.shape[0]) or real(m, ids))
+    tiny_lm.cache = ScoreCache(path, fp)
+    try:
+        assert tiny_lm.loglikelihood(reqs, progress=False) == want and sum(forwards) == 7  # 7 contexts, 4 letters each
+        lines = path.read_text().splitlines()
+        assert len(lines) == 1 + 28
+        path.write_text("\n".join(lines[:13]) + "\n" + lines[13][:20])  # killed mid-line: 12 scores + a torn line
+        forwards.clear()
+        tiny_lm.cache = ScoreCache(path, fp)
+        assert tiny_lm.cache.loaded == 12
+        assert tiny_lm.loglikelihood(reqs, progress=False) == want
+        assert sum(forwards) == 4  # the 3 fully cached contexts are not run again
+        assert len(path.read_text().splitlines()) == 1 + 12 + 16  # the torn line is gone, every line parses
+        forwards.clear()
+        tiny_lm.cache = ScoreCache(path, fp)
+        assert tiny_lm.loglikelihood(reqs, progress=False) == want and forwards == []
+    finally:
+        tiny_lm.cache = None
+    with pytest.raises(ValueError, match="holds scores of another model .*resume=false"):
+        ScoreCache(path, {**fp, "weights_abs_sum": "1.0e+00"})
+    ScoreCache(path, {**fp, "weights_abs_sum": "1.0e+00"}, resume=False)  # resume=false starts afresh
+    assert len(path.read_text().splitlines()) == 1
+
+
 def test_generate_equals_omnitrain_generate_and_cuts_at_stop_strings(tiny_lm):
     from omnitrain.generate import SamplingConfig, generate
 
@@ -214,6 +248,9 @@ def test_cli_evaluates_an_omnitrain_model_on_mmlu_and_writes_results_samples_rep
     assert (out / "report.md").is_file() and (out / "mmlu.png").is_file()
     assert main(["eval", "compare", f"results=[{out},{out}]", f"out_dir={tmp_path / 'cmp'}"]) == 0
     assert (tmp_path / "cmp" / "compare.md").is_file()
+    assert main(argv) == 0  # a rerun into the same out_dir takes every score from the cache
+    assert "resuming with 36 cached scores" in capsys.readouterr().out
+    assert R.read_results(out)["tasks"]["mmlu"]["metrics"] == m["metrics"]
 
 
 def test_cli_errors_name_the_valid_tasks_and_what_to_pass_as_model(tmp_path, capsys):

@@ -103,6 +103,7 @@ class TextLM:
         self.model, self.encode, self.decode, self.prefix, self.eos = model, encode, decode, prefix, eos
         self.spec, self.batch_size, self.layout = spec, batch_size, layout
         self.info: dict[str, Any] = {}
+        self.cache: Any = None  # an omnitrain.eval.cache.ScoreCache: loglikelihood skips what it holds
 
     def wrap(self, text: str) -> str:
         return text  # chat templates: the subclasses
@@ -129,10 +130,21 @@ class TextLM:
             full = (self.prefix + c_ids + k_ids)[-(self.spec.max_length + 1) :]
             rows.setdefault(tuple(full[:-1]), []).append(i)
             conts.append(k_ids)
+        out: list[tuple[float, bool]] = [(0.0, False)] * len(requests)
+        keys: dict[int, str] = {}
+        if self.cache is not None:  # a resumed run: rows whose every request is cached are not run again
+            from omnitrain.eval.cache import request_key
+
+            for key, idx in list(rows.items()):
+                keys.update({i: request_key(key, conts[i]) for i in idx})
+                hits = [self.cache.get(keys[i]) for i in idx]
+                if all(h is not None for h in hits):
+                    for i, h in zip(idx, hits, strict=True):
+                        out[i] = h
+                    del rows[key]
         order = sorted(
             rows, key=len, reverse=True
         )  # longest first: similar lengths share a batch, the OOM comes first
-        out: list[tuple[float, bool]] = [(0.0, False)] * len(requests)
         device = next(self.model.parameters()).device
         bar = tqdm(total=len(order), desc="loglikelihood", unit="fwd", disable=not progress, mininterval=2.0)
         for b in range(0, len(order), self.batch_size):
@@ -155,6 +167,8 @@ class TextLM:
                     lp = logp[r, K - len(k) :]  # [len(k), V]
                     tgt = torch.tensor(k, device=device)
                     out[i] = (float(lp.gather(1, tgt[:, None]).sum()), bool((lp.argmax(-1) == tgt).all()))
+            if self.cache is not None:
+                self.cache.add([(keys[i], out[i]) for key in batch for i in rows[key]])
             bar.update(len(batch))
         bar.close()
         return out
@@ -405,6 +419,7 @@ class EvalConfig:
     out_dir: Path = Path("runs/eval")
     references: Path | None = None  # folder of reference figures (evals/*.yaml); None: the checkout's evals/
     report: bool = True  # write report.md + PNG charts
+    resume: bool = True  # keep log-likelihood scores in out_dir/cache/ as they come; a rerun skips the scored ones
     progress: bool = True
     mmlu: MMLUConfig = field(default_factory=MMLUConfig)
     humaneval: HumanEvalConfig = field(default_factory=HumanEvalConfig)
@@ -434,6 +449,13 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     t0 = time.perf_counter()
     system = load_system(cfg.model, cfg.batch_size)
     out = Path(cfg.out_dir)
+    if hasattr(system, "loglikelihood"):
+        from omnitrain.eval.cache import ScoreCache, fingerprint
+
+        fp = fingerprint(system.info, system.model, cfg.model.max_length)
+        system.cache = ScoreCache(out / "cache" / "loglikelihood.jsonl", fp, resume=cfg.resume)
+        if system.cache.loaded:
+            print(f"eval: resuming with {system.cache.loaded} cached scores from {system.cache.path}", flush=True)
     res = R.new_results(system.info, to_dict(cfg))
     res["timing"] = {"load_s": time.perf_counter() - t0, "threads": torch.get_num_threads()}
     print(
