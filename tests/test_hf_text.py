@@ -20,8 +20,9 @@ TEXTS = ["def add(a, b):\n    return a + b  # two  spaces\n", "Bonjour, ça va ?
 
 def make_hf_tokenizer(folder: Path) -> Path:
     """A small byte-level BPE saved as a Hugging Face tokenizer folder (SmolLM2-like specials)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

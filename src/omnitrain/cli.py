@@ -247,10 +247,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"nothing was run. {_describe(cmd, recipes)}", file=sys.stderr)
         return 2
     if args.multirun and len(jobs) > 1 and all(hasattr(c, "run_dir") for c, _ in composed):
-        for i, (job, (cfg, plain)) in enumerate(zip(jobs, composed)):  # one run directory per job, like Hydra's sweep dir
+        for i, (job, (cfg, plain)) in enumerate(zip(jobs, composed, strict=True)):  # one run directory per job, like Hydra's sweep dir
             cfg.run_dir = Path(cfg.run_dir) / f"{i}_{'_'.join(o.replace('/', '-') for o in job if ',' not in o)}"[:120]
             plain["run_dir"] = str(cfg.run_dir)
-    for i, (job, (cfg, plain)) in enumerate(zip(jobs, composed)):
+    for i, (job, (cfg, plain)) in enumerate(zip(jobs, composed, strict=True)):
         if args.cfg:
             import yaml
 

@@ -81,7 +81,7 @@ def pair_rows(ids: np.ndarray, meta: dict, mod_w: np.ndarray) -> list[dict[str, 
         for start, end in spans:
             inside[b][start:end] = True
     rows = []
-    for branch, other in (("chosen", "rejected"), ("rejected", "chosen")):
+    for other in ("rejected", "chosen"):  # the chosen row drops the rejected spans, and vice versa
         keep = ~inside[other]
         rows.append({"ids": ids[keep].astype(np.int64), "weights": (learn * mod_w[mod])[keep]})
     return rows

@@ -27,7 +27,14 @@ import numpy as np
 from omnitrain.generate import SamplingConfig, generate
 from omnitrain.pipeline.build import TokenizersConfig
 from omnitrain.pipeline.media import MediaConfig, MediaTokenizers
-from omnitrain.tokenizer.layout import AudioSegment, ImageSegment, Segment, SpecialSegment, TextSegment, TokenLayout
+from omnitrain.tokenizer.layout import (
+    AudioSegment,
+    ImageSegment,
+    Segment,
+    SpecialSegment,
+    TextSegment,
+    TokenLayout,
+)
 
 
 @dataclass

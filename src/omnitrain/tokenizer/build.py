@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from omnitrain.tokenizer.layout import TokenLayout
 from omnitrain.tokenizer.hf_text import load_text_tokenizer
+from omnitrain.tokenizer.layout import TokenLayout
 
 
 @dataclass
