@@ -90,10 +90,10 @@ def test_loss_drop_and_comparison_read_metrics_and_results():
     d = loss_drop(rows)
     assert set(d) == {"text", "audio"} and d["text"]["last"] < d["text"]["first"] and d["audio"]["steps"] == 15
     m = lambda v: {"value": v, "stderr": None, "n": 10}  # noqa: E731
-    res = lambda e, a, w, p: {"reading": {"metrics": {"exact_match": m(e), "digit_accuracy": m(e)}},  # noqa: E731
+    res = lambda e, a, w, p: {"reading": {"metrics": {"exact_match": m(e), "char_accuracy": m(e)}},  # noqa: E731
                               "docvqa": {"metrics": {"anls": m(a), "exact_match": m(a)}},
                               "speech_wer": {"metrics": {"wer": m(w), "wer_digits": m(w), "wer_sentence": m(w)}},
-                              "text_ppl": {"metrics": {"perplexity": m(p)}}}  # fmt: skip
+                              "perplexity": {"metrics": {"perplexity": m(p)}}}  # fmt: skip
     table = comparison(res(0.0, 0.0, 1.0, 900.0), res(0.2, 0.3, 0.8, 90.0))
     assert all(r["better"] for r in table)
     assert not any(r["better"] for r in comparison(res(0.0, 0.0, 1.0, 900.0), res(0.0, 0.0, 1.2, 900.0)))
@@ -103,16 +103,17 @@ def test_loss_drop_and_comparison_read_metrics_and_results():
 @needs_fonts
 @needs_flite
 def test_reduced_demo_runs_every_stage_and_training_lowers_every_modality_loss(tmp_path):
-    """The README's main command with a smaller corpus and fewer steps, as a user runs it."""
+    """The README's main command with a smaller corpus and fewer steps, as a user runs it: from another
+    folder, with a relative run_dir (as the README's runs/demo)."""
     exe = Path(sys.executable).with_name("omnitrain")
     run = tmp_path / "demo"
     proc = subprocess.run(
-        [str(exe), "demo", f"run_dir={run}", "data.digits_train=150", "data.digits_test=8", "data.forms_train=100", "data.forms_test=8",
+        [str(exe), "demo", "run_dir=demo", "data.digits_train=150", "data.digits_test=8", "data.forms_train=100", "data.forms_test=8",
          "data.speech_digits_train=40", "data.speech_digits_test=6", "data.sentences_train=20", "data.sentences_test=3",
          "data.text_docs=1", "data.text_test_docs=1", "tokenizer.vocab_size=4000", "image.steps=20", "audio.steps=20",
          "audio.data.max_eval_seconds=10", "report_languages=[fr]", "train_steps=40", "eval_batch_size=8",
          "train_overrides=['data.seq_len=256','ckpt_every=20','wandb.mode=disabled','optim.warmup_steps=5']"],
-        cwd=REPO, env={**os.environ, "PYTHONWARNINGS": "ignore"}, capture_output=True, text=True, timeout=900,
+        cwd=tmp_path, env={**os.environ, "PYTHONWARNINGS": "ignore"}, capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "demo done" in proc.stdout and proc.stdout.count("\n-> ") == 11  # a one-line summary per stage
@@ -131,7 +132,7 @@ def test_reduced_demo_runs_every_stage_and_training_lowers_every_modality_loss(t
     for which, step in (("init", 0), ("trained", 40)):
         res = json.loads((run / "eval" / which / "results.json").read_text())
         assert res["schema_version"] == 1 and res["model"]["layout_hash"] == layout_hash and res["model"]["checkpoint_step"] == step
-        assert set(res["tasks"]) == {"reading", "docvqa", "speech_wer", "text_ppl"}
+        assert set(res["tasks"]) == {"reading", "docvqa", "speech_wer", "perplexity"}
         assert res["tasks"]["reading"]["metrics"]["exact_match"]["n"] == 8 and res["tasks"]["speech_wer"]["metrics"]["wer"]["n"] == 9
         assert (run / "eval" / which / "samples.jsonl").is_file()
     # training lowered the loss of each modality (mean of the first vs the last logged steps)

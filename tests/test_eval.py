@@ -329,16 +329,77 @@ def test_cli_docvqa_and_speech_wer_on_an_omnitrain_model_with_image_and_audio_pr
     m = omni_model_dir
     out = tmp_path / "ev"
     argv = ["eval", f"model.path={m / 'model'}", f"model.tokenizers.text={text_tokenizer_dir}", f"model.tokenizers.image={m / 'image.pt'}",
-            f"model.tokenizers.audio={m / 'audio.pt'}", "model.tokenizers.max_grid=16", "tasks=[docvqa,speech_wer]",
+            f"model.tokenizers.audio={m / 'audio.pt'}", "model.tokenizers.max_grid=16", "tasks=[docvqa,speech_wer,reading,perplexity]",
             f"docvqa.path={docs}", f"speech_wer.source={tmp_path / 'speech.jsonl'}", "docvqa.max_new_tokens=6",
-            "speech_wer.max_new_tokens=6", f"out_dir={out}", "progress=false"]  # fmt: skip
+            "speech_wer.max_new_tokens=6", f"reading.path={docs / 'reading.jsonl'}", "reading.image_size=32", "reading.max_new_tokens=4",
+            f"perplexity.paths=[{tmp_path / 'held_out.txt'}]", "perplexity.chunk_chars=100", f"out_dir={out}", "progress=false"]  # fmt: skip
+    (docs / "reading.jsonl").write_text("".join(json.dumps({"id": f"r{i}", "image": f"p{i}.png", "caption": "1 2 3"}) + "\n" for i in range(2)))
+    (tmp_path / "held_out.txt").write_text(" ".join(f"word{i}" for i in range(60)))
     assert main(argv) == 0, capsys.readouterr().err
     res = R.read_results(out)
     assert (
         res["tasks"]["docvqa"]["metrics"]["anls"]["n"] == 2
         and res["tasks"]["speech_wer"]["metrics"]["wer"]["n"] == 2
     )
+    t = res["tasks"]
+    assert t["reading"]["metrics"]["exact_match"]["n"] == 2 and set(t["reading"]["metrics"]) == {"exact_match", "char_accuracy"}
+    ppl = t["perplexity"]["metrics"]
+    from omnitrain.eval.metrics import text_chunks
+
+    chunks = text_chunks([str(tmp_path / "held_out.txt")], 100)
+    assert t["perplexity"]["items"] == len(chunks) == 3 and ppl["perplexity"]["value"] > 1
+    assert ppl["bits_per_byte"]["n"] == sum(len(c) for c in chunks) 
+    words = " ".join(chunks).split()  # whole words in order; a tail of <= 20 words is dropped
+    assert words == [f"word{i}" for i in range(len(words))] and 60 - 20 <= len(words) < 60
     samples = R.read_samples(out)
-    assert [s["task"] for s in samples] == ["docvqa", "docvqa", "speech_wer", "speech_wer"]
-    assert all(isinstance(s["output"], str) for s in samples)
+    assert [s["task"] for s in samples] == ["docvqa"] * 2 + ["speech_wer"] * 2 + ["reading"] * 2 + ["perplexity"] * 3
+    assert all(isinstance(s["output"], str) for s in samples if s["task"] != "perplexity")
     assert (out / "docvqa.png").is_file() and (out / "speech_wer.png").is_file()
+
+
+def test_perplexity_is_the_teacher_forced_nll_per_token_and_bits_per_byte(tiny_lm, tmp_path):
+    from omnitrain.eval.tasks import PerplexityConfig, PerplexityTask
+
+    page = tmp_path / "page.html"
+    page.write_text("<html><body><h1>Title</h1><p>" + " ".join(f"w{i % 7}" for i in range(40)) + "</p></body></html>")
+    out = PerplexityTask(PerplexityConfig(paths=[str(page)], chunk_chars=60)).run(tiny_lm, None, progress=False)
+    from omnitrain.eval.metrics import text_chunks
+
+    chunks = text_chunks([str(page)], 60)
+    assert chunks[0].startswith("Title w0 w1") and out.items == len(chunks) >= 2
+    nll = n_tok = n_bytes = 0
+    for ch in chunks:
+        ids = [1] + tiny_lm.encode(ch)  # the model's prefix (bos), then every character scored
+        lp, _ = direct_loglikelihood(tiny_lm.model, ids, len(ids) - 1)
+        nll, n_tok, n_bytes = nll - lp, n_tok + len(ids) - 1, n_bytes + len(ch.encode())
+    assert out.metrics["perplexity"]["value"] == pytest.approx(math.exp(nll / n_tok), rel=1e-4)
+    assert out.metrics["bits_per_byte"]["value"] == pytest.approx(nll / math.log(2) / n_bytes, rel=1e-4)
+    with pytest.raises(FileNotFoundError, match="perplexity text .* does not exist"):
+        PerplexityTask(PerplexityConfig(paths=[str(tmp_path / "nope.txt")])).run(tiny_lm, None, progress=False)
+
+
+def test_reading_prepares_images_at_the_task_size_and_scores_exact_and_in_place(omni_model_dir, text_tokenizer_dir, tmp_path, monkeypatch):
+    import numpy as np
+    from PIL import Image
+
+    import omnitrain.generate as G
+    from omnitrain.eval.harness import load_system
+    from omnitrain.eval.metrics import char_accuracy
+    from omnitrain.eval.tasks import ReadingConfig, ReadingTask
+    from omnitrain.prompting import TokenizerPaths
+
+    Image.fromarray((np.random.default_rng(0).random((16, 64, 3)) * 255).astype("uint8")).save(tmp_path / "n.png")
+    (tmp_path / "r.jsonl").write_text(json.dumps({"id": "r0", "image": "n.png", "caption": "123"}) + "\n")
+    m = omni_model_dir
+    spec = ModelSpec(kind="omnitrain", path=str(m / "model"),
+                     tokenizers=TokenizerPaths(text=str(text_tokenizer_dir), image=str(m / "image.pt"), audio=str(m / "audio.pt"), max_grid=16))  # fmt: skip
+    system = load_system(spec, batch_size=2)
+    lengths, real = [], G.generate
+    monkeypatch.setattr(G, "generate", lambda model, layout, ids, cfg: lengths.append(len(ids[0])) or real(model, layout, ids, cfg))
+    for size in (32, 64):
+        out = ReadingTask(ReadingConfig(path=str(tmp_path / "r.jsonl"), image_size=size, max_new_tokens=3)).run(system, None, False)
+        assert out.items == 1 and out.samples[0]["target"] == "123"
+    assert lengths[1] > lengths[0]  # a 64-px-wide image has more codes than a 32-px one
+    assert system.media().cfg.image_size == 128  # the model's own preparation is left as it was
+    assert char_accuracy("1284", "1234") == 0.75 and char_accuracy("12", "123") == pytest.approx(2 / 3)
+    assert char_accuracy("", "") == 1.0 and char_accuracy("x", "") == 0.0

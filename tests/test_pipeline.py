@@ -125,7 +125,8 @@ def test_image_templates_round_trip_through_the_tokenizer(tmp_path, text_tokeniz
         img = next(x for x in segs if isinstance(x, ImageSegment))
         np.testing.assert_array_equal(img.codes, media.image_codes(str(folder / f"{name}.png")))
         txt = next(x for x in segs if isinstance(x, TextSegment))
-        assert text_tokenizer.decode(txt.ids.tolist()) == f"a photo: {name}"
+        prompt = "Caption:" if template == "caption" else ""  # the template's literal, encoded on its own
+        assert text_tokenizer.decode(txt.ids.tolist()) == f"{prompt}a photo: {name}"
         learned_mods = {mod for b, e, mod in s.meta["segments"] for lb, le in s.meta["learn"] if lb < e and b < le}
         assert ("image" in learned_mods) == (template == "text_to_image")
 
@@ -149,7 +150,7 @@ def test_librivox_speech_templates(tmp_path, text_tokenizer_dir, text_tokenizer,
     assert audio.codes.shape[0] > 300  # seconds of speech at 50 frames/s
     if template == "asr":
         text = text_tokenizer.decode(next(x for x in segs if isinstance(x, TextSegment)).ids.tolist())
-        assert text == "and mister john dashwood had then leisure to consider how much there might be prudently in his power to do for them"
+        assert text == "Transcript:and mister john dashwood had then leisure to consider how much there might be prudently in his power to do for them"
 
 
 @needs_flite
@@ -333,7 +334,7 @@ def test_inspect_decodes_back_to_text_png_and_wav(tmp_path, text_tokenizer_dir, 
     build_shards(cfg)
     result = inspect_shards(InspectConfig(shards=cfg.out_dir, samples=2))
     out = capsys.readouterr().out
-    assert "2 samples in 1 shard(s)" in out and "image tokens" in out and "'a photo: astronaut'" in out
+    assert "2 samples in 1 shard(s)" in out and "image tokens" in out and "'Caption:a photo: astronaut'" in out
     pngs = sorted((cfg.out_dir / "inspect").glob("*.png"))
     assert len(pngs) == 2 and pngs[0].read_bytes()[:4] == b"\x89PNG"
     assert len(result["samples"]) == 2

@@ -276,10 +276,10 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
 def tokenizer_inputs(out: Path, corpus: dict[str, Any], per_kind: int = 300) -> tuple[Path, Path]:
     """jsonl lists of what the image tokenizer and the audio codec train on: photos + rendered pages,
     synthesised speech + LibriVox (training splits only)."""
-    images = [str(p) for p in sorted(Path(corpus["photos"]).glob("*.png"))]
+    images = [str(p.resolve()) for p in sorted(Path(corpus["photos"]).glob("*.png"))]
     for name in ("digits", "forms"):
         images += [r["image"] for r in read_jsonl(corpus[name]["train"])[:per_kind]]
     audio = [r["audio"] for r in read_jsonl(corpus["speech"]["train"])[::2][:per_kind]]
-    audio += [str(p) for p in sorted(Path(corpus["librivox"]).glob("*.wav"))]
+    audio += [str(p.resolve()) for p in sorted(Path(corpus["librivox"]).glob("*.wav"))]
     return (_write_jsonl(out / "image_tokenizer.jsonl", [{"path": p} for p in images]),
             _write_jsonl(out / "audio_codec.jsonl", [{"path": p} for p in audio]))  # fmt: skip

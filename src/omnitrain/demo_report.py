@@ -1,22 +1,17 @@
 """The demo's evaluation (before and after training, on held-out data) and ``report.md``.
 
-The evaluation is the eval package's: ``docvqa`` and ``speech_wer`` run as ``omnitrain eval`` (its
-config composed from ``recipes/eval.yaml`` with the demo's overrides, :func:`eval_overrides`), and
-the two demo tasks the harness has no task for yet run on the same model adapter (``OmniModel``:
-greedy, layout-constrained generation; log-likelihoods) into the same ``results.json`` +
-``samples.jsonl``. All on splits no training sample comes from:
+The evaluation is ``omnitrain eval`` itself: its config composed from ``recipes/eval.yaml`` with the
+demo's overrides (:func:`eval_overrides`), four harness tasks on splits no training sample comes from:
 
-* ``reading``: the digits of a held-out rendered number (exact match, and digits right in place);
+* ``reading``: the digits of a held-out rendered number (exact match, and characters right in place);
 * ``docvqa``: a question about a held-out rendered form (ANLS, and exact match);
 * ``speech_wer``: held-out flite utterances, spoken digit strings and handbook sentences (corpus WER,
   ``basic`` normaliser so that each spoken digit stays a word; also per kind);
-* ``text_ppl``: perplexity on held-out handbook pages (teacher-forced, per text token).
+* ``perplexity``: held-out handbook pages (teacher-forced, per text token; and bits per byte).
 """
 
 from __future__ import annotations
 
-import math
-import time
 from pathlib import Path
 from typing import Any
 
@@ -30,54 +25,37 @@ TEXT_CHUNK_CHARS = 1200  # held-out text is scored in windows of about this many
 MODALITY_ORDER = ("text", "image", "audio")
 
 
-def _prepare_images_at(system: Any, size: int) -> None:
-    """The harness prepares images with MediaConfig's defaults; the reading set's shards use their own
-    size, and a prompt must be tokenized as the training images were."""
-    media = system.media()
-    media.cfg = type(media.cfg)(**{**vars(media.cfg), "image_size": size})
-
-
-def _text_chunks(pages: list[str]) -> list[str]:
-    from omnitrain.sources import html_to_text
-
-    chunks = []
-    for page in pages:
-        words, cur = html_to_text(Path(page).read_text(encoding="utf-8", errors="replace")).split(), []
-        for w in words:
-            cur.append(w)
-            if sum(map(len, cur)) + len(cur) >= TEXT_CHUNK_CHARS:
-                chunks.append(" ".join(cur))
-                cur = []
-        if len(cur) > 20:
-            chunks.append(" ".join(cur))
-    return chunks
-
-
-def eval_overrides(model_path: Path, out_dir: Path, corpus: dict[str, Any], paths: TokenizerPaths, batch_size: int) -> list[str]:
-    """The ``omnitrain eval`` command line of the demo's harness tasks (document QA and speech WER)."""
+def eval_overrides(model_path: Path, out_dir: Path, corpus: dict[str, Any], paths: TokenizerPaths, image_sizes: dict[str, int],
+                   batch_size: int) -> list[str]:  # fmt: skip
+    """The ``omnitrain eval`` command line of the demo's tasks: reading, document QA, speech WER and
+    text perplexity, each image task at the size its training shards were built at."""
     return ["model.kind=omnitrain", f"model.path={model_path}", f"model.tokenizers.text={paths.text}",
-            f"model.tokenizers.image={paths.image}", f"model.tokenizers.audio={paths.audio}", "tasks=[docvqa,speech_wer]",
-            f"docvqa.path={corpus['forms']['test']}", f"docvqa.max_new_tokens={ANSWER_MAX_TOKENS}",
-            f"speech_wer.source={corpus['speech']['test']}", "speech_wer.normalizer=basic",
-            f"speech_wer.max_new_tokens={ASR_MAX_TOKENS}", f"batch_size={batch_size}", f"out_dir={out_dir}", "report=false"]  # fmt: skip
+            f"model.tokenizers.image={paths.image}", f"model.tokenizers.audio={paths.audio}",
+            "tasks=[reading,docvqa,speech_wer,perplexity]",
+            f"reading.path={corpus['digits']['test']}", f"reading.image_size={image_sizes['reading']}",
+            f"reading.max_new_tokens={ANSWER_MAX_TOKENS}",
+            f"docvqa.path={corpus['forms']['test']}", f"docvqa.image_size={image_sizes['doc_qa']}",
+            f"docvqa.max_new_tokens={ANSWER_MAX_TOKENS}",
+            f"speech_wer.source={corpus['speech']['test']}", "speech_wer.normalizer=basic", "speech_wer.prompt=Transcript:",
+            f"speech_wer.max_new_tokens={ASR_MAX_TOKENS}",
+            f"perplexity.paths=[{','.join(str(p) for p in corpus['text']['test'])}]", f"perplexity.chunk_chars={TEXT_CHUNK_CHARS}",
+            f"batch_size={batch_size}", f"out_dir={out_dir}", "report=false", "resume=false"]  # fmt: skip
 
 
 def evaluate(model_path: Path, out_dir: Path, corpus: dict[str, Any], paths: TokenizerPaths, image_sizes: dict[str, int],
              batch_size: int = 16) -> dict[str, Any]:  # fmt: skip
-    """Every demo task on the held-out splits, into one ``results.json`` + ``samples.jsonl`` in ``out_dir``;
-    returns the ``tasks`` part of the results.
-
-    Document QA and speech WER are ``omnitrain eval`` itself (composed from ``recipes/eval.yaml`` as the
-    command line does); reading and text perplexity, which the harness has no task for yet, run on
-    the same model adapter and are added to the same results."""
+    """Every demo task on the held-out splits through ``omnitrain eval`` itself (composed from
+    ``recipes/eval.yaml`` as the command line does), into ``results.json`` + ``samples.jsonl`` in
+    ``out_dir``; adds the per-kind WER and document-QA exact match of the same samples; returns the
+    ``tasks`` part of the results."""
     from omnitrain.cli import COMMANDS, compose, recipes_dir
-    from omnitrain.eval.harness import ModelSpec, load_system, run_eval
+    from omnitrain.eval.harness import run_eval
     from omnitrain.eval.metrics import corpus_wer
     from omnitrain.eval.report import write_report
-    from omnitrain.eval.results import metric, read_samples, write_results, write_samples
+    from omnitrain.eval.results import metric, read_samples, write_results
 
-    eval_cfg, _ = compose(next(c for c in COMMANDS if c.name == "eval run"), eval_overrides(model_path, out_dir, corpus, paths, batch_size),
-                          recipes_dir())  # fmt: skip
+    argv = eval_overrides(model_path, out_dir, corpus, paths, image_sizes, batch_size)
+    eval_cfg, _ = compose(next(c for c in COMMANDS if c.name == "eval run"), argv, recipes_dir())
     results = run_eval(eval_cfg)
     samples = read_samples(Path(out_dir) / "samples.jsonl")
 
@@ -90,41 +68,10 @@ def evaluate(model_path: Path, out_dir: Path, corpus: dict[str, Any], paths: Tok
         results["tasks"]["speech_wer"]["metrics"][f"wer_{k}"] = {"value": w["wer"], "stderr": w["stderr"], "n": w["n"]}
     results["tasks"]["docvqa"]["metrics"]["exact_match"] = metric([float(s["output"].strip().lower() in [a.lower() for a in s["target"]])
                                               for s in samples if s["task"] == "docvqa"])  # fmt: skip
-
-    system = load_system(ModelSpec(kind="omnitrain", path=str(model_path), tokenizers=paths), batch_size=batch_size)
-    extra: list[dict[str, Any]] = []
-
-    def task(name: str, t0: float, metrics: dict[str, dict], n: int) -> None:
-        secs = time.perf_counter() - t0
-        results["tasks"][name] = {"metrics": metrics, "groups": {}, "items": n, "seconds": secs, "items_per_s": n / max(secs, 1e-9),
-                                  "config": {"greedy": True, "max_new_tokens": ANSWER_MAX_TOKENS} if name == "reading" else
-                                            {"chunk_chars": TEXT_CHUNK_CHARS}}  # fmt: skip
-
-    # reading: a held-out rendered number -> its digits
-    t0, rows = time.perf_counter(), read_jsonl(corpus["digits"]["test"])
-    _prepare_images_at(system, image_sizes["reading"])
-    outs = system.generate_multimodal([{"images": [r["image"]]} for r in rows], ANSWER_MAX_TOKENS)
-    exact = [float(o.replace(" ", "") == r["caption"]) for o, r in zip(outs, rows, strict=True)]
-    digit = [sum(a == b for a, b in zip(o.replace(" ", "")[: len(r["caption"])], r["caption"], strict=False)) / len(r["caption"])
-             for o, r in zip(outs, rows, strict=True)]  # fmt: skip
-    extra += [{"task": "reading", "id": r["id"], "prompt": r["image"], "output": o, "target": r["caption"], "score": e}
-              for r, o, e in zip(rows, outs, exact, strict=True)]  # fmt: skip
-    task("reading", t0, {"exact_match": metric(exact), "digit_accuracy": metric(digit)}, len(rows))
-
-    # text perplexity: held-out handbook pages, teacher-forced, per text token
-    t0, chunks = time.perf_counter(), _text_chunks(corpus["text"]["test"])
-    lls = system.loglikelihood([("", c) for c in chunks])
-    n_tokens = [len(system.encode(c)) for c in chunks]
-    nll = -sum(ll for ll, _ in lls) / sum(n_tokens)
-    per_chunk = [-ll / n for (ll, _), n in zip(lls, n_tokens, strict=True)]
-    task("text_ppl", t0, {"perplexity": {"value": math.exp(nll), "stderr": None, "n": sum(n_tokens)},
-                          "nll_per_token": metric(per_chunk)}, len(chunks))  # fmt: skip
-
-    write_samples(out_dir, extra, append=True)
     write_results(out_dir, results)
     write_report(results, Path(out_dir), None)
-    print(f"eval {system.info['name']} (step {system.info['checkpoint_step']}): " + ", ".join(
-        f"{t} {next(iter(r['metrics']))} {next(iter(r['metrics'].values()))['value']:.3f}" for t, r in results["tasks"].items()))
+    print(f"eval {results['model']['name']} (step {results['model']['checkpoint_step']}): " + ", ".join(
+        f"{t} {next(iter(r['metrics']))} {next(iter(r['metrics'].values()))['value']:.3f}" for t, r in results["tasks"].items()))  # fmt: skip
     return results["tasks"]
 
 
@@ -167,13 +114,13 @@ def plot_losses(rows: list[dict[str, Any]], out: Path) -> Path:
 # ----------------------------------------------------------------------------- report.md
 TABLE = [  # (task, metric, label, higher is better)
     ("reading", "exact_match", "reading: held-out numbers read exactly", True),
-    ("reading", "digit_accuracy", "reading: digits right in place", True),
+    ("reading", "char_accuracy", "reading: digits right in place", True),
     ("docvqa", "anls", "document QA: ANLS on held-out forms", True),
     ("docvqa", "exact_match", "document QA: exact match", True),
     ("speech_wer", "wer", "ASR: corpus WER on held-out flite speech", False),
     ("speech_wer", "wer_digits", "ASR: WER, spoken digit strings", False),
     ("speech_wer", "wer_sentence", "ASR: WER, handbook sentences", False),
-    ("text_ppl", "perplexity", "text: perplexity on held-out handbook pages", False),
+    ("perplexity", "perplexity", "text: perplexity on held-out handbook pages", False),
 ]
 
 

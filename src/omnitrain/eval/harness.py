@@ -22,6 +22,7 @@ converted by ``omnitrain.hf.load_hf_llama``); only the tokenizer stays transform
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +31,15 @@ from typing import Any, Literal
 import torch
 
 from omnitrain.eval.mmlu import MMLUConfig
-from omnitrain.eval.tasks import TASKS, DocVQAConfig, HumanEvalConfig, SpeechWERConfig
+from omnitrain.eval.tasks import (
+    TASKS,
+    DocVQAConfig,
+    HumanEvalConfig,
+    PerplexityConfig,
+    ReadingConfig,
+    SpeechWERConfig,
+)
+from omnitrain.pipeline.media import MediaConfig
 from omnitrain.prompting import TokenizerPaths
 
 
@@ -55,6 +64,9 @@ class ModelSpec:
     )  # omnitrain: text null -> from the training shards
     max_length: int = 4096  # longer inputs lose their left end (as lm-eval does)
     device: str = "cpu"
+    # omnitrain models: how image / audio inputs are prepared, as the training shards were (their
+    # manifest's media block); a task's image_size, when set, overrides media.image_size for its prompts
+    media: MediaConfig = field(default_factory=MediaConfig)
 
 
 def resolve_path(path: str) -> str:
@@ -125,6 +137,8 @@ class TextLM:
         conts: list[list[int]] = []
         for i, (ctx, cont) in enumerate(requests):
             c_ids, k_ids = _encode_pair(enc, self.wrap(ctx), cont)
+            if not self.prefix and not c_ids:  # nothing to predict the first token from: lm-eval's prefix token
+                c_ids = self.empty_context()
             if not k_ids:
                 raise ValueError(f"continuation {cont!r} has no tokens after context ...{ctx[-40:]!r}")
             full = (self.prefix + c_ids + k_ids)[-(self.spec.max_length + 1) :]
@@ -172,6 +186,19 @@ class TextLM:
             bar.update(len(batch))
         bar.close()
         return out
+
+    def empty_context(self) -> list[int]:
+        """The context of a request whose context is empty, for a model without a prompt prefix
+        (lm-eval's ``prefix_token_id``: the tokenizer's bos, else its eos)."""
+        tok = getattr(self, "tokenizer", None)
+        first = tok.bos_token_id if tok is not None and tok.bos_token_id is not None else (self.eos or [None])[0]
+        if first is None:
+            raise ValueError("a request with an empty context needs a bos or eos token to start from; this model has neither")
+        return [first]
+
+    def count_tokens(self, context: str, continuation: str) -> int:
+        """How many tokens ``loglikelihood`` scores for this request (a perplexity's denominator)."""
+        return len(_encode_pair(lambda s: list(self.encode(s)), self.wrap(context), continuation)[1])
 
     @torch.no_grad()
     def generate(self, prompts: list[str], max_new_tokens: int, stop: list[str] = (), temperature: float = 0.0,
@@ -293,7 +320,7 @@ class OmniModel(TextLM):
     def media(self) -> Any:
         """The image tokenizer / audio codec, checked against the model's layout (loaded on first use)."""
         if self._media is None:
-            from omnitrain.pipeline.media import MediaConfig, MediaTokenizers
+            from omnitrain.pipeline.media import MediaTokenizers
             from omnitrain.tokenizer.build import load_media_tokenizers
             from omnitrain.tokenizer.layout import TokenLayout
 
@@ -303,7 +330,7 @@ class OmniModel(TextLM):
                 raise ValueError(f"the tokenizers {self.tok_cfg} make layout {theirs.hash}, the model was trained on "
                                  f"{self.layout.hash}: pass model.tokenizers.* of its shards")  # fmt: skip
             self._media = (
-                MediaTokenizers(image, audio, MediaConfig(), self.layout.max_grid)
+                MediaTokenizers(image, audio, self.spec.media, self.layout.max_grid)
                 if (image or audio)
                 else False
             )
@@ -314,18 +341,25 @@ class OmniModel(TextLM):
 
     @torch.no_grad()
     def generate_multimodal(
-        self, prompts: list[dict[str, Any]], max_new_tokens: int, progress: bool = True
+        self, prompts: list[dict[str, Any]], max_new_tokens: int, progress: bool = True, image_size: int | None = None
     ) -> list[str]:
         """Prompts ``{"text": str, "images": [paths], "audios": [paths]}`` -> text answers; the prompt is
         built by ``omnitrain.prompting.build_prompt`` (images, audio, then text; chat turns when
-        ``model.chat_template``), the answer decoded greedily under the layout constraint."""
+        ``model.chat_template``), the answer decoded greedily under the layout constraint. Images are
+        prepared at ``image_size`` (None: ``model.media.image_size``)."""
+        import dataclasses
+
         from tqdm import tqdm
 
         from omnitrain.generate import SamplingConfig, generate
         from omnitrain.prompting import GenerateConfig, build_prompt
 
+        media = self.media()
+        if media is not None and image_size is not None:
+            media = copy.copy(media)  # the same tokenizers, this task's preparation
+            media.cfg = dataclasses.replace(media.cfg, image_size=image_size)
         ids = [build_prompt(GenerateConfig(text=p.get("text"), images=list(p.get("images", [])), audios=list(p.get("audios", [])),
-                                           chat=self.spec.chat_template), self.layout, self.text_tok, self.media()) for p in prompts]  # fmt: skip
+                                           chat=self.spec.chat_template), self.layout, self.text_tok, media) for p in prompts]  # fmt: skip
         out = [""] * len(prompts)
         order = sorted(range(len(ids)), key=lambda i: len(ids[i]), reverse=True)
         bar = tqdm(total=len(ids), desc="generate", unit="sample", disable=not progress, mininterval=2.0)
@@ -425,6 +459,8 @@ class EvalConfig:
     humaneval: HumanEvalConfig = field(default_factory=HumanEvalConfig)
     docvqa: DocVQAConfig = field(default_factory=DocVQAConfig)
     speech_wer: SpeechWERConfig = field(default_factory=SpeechWERConfig)
+    reading: ReadingConfig = field(default_factory=ReadingConfig)
+    perplexity: PerplexityConfig = field(default_factory=PerplexityConfig)
 
     def __post_init__(self) -> None:
         unknown = [t for t in self.tasks if t not in TASKS]

@@ -178,3 +178,44 @@ def corpus_cer(references: list[str], hypotheses: list[str], normalizer: str = "
         ValueError: on length mismatch, an unknown normaliser, or when every reference is empty.
     """
     return _corpus_rate(references, hypotheses, normalizer, "char", keep_spaces=keep_spaces)
+
+
+def char_accuracy(prediction: str, target: str) -> float:
+    """The share of the target's characters that the prediction has at the same position (a reading
+    task's partial credit: "1284" for "1234" scores 0.75; extra characters cost nothing, missing ones do)."""
+    if not target:
+        return float(not prediction)
+    return sum(a == b for a, b in zip(prediction, target, strict=False)) / len(target)
+
+
+def text_chunks(paths: list[str], chunk_chars: int) -> list[str]:
+    """Held-out text in windows of about ``chunk_chars`` characters, cut at word boundaries; ``.html``
+    pages give their visible text, ``.jsonl`` files the ``text`` of each line, other files their
+    content. A last window shorter than 20 words is dropped (too few tokens to mean anything)."""
+    import json
+    from pathlib import Path
+
+    from omnitrain.sources import html_to_text
+
+    chunks: list[str] = []
+    for path in paths:
+        f = Path(path)
+        if not f.is_file():
+            raise FileNotFoundError(f"perplexity text {path} does not exist")
+        raw = f.read_text(encoding="utf-8", errors="replace")
+        if f.suffix in (".html", ".htm"):
+            docs = [html_to_text(raw)]
+        elif f.suffix == ".jsonl":
+            docs = [json.loads(line)["text"] for line in raw.splitlines() if line.strip()]
+        else:
+            docs = [raw]
+        for doc in docs:
+            cur: list[str] = []
+            for w in doc.split():
+                cur.append(w)
+                if sum(map(len, cur)) + len(cur) >= chunk_chars:
+                    chunks.append(" ".join(cur))
+                    cur = []
+            if len(cur) > 20:
+                chunks.append(" ".join(cur))
+    return chunks

@@ -10,6 +10,8 @@ and one record per item (prompt, output, target, score) for ``samples.jsonl``.
 | ``humaneval`` | ``generate`` + the sandbox | pass@k (unbiased estimator, Chen et al. 2021) |
 | ``docvqa`` | image + question -> text (omnitrain), or tesseract | ANLS |
 | ``speech_wer`` | audio -> transcript (omnitrain), or pocketsphinx | corpus WER (and CER) |
+| ``reading`` | image -> its text (omnitrain) | exact match, characters right in place |
+| ``perplexity`` | ``loglikelihood`` | per-token perplexity, bits per byte (tokenizer-free) |
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ class DocVQAConfig:
         "runs/docqa/docqa.jsonl"  # docqa.jsonl of `omnitrain eval make-docqa` (or DocVQA in that layout)
     )
     prompt: str = "Answer the question using a single word or phrase."
+    image_size: int | None = None  # None: model.media.image_size
     max_new_tokens: int = 32
 
 
@@ -48,6 +51,26 @@ class SpeechWERConfig:
     normalizer: str = "whisper"  # whisper | basic | none
     prompt: str | None = None  # text after the audio (None: audio alone, then the transcript)
     max_new_tokens: int = 256
+
+
+@dataclass
+class ReadingConfig:
+    """Image -> the exact text it shows (rendered numbers, captions with a known answer)."""
+
+    path: str = "runs/reading/reading.jsonl"  # jsonl of {id, image, <text_field>}; image paths relative to the file
+    text_field: str = "caption"
+    prompt: str | None = "Caption:"  # text after the image, as the caption template writes it (None: nothing)
+    ignore_spaces: bool = True  # digit strings are tokenized digit by digit: compare without spaces
+    image_size: int | None = None  # None: model.media.image_size
+    max_new_tokens: int = 16
+
+
+@dataclass
+class PerplexityConfig:
+    """Held-out text scored teacher-forced, in windows: per-token perplexity and bits per byte."""
+
+    paths: list[str] = field(default_factory=list)  # .txt / .html files, or jsonl of {"text": ...}
+    chunk_chars: int = 1200  # windows of about this many characters (whole words)
 
 
 @dataclass
@@ -179,7 +202,7 @@ class DocVQATask:
             prompts = [
                 {"images": [str(it["image"])], "text": f"{it['question']}\n{self.cfg.prompt}"} for it in items
             ]
-            preds = system.generate_multimodal(prompts, self.cfg.max_new_tokens, progress=progress)
+            preds = system.generate_multimodal(prompts, self.cfg.max_new_tokens, progress=progress, image_size=self.cfg.image_size)
         refs = [list(it["answers"]) for it in items]
         m = mean_anls(preds, refs)
         samples = [{"task": self.name, "id": it["id"], "prompt": it["question"], "image": str(it["image"]), "output": p,
@@ -215,9 +238,89 @@ class SpeechWERTask:
         return TaskOutput(metrics, samples, {}, len(items))
 
 
+class ReadingTask:
+    name = "reading"
+
+    def __init__(self, cfg: ReadingConfig) -> None:
+        self.cfg = cfg
+
+    def run(self, system: Any, limit: int | None, progress: bool = True) -> TaskOutput:
+        from omnitrain.eval.metrics import char_accuracy
+
+        _needs(system, "generate_multimodal", self.name)
+        c = self.cfg
+        items = _read_items(c.path, ("image", c.text_field))[:limit]
+        prompts = [{"images": [str(it["image"])], "text": c.prompt} for it in items]
+        outs = system.generate_multimodal(prompts, c.max_new_tokens, progress=progress, image_size=c.image_size)
+        norm = (lambda t: "".join(t.split())) if c.ignore_spaces else (lambda t: t.strip())
+        exact = [float(norm(o) == norm(it[c.text_field])) for o, it in zip(outs, items, strict=True)]
+        chars = [char_accuracy(norm(o), norm(it[c.text_field])) for o, it in zip(outs, items, strict=True)]
+        samples = [{"task": self.name, "id": it.get("id", str(it["image"])), "prompt": str(it["image"]), "output": o,
+                    "target": it[c.text_field], "score": e, "char_accuracy": a}
+                   for it, o, e, a in zip(items, outs, exact, chars, strict=True)]  # fmt: skip
+        return TaskOutput({"exact_match": metric(exact), "char_accuracy": metric(chars)}, samples, {}, len(items))
+
+
+class PerplexityTask:
+    name = "perplexity"
+
+    def __init__(self, cfg: PerplexityConfig) -> None:
+        self.cfg = cfg
+        if cfg.chunk_chars < 1:
+            raise ValueError(f"perplexity.chunk_chars={cfg.chunk_chars} must be >= 1")
+
+    def run(self, system: Any, limit: int | None, progress: bool = True) -> TaskOutput:
+        import math
+
+        from omnitrain.eval.metrics import text_chunks
+
+        _needs(system, "loglikelihood", self.name)
+        if not self.cfg.paths:
+            raise ValueError("task perplexity needs perplexity.paths=[...] (.txt / .html files or jsonl of {text})")
+        chunks = text_chunks(self.cfg.paths, self.cfg.chunk_chars)[:limit]
+        lls = system.loglikelihood([("", ch) for ch in chunks], progress=progress)
+        n_tok = [system.count_tokens("", ch) for ch in chunks]
+        n_bytes = [len(ch.encode("utf-8")) for ch in chunks]
+        nll = -sum(ll for ll, _ in lls)
+        per_chunk = [-ll / n for (ll, _), n in zip(lls, n_tok, strict=True)]
+        samples = [{"task": self.name, "id": f"chunk/{i}", "prompt": ch[:200], "output": None, "target": None,
+                    "score": -ll / n, "tokens": n} for i, (ch, (ll, _), n) in enumerate(zip(chunks, lls, n_tok, strict=True))]  # fmt: skip
+        metrics = {"perplexity": {"value": math.exp(nll / sum(n_tok)), "stderr": None, "n": sum(n_tok)},
+                   "nll_per_token": metric(per_chunk),
+                   "bits_per_byte": {"value": nll / math.log(2) / sum(n_bytes), "stderr": None, "n": sum(n_bytes)}}  # fmt: skip
+        return TaskOutput(metrics, samples, {}, len(chunks))
+
+
+def _read_items(path: str, needed: tuple[str, ...]) -> list[dict[str, Any]]:
+    """A task's jsonl items, relative media paths resolved against the file's folder; errors name the line."""
+    import json
+    from pathlib import Path
+
+    f = Path(path)
+    if not f.is_file():
+        raise FileNotFoundError(f"{path} does not exist: pass the task's path=<jsonl of {{{', '.join(needed)}}}>")
+    items = []
+    for n, line in enumerate(f.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            it = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{n} is not JSON ({e})") from e
+        missing = [k for k in needed if k not in it]
+        if missing:
+            raise ValueError(f"{path}:{n} lacks {missing} (has {sorted(it)})")
+        if not Path(it["image"]).is_absolute():
+            it["image"] = str(f.parent / it["image"])
+        items.append(it)
+    return items
+
+
 TASKS: dict[str, type] = {
     "mmlu": MMLUTask,
     "humaneval": HumanEvalTask,
     "docvqa": DocVQATask,
     "speech_wer": SpeechWERTask,
+    "reading": ReadingTask,
+    "perplexity": PerplexityTask,
 }
