@@ -275,12 +275,12 @@ def _train_eval_generate(cfg: DemoConfig, run: Path, corpus: dict[str, Any], tok
     for name, changes in {
         "digits_to_image": {"text": digits, "output": "image", "image_grid": grid},
         "tts": {"text": spoken_digits(digits), "output": "audio"},
-        "caption": {"images": [str(Path(corpus["photos"]) / "astronaut.png")], "output": "text"},
+        "caption": {"images": [str(Path(corpus["photos"]) / "astronaut.png")], "text": "Caption:", "output": "text"},  # the caption template's prompt
     }.items():
         gen = GenerateConfig(run=run / "train", tokenizers=paths, out_dir=run / "generate" / name, **changes,
                              media=MediaConfig(**{**vars(cfg.media), "image_size": cfg.photo_size}))  # fmt: skip
         gen.sampling.max_new_tokens, gen.sampling.temperature, gen.sampling.top_k = 400, 0.8, 50
-        outputs[name] = {"prompt": changes.get("text") or changes["images"][0], "parts": run_generate(gen)["samples"][0]["parts"]}
+        outputs[name] = {"prompt": changes["images"][0] if "images" in changes else changes["text"], "parts": run_generate(gen)["samples"][0]["parts"]}
     summary["generate"] = outputs
     st.done("; ".join(f"{k}: {' '.join(v['parts'])[:80]}" for k, v in outputs.items()))
 

@@ -189,27 +189,19 @@ def char_accuracy(prediction: str, target: str) -> float:
 
 
 def text_chunks(paths: list[str], chunk_chars: int) -> list[str]:
-    """Held-out text in windows of about ``chunk_chars`` characters, cut at word boundaries; ``.html``
-    pages give their visible text, ``.jsonl`` files the ``text`` of each line, other files their
-    content. A last window shorter than 20 words is dropped (too few tokens to mean anything)."""
-    import json
+    """Held-out text in windows of about ``chunk_chars`` characters, cut at word boundaries. Files are
+    read as the text pipelines read them (``omnitrain.sources.iter_file_documents``: .txt/.md, .html
+    pages' visible text, jsonl/parquet ``text``, .gz). A last window of 20 words or fewer is dropped
+    (too few tokens to mean anything)."""
     from pathlib import Path
 
-    from omnitrain.sources import html_to_text
+    from omnitrain.sources import iter_file_documents
 
     chunks: list[str] = []
     for path in paths:
-        f = Path(path)
-        if not f.is_file():
+        if not Path(path).is_file():
             raise FileNotFoundError(f"perplexity text {path} does not exist")
-        raw = f.read_text(encoding="utf-8", errors="replace")
-        if f.suffix in (".html", ".htm"):
-            docs = [html_to_text(raw)]
-        elif f.suffix == ".jsonl":
-            docs = [json.loads(line)["text"] for line in raw.splitlines() if line.strip()]
-        else:
-            docs = [raw]
-        for doc in docs:
+        for doc in iter_file_documents(Path(path)):
             cur: list[str] = []
             for w in doc.split():
                 cur.append(w)
