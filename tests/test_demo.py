@@ -112,7 +112,12 @@ def test_reduced_demo_runs_every_stage_and_training_lowers_every_modality_loss(t
          "data.speech_digits_train=40", "data.speech_digits_test=6", "data.sentences_train=20", "data.sentences_test=3",
          "data.text_docs=1", "data.text_test_docs=1", "tokenizer.vocab_size=4000", "image.steps=20", "audio.steps=20",
          "audio.data.max_eval_seconds=10", "report_languages=[fr]", "train_steps=40", "eval_batch_size=8",
-         "train_overrides=['data.seq_len=256','ckpt_every=20','wandb.mode=disabled','optim.warmup_steps=5']"],
+         # the one handbook page (~20k tokens) fills half of these 40 steps once drawn (a cut document goes on
+         # in the next row); in the rest the deficit scheduler serves the sources furthest behind, and the
+         # only ones with learned images (digits_to_image, 0.06) and audio (tts, 0.11) were not reached
+         # (measured: no image-loss step, then 1 audio-loss step); this short run gives them more
+         "train_overrides=['data.seq_len=256','ckpt_every=20','wandb.mode=disabled','optim.warmup_steps=5',"
+         "'data.sources.digits_to_image.weight=0.3','data.sources.tts.weight=0.3']"],
         cwd=tmp_path, env={**os.environ, "PYTHONWARNINGS": "ignore"}, capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
