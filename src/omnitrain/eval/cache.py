@@ -21,7 +21,7 @@ import torch
 def fingerprint(info: dict[str, Any], model: torch.nn.Module, max_length: int) -> dict[str, Any]:
     """What identifies the scores of ``model``: its identity in results.json plus a weight checksum."""
     with torch.no_grad():
-        checksum = sum(float(p.detach().double().abs().sum()) for p in model.parameters())
+        checksum = sum(float(p.detach().abs().sum(dtype=torch.float64)) for p in model.parameters())  # no fp64 copies
     keys = ("name", "kind", "path", "gguf_file", "checkpoint_step", "layout_hash")
     return {**{k: info.get(k) for k in keys}, "max_length": max_length, "weights_abs_sum": f"{checksum:.9e}"}
 

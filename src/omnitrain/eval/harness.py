@@ -485,7 +485,7 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     t0 = time.perf_counter()
     system = load_system(cfg.model, cfg.batch_size)
     out = Path(cfg.out_dir)
-    if hasattr(system, "loglikelihood"):
+    if hasattr(system, "loglikelihood") and any(getattr(t, "scores_loglikelihood", False) for t in tasks):  # generation: no cache
         from omnitrain.eval.cache import ScoreCache, fingerprint
 
         fp = fingerprint(system.info, system.model, cfg.model.max_length)

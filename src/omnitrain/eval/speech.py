@@ -143,19 +143,35 @@ def make_flite_set(
     return rows
 
 
-def _read_jsonl(path: Path) -> list[dict]:
+def read_manifest(path: str | Path, needed: tuple[str, ...], media_key: str) -> list[dict]:
+    """The rows of an eval set's jsonl manifest, ``media_key`` paths made absolute against the file's
+    folder; a missing file, a line that is not JSON or a row without a ``needed`` key is an error that
+    names the line."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: pass a jsonl of {{{', '.join(needed)}}} rows")
     rows = []
     with open(path) as f:
-        for i, line in enumerate(f):
+        for i, line in enumerate(f, 1):
             if not line.strip():
                 continue
-            r = json.loads(line)
-            if "audio" not in r or "text" not in r:
-                raise ValueError(f"{path}:{i + 1}: a speech manifest row needs 'audio' and 'text' keys")
-            audio = Path(r["audio"])
-            r["audio"] = str(audio if audio.is_absolute() else path.parent / audio)
-            r.setdefault("id", audio.stem)
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{i} is not JSON ({e})") from e
+            missing = [k for k in needed if k not in r]
+            if missing:
+                raise ValueError(f"{path}:{i}: a manifest row needs {list(needed)}; it lacks {missing} (has {sorted(r)})")
+            media = Path(r[media_key])
+            r[media_key] = str(media if media.is_absolute() else path.parent / media)
             rows.append(r)
+    return rows
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    rows = read_manifest(path, ("audio", "text"), "audio")
+    for r in rows:
+        r.setdefault("id", Path(r["audio"]).stem)
     return rows
 
 

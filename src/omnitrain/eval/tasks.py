@@ -107,6 +107,7 @@ def spread(items: list[Any], key: Any, limit: int | None) -> list[Any]:
 
 class MMLUTask:
     name = "mmlu"
+    scores_loglikelihood = True  # run_eval keeps a resumable score cache for such tasks
 
     def __init__(self, cfg: MMLUConfig) -> None:
         self.cfg = cfg
@@ -246,10 +247,11 @@ class ReadingTask:
 
     def run(self, system: Any, limit: int | None, progress: bool = True) -> TaskOutput:
         from omnitrain.eval.metrics import char_accuracy
+        from omnitrain.eval.speech import read_manifest
 
         _needs(system, "generate_multimodal", self.name)
         c = self.cfg
-        items = _read_items(c.path, ("image", c.text_field))[:limit]
+        items = read_manifest(c.path, ("image", c.text_field), "image")[:limit]
         prompts = [{"images": [str(it["image"])], "text": c.prompt} for it in items]
         outs = system.generate_multimodal(prompts, c.max_new_tokens, progress=progress, image_size=c.image_size)
         norm = (lambda t: "".join(t.split())) if c.ignore_spaces else (lambda t: t.strip())
@@ -263,6 +265,7 @@ class ReadingTask:
 
 class PerplexityTask:
     name = "perplexity"
+    scores_loglikelihood = True
 
     def __init__(self, cfg: PerplexityConfig) -> None:
         self.cfg = cfg
@@ -289,31 +292,6 @@ class PerplexityTask:
                    "nll_per_token": metric(per_chunk),
                    "bits_per_byte": {"value": nll / math.log(2) / sum(n_bytes), "stderr": None, "n": sum(n_bytes)}}  # fmt: skip
         return TaskOutput(metrics, samples, {}, len(chunks))
-
-
-def _read_items(path: str, needed: tuple[str, ...]) -> list[dict[str, Any]]:
-    """A task's jsonl items, relative media paths resolved against the file's folder; errors name the line."""
-    import json
-    from pathlib import Path
-
-    f = Path(path)
-    if not f.is_file():
-        raise FileNotFoundError(f"{path} does not exist: pass the task's path=<jsonl of {{{', '.join(needed)}}}>")
-    items = []
-    for n, line in enumerate(f.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            it = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{n} is not JSON ({e})") from e
-        missing = [k for k in needed if k not in it]
-        if missing:
-            raise ValueError(f"{path}:{n} lacks {missing} (has {sorted(it)})")
-        if not Path(it["image"]).is_absolute():
-            it["image"] = str(f.parent / it["image"])
-        items.append(it)
-    return items
 
 
 TASKS: dict[str, type] = {
