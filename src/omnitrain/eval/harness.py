@@ -64,8 +64,8 @@ class ModelSpec:
     )  # omnitrain: text null -> from the training shards
     max_length: int = 4096  # longer inputs lose their left end (as lm-eval does)
     device: str = "cpu"
-    # omnitrain models: how image / audio inputs are prepared, as the training shards were (their
-    # manifest's media block); a task's image_size, when set, overrides media.image_size for its prompts
+    # omnitrain models: how image / audio inputs are prepared; set it as the training shards were built
+    # (their manifest's media block says how); a task's image_size, when set, overrides media.image_size
     media: MediaConfig = field(default_factory=MediaConfig)
 
 
