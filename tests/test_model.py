@@ -93,6 +93,81 @@ def test_weighted_loss_and_per_modality_metrics():
     assert abs(m["loss"] - (4 * m["loss/text"] + 6 * m["loss/image"] + 4 * m["loss/audio"]) / 14 - m["z_loss"]) < 1e-4
 
 
+@pytest.mark.parametrize("chunk", [5, 7, 1024])
+def test_chunked_linear_cross_entropy_equals_the_logits_path(chunk):
+    """The fused output projection + CE gives lm_loss's loss, metrics and gradients, whatever the chunking."""
+    from omnitrain.model import LOSS_KEYS, linear_cross_entropy, lm_loss, loss_stats
+
+    layout = TokenLayout.build(100, "t", {"bos": 1, "eos": 2, "pad": 3}, image_codebook_size=20, audio_codebook_size=8, audio_levels=2)
+    g = torch.Generator().manual_seed(0)
+    N, D, V = 23, 16, layout.vocab_size
+    table = torch.as_tensor(layout.modality_of(np.arange(V)))
+    h0, w0 = torch.randn(N, D, generator=g), torch.randn(V, D, generator=g) * 0.5
+    targets = torch.randint(0, V, (N,), generator=g)
+    weights = torch.rand(N, generator=g) * (torch.rand(N, generator=g) > 0.3)  # some zero, the rest fractional
+    denom = torch.tensor(9.0)
+    results = []
+    for fused in (False, True):
+        h, w = h0.clone().requires_grad_(), w0.clone().requires_grad_()
+        if fused:
+            loss, ce, correct, lse = linear_cross_entropy(h, w, targets, weights, 1e-3, denom, chunk=chunk)
+            stats = loss_stats(ce, correct, lse, targets, weights, table, 1e-3)
+        else:
+            batch = {"targets": targets[None], "loss_weights": weights[None]}
+            loss, m = lm_loss((h @ w.t())[None], batch, table, 1e-3, denom=denom)
+            stats = torch.tensor([m[k] for k in LOSS_KEYS])
+        (loss * 3.0).backward()  # the incoming gradient scales the stored ones
+        results.append((loss.detach(), stats, h.grad, w.grad))
+    for a, b in zip(*results, strict=True):
+        assert torch.allclose(a.float(), b.float(), atol=1e-5, rtol=1e-5)
+    # ignored targets (-100) carry no loss, as in F.cross_entropy
+    t = targets.clone()
+    t[:4] = -100
+    loss, *_ = linear_cross_entropy(h0, w0, t, weights, 0.0, denom, chunk=chunk)
+    full = (torch.nn.functional.cross_entropy(h0 @ w0.t(), t, reduction="none") * weights).sum() / denom
+    assert torch.allclose(loss, full, atol=1e-5)
+
+
+def test_forward_with_targets_gives_the_loss_of_the_logits():
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=64, dim=32, n_layers=1, n_heads=2, z_loss=1e-4))
+    ids = torch.randint(0, 64, (2, 12))
+    batch = {"input_ids": ids, "targets": ids.roll(-1, 1), "loss_weights": torch.ones(2, 12), "doc_ids": torch.zeros(2, 12, dtype=torch.long)}
+    from omnitrain.model import lm_loss
+
+    ref, m_ref = lm_loss(model(ids, batch["doc_ids"]), batch, model.modality_table, 1e-4)
+    loss, m = model.loss(batch)
+    assert abs(float(loss.detach()) - float(ref.detach())) < 1e-5 and m.keys() == m_ref.keys()
+    with torch.no_grad():  # evaluation: no gradients are computed or stored
+        loss, stats = model(ids, batch["doc_ids"], batch["targets"], batch["loss_weights"])
+    assert not loss.requires_grad and abs(float(loss) - float(ref.detach())) < 1e-5
+
+
+@pytest.mark.parametrize("mode", ["bf16-mixed", "bf16-true"])
+def test_the_fused_loss_in_bf16_matches_the_logits_path(mode):
+    """Under autocast (Fabric's bf16-mixed) and with bf16 weights (bf16-true), as on GPUs."""
+    from omnitrain.model import lm_loss
+
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=300, dim=64, n_layers=2, n_heads=4, z_loss=1e-4))
+    if mode == "bf16-true":
+        model = model.to(torch.bfloat16)
+    ids = torch.randint(0, 300, (2, 32))
+    batch = {"input_ids": ids, "targets": ids.roll(-1, 1), "loss_weights": torch.ones(2, 32), "doc_ids": torch.zeros(2, 32, dtype=torch.long)}
+    grads = []
+    for fused in (False, True):
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode == "bf16-mixed"):
+            loss = model.loss(batch)[0] if fused else lm_loss(model(ids), batch, model.modality_table, 1e-4)[0]
+        loss.backward()
+        grads.append((loss.detach().float(), model.tok_embeddings.weight.grad.float(), model.layers[0].attention.wq.weight.grad.float()))
+    assert model.tok_embeddings.weight.grad.dtype == model.tok_embeddings.weight.dtype
+    (l0, *g0), (l1, *g1) = grads
+    assert abs(float(l0 - l1)) < 1e-3
+    for a, b in zip(g0, g1, strict=True):
+        assert float((a - b).abs().max()) < 0.02 * float(a.abs().max())  # bf16 rounding, not a different gradient
+
+
 def test_activation_checkpointing_gives_the_same_gradients():
     grads = []
     for ckpt in (False, True):

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from omnitrain.data import LoaderConfig, OmniLoader, SourceSpec
-from omnitrain.model import ModelConfig, Transformer, lm_loss
+from omnitrain.model import LOSS_KEYS, ModelConfig, Transformer
 from omnitrain.tokenizer.layout import MODALITIES, TokenLayout
 
 
@@ -107,15 +107,14 @@ class LMObjective:
 
     def __init__(self, modality_table: torch.Tensor, z_loss: float) -> None:
         self.table, self.z_loss = modality_table, z_loss
-        self.keys = ["sum_weighted", "sum_z"] + [f"{k}/{m}" for m in MODALITIES for k in ("sum_loss", "sum_correct", "tokens")]
+        self.keys = LOSS_KEYS
 
     def count(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return batch["loss_weights"].sum().float()
 
     def loss(self, model: Any, batch: dict[str, torch.Tensor], denom: torch.Tensor | float) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = model(batch["input_ids"], batch["doc_ids"])  # [B, T, V]
-        loss, m = lm_loss(logits, batch, self.table, self.z_loss, denom=denom)
-        return loss, torch.tensor([m.get(k, 0.0) for k in self.keys], device=logits.device)
+        # the model computes the loss itself (chunked output projection + CE: no [B, T, V] logits)
+        return model(batch["input_ids"], batch["doc_ids"], batch["targets"], batch["loss_weights"], denom)
 
     def summary(self, sums: torch.Tensor, count: torch.Tensor) -> tuple[dict[str, float], dict[str, int]]:
         """(row: loss, loss/<modality>, acc/<modality>; tokens per modality)."""
