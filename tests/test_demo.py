@@ -80,6 +80,7 @@ def test_speech_is_synthesised_in_several_voices_with_held_out_contents(tmp_path
     paths = demo_data.make_speech(tmp_path, cfg, sentences)
     train, test = read_jsonl(paths["train"]), read_jsonl(paths["test"])
     assert [r["kind"] for r in test] == ["digits"] * 3 + ["sentence"]
+    assert read_jsonl(paths["digits_test"]) == test[:3] and {r["kind"] for r in read_jsonl(paths["digits_train"])} == {"digits"}
     assert not {r["text"] for r in test} & {r["text"] for r in train}
     assert len({r["voice"] for r in train}) == 4 and all(Path(r["audio"]).stat().st_size > 4000 for r in train + test)
     assert spoken_digits("407") == "four zero seven"
@@ -92,7 +93,7 @@ def test_loss_drop_and_comparison_read_metrics_and_results():
     m = lambda v: {"value": v, "stderr": None, "n": 10}  # noqa: E731
     res = lambda e, a, w, p: {"reading": {"metrics": {"exact_match": m(e), "char_accuracy": m(e)}},  # noqa: E731
                               "docvqa": {"metrics": {"anls": m(a), "exact_match": m(a)}},
-                              "speech_wer": {"metrics": {"wer": m(w), "wer_digits": m(w), "wer_sentence": m(w)}},
+                              "speech_wer": {"metrics": {"wer": m(w), "cer": m(w)}},
                               "perplexity": {"metrics": {"perplexity": m(p)}}}  # fmt: skip
     table = comparison(res(0.0, 0.0, 1.0, 900.0), res(0.2, 0.3, 0.8, 90.0))
     assert all(r["better"] for r in table)
@@ -138,7 +139,7 @@ def test_reduced_demo_runs_every_stage_and_training_lowers_every_modality_loss(t
         res = json.loads((run / "eval" / which / "results.json").read_text())
         assert res["schema_version"] == 1 and res["model"]["layout_hash"] == layout_hash and res["model"]["checkpoint_step"] == step
         assert set(res["tasks"]) == {"reading", "docvqa", "speech_wer", "perplexity"}
-        assert res["tasks"]["reading"]["metrics"]["exact_match"]["n"] == 8 and res["tasks"]["speech_wer"]["metrics"]["wer"]["n"] == 9
+        assert res["tasks"]["reading"]["metrics"]["exact_match"]["n"] == 8 and res["tasks"]["speech_wer"]["metrics"]["wer"]["n"] == 6  # the digit strings
         assert (run / "eval" / which / "samples.jsonl").is_file()
     # training lowered the loss of each modality (mean of the first vs the last logged steps)
     drops = summary["train"]["loss_by_modality"]

@@ -23,6 +23,7 @@ from omnitrain.pipeline.build import (
 )
 from omnitrain.pipeline.media import MediaConfig, MediaTokenizers
 from omnitrain.pipeline.readers import SourceConfig
+from omnitrain.pipeline.templates import Part
 from omnitrain.shards import iter_shard, read_manifest
 from omnitrain.tokenizer.layout import (
     AudioSegment,
@@ -150,7 +151,10 @@ def test_librivox_speech_templates(tmp_path, text_tokenizer_dir, text_tokenizer,
     assert audio.codes.shape[0] > 300  # seconds of speech at 50 frames/s
     if template == "asr":
         text = text_tokenizer.decode(next(x for x in segs if isinstance(x, TextSegment)).ids.tolist())
-        assert text == "Transcript:and mister john dashwood had then leisure to consider how much there might be prudently in his power to do for them"
+        assert text == "Transcript: and mister john dashwood had then leisure to consider how much there might be prudently in his power to do for them"
+        # lead_space: the transcript's first word is cut as mid-sentence, and it is the first learned token
+        first = s.ids[s.meta["learn"][0][0]]
+        assert text_tokenizer.decode([int(first)]).startswith(" ") and int(first) == text_tokenizer.encode(" and")[0]
 
 
 @needs_flite
@@ -303,6 +307,8 @@ def test_templates_and_source_configs_fail_clearly(tmp_path):
         load_template(REPO / "data_pipelines" / "template", "nope")
     for name in ("text_lm", "caption", "text_to_image", "asr", "tts", "interleaved", "speech_continuation", "chat", "doc_qa"):
         assert load_template(REPO / "data_pipelines" / "template", name).parts
+    with pytest.raises(ValueError, match="lead_space applies to text parts"):
+        Part(audio="audio", lead_space=True)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         list(__import__("omnitrain.pipeline.readers", fromlist=["x"]).iter_records(SourceConfig(kind="image_folder", paths=[str(tmp_path / "no")])))
 

@@ -122,7 +122,7 @@ def shard_jobs(cfg: DemoConfig, corpus: dict[str, Any]) -> dict[str, PipelineCon
         "reading": _records("reading", "caption", [corpus["digits"]["train"]]),
         "digits_to_image": _records("digits_to_image", "text_to_image", [corpus["digits"]["train"]]),
         "doc_qa": _records("doc_qa", "doc_qa", [corpus["forms"]["train"]], columns={"question": "prompted_question"}),
-        "asr": _records("asr", "asr", [corpus["speech"]["train"]]),
+        "asr": _records("asr", "asr", [corpus["speech"]["digits_train"]]),  # sentences: TTS only (recipes/data/demo.yaml)
         "librivox_asr": _pipeline("librivox_asr"),
         "tts": _records("tts", "tts", [corpus["speech"]["train"]]),
     }

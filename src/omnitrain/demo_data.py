@@ -198,8 +198,9 @@ def synthesize(items: list[tuple[str, str, str]], workers: int = 2) -> None:
 
 
 def make_speech(out: Path, cfg: CorpusConfig, sentences: list[str]) -> dict[str, Path]:
-    """flite speech: ``{split}.jsonl`` rows ``{id, audio, text, kind, voice}`` (kind: digits | sentence);
-    held-out digit strings and sentences never occur in training."""
+    """flite speech: ``{split}.jsonl`` rows ``{id, audio, text, kind, voice}`` (kind: digits | sentence),
+    and ``digits_{split}.jsonl`` (the digit strings alone, for ASR); held-out digit strings and
+    sentences never occur in training."""
     rng = random.Random(cfg.seed + 2)
     length = cfg.digits_length
     digits = lambda r: "".join(str(r.randrange(10)) for _ in range(length))  # noqa: E731
@@ -220,6 +221,8 @@ def make_speech(out: Path, cfg: CorpusConfig, sentences: list[str]) -> dict[str,
                 rows.append({"id": f"speech-{split}-{i}", "audio": name, "text": text, "kind": kind, "voice": voice})
                 jobs.append((text, voice, str(out / name)))
         paths[split] = _write_jsonl(out / f"{split}.jsonl", rows)
+        # ASR reads the digit strings only (see recipes/data/demo.yaml); TTS and the codec read both kinds
+        paths[f"digits_{split}"] = _write_jsonl(out / f"digits_{split}.jsonl", [r for r in rows if r["kind"] == "digits"])
     synthesize(jobs)
     return paths
 

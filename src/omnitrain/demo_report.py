@@ -5,8 +5,10 @@ demo's overrides (:func:`eval_overrides`), four harness tasks on splits no train
 
 * ``reading``: the digits of a held-out rendered number (exact match, and characters right in place);
 * ``docvqa``: a question about a held-out rendered form (ANLS, and exact match);
-* ``speech_wer``: held-out flite utterances, spoken digit strings and handbook sentences (corpus WER,
-  ``basic`` normaliser so that each spoken digit stays a word; also per kind);
+* ``speech_wer``: held-out flite utterances of spoken digit strings (connected digits, as TIDIGITS;
+  corpus WER, ``basic`` normaliser so that each spoken digit stays a word). The handbook sentences
+  train TTS and the codec, not ASR: open-vocabulary ASR is out of this budget's reach (measured, see
+  ``recipes/data/demo.yaml``);
 * ``perplexity``: held-out handbook pages (teacher-forced, per text token; and bits per byte).
 """
 
@@ -17,7 +19,6 @@ from typing import Any
 
 import numpy as np
 
-from omnitrain.demo_data import read_jsonl
 from omnitrain.prompting import TokenizerPaths
 
 ASR_MAX_TOKENS, ANSWER_MAX_TOKENS = 40, 8  # the longest reference is ~15 text tokens / 4
@@ -36,7 +37,7 @@ def eval_overrides(model_path: Path, out_dir: Path, corpus: dict[str, Any], path
             f"reading.max_new_tokens={ANSWER_MAX_TOKENS}",
             f"docvqa.path={corpus['forms']['test']}", f"docvqa.image_size={image_sizes['doc_qa']}",
             f"docvqa.max_new_tokens={ANSWER_MAX_TOKENS}",
-            f"speech_wer.source={corpus['speech']['test']}", "speech_wer.normalizer=basic", "speech_wer.prompt=Transcript:",
+            f"speech_wer.source={corpus['speech']['digits_test']}", "speech_wer.normalizer=basic", "speech_wer.prompt=Transcript:",
             f"speech_wer.max_new_tokens={ASR_MAX_TOKENS}",
             f"perplexity.paths=[{','.join(str(p) for p in corpus['text']['test'])}]", f"perplexity.chunk_chars={TEXT_CHUNK_CHARS}",
             f"batch_size={batch_size}", f"out_dir={out_dir}", "report=false", "resume=false"]  # fmt: skip
@@ -46,11 +47,10 @@ def evaluate(model_path: Path, out_dir: Path, corpus: dict[str, Any], paths: Tok
              batch_size: int = 16) -> dict[str, Any]:  # fmt: skip
     """Every demo task on the held-out splits through ``omnitrain eval`` itself (composed from
     ``recipes/eval.yaml`` as the command line does), into ``results.json`` + ``samples.jsonl`` in
-    ``out_dir``; adds the per-kind WER and document-QA exact match of the same samples; returns the
+    ``out_dir``; adds the document-QA exact match of the same samples; returns the
     ``tasks`` part of the results."""
     from omnitrain.cli import COMMANDS, compose, recipes_dir
     from omnitrain.eval.harness import run_eval
-    from omnitrain.eval.metrics import corpus_wer
     from omnitrain.eval.report import write_report
     from omnitrain.eval.results import metric, read_samples, write_results
 
@@ -59,13 +59,6 @@ def evaluate(model_path: Path, out_dir: Path, corpus: dict[str, Any], paths: Tok
     results = run_eval(eval_cfg)
     samples = read_samples(Path(out_dir) / "samples.jsonl")
 
-    # per-kind WER of the harness's transcripts (spoken digit strings, sentences)
-    kind = {r["id"]: r["kind"] for r in read_jsonl(corpus["speech"]["test"])}
-    asr = [s for s in samples if s["task"] == "speech_wer"]
-    for k in ("digits", "sentence"):
-        pick = [s for s in asr if kind.get(s["id"]) == k]
-        w = corpus_wer([s["target"] for s in pick], [s["output"] for s in pick], normalizer="basic")
-        results["tasks"]["speech_wer"]["metrics"][f"wer_{k}"] = {"value": w["wer"], "stderr": w["stderr"], "n": w["n"]}
     results["tasks"]["docvqa"]["metrics"]["exact_match"] = metric([float(s["output"].strip().lower() in [a.lower() for a in s["target"]])
                                               for s in samples if s["task"] == "docvqa"])  # fmt: skip
     write_results(out_dir, results)
@@ -117,9 +110,8 @@ TABLE = [  # (task, metric, label, higher is better)
     ("reading", "char_accuracy", "reading: digits right in place", True),
     ("docvqa", "anls", "document QA: ANLS on held-out forms", True),
     ("docvqa", "exact_match", "document QA: exact match", True),
-    ("speech_wer", "wer", "ASR: corpus WER on held-out flite speech", False),
-    ("speech_wer", "wer_digits", "ASR: WER, spoken digit strings", False),
-    ("speech_wer", "wer_sentence", "ASR: WER, handbook sentences", False),
+    ("speech_wer", "wer", "ASR: WER on held-out spoken digit strings (flite, 4 voices)", False),
+    ("speech_wer", "cer", "ASR: character error rate, same utterances", False),
     ("perplexity", "perplexity", "text: perplexity on held-out handbook pages", False),
 ]
 

@@ -60,6 +60,9 @@ class Part:
     learn: bool = True
     optional: bool = False  # a missing/empty field is skipped instead of an error
     branch: str | None = None  # preference pairs: "chosen" or "rejected" (None: shared by both)
+    # text parts: tokenize " " + the value, so that its first word is cut as it is mid-sentence
+    # ("▁two", not "t" + "wo") when it follows a prompt such as "Transcript:"
+    lead_space: bool = False
 
     def __post_init__(self) -> None:
         given = [k for k in KINDS if getattr(self, k) is not None]
@@ -67,6 +70,8 @@ class Part:
             raise ValueError(f"a template part names exactly one of {KINDS}, got {given or 'none'}")
         if self.branch is not None and self.branch not in BRANCHES:
             raise ValueError(f"a template part's branch is one of {BRANCHES}, got {self.branch!r}")
+        if self.lead_space and self.kind != "text":
+            raise ValueError(f"lead_space applies to text parts, not to a {self.kind} part")
 
     @property
     def kind(self) -> str:
@@ -188,6 +193,8 @@ class SampleEncoder:
         if value is None:
             return []
         if kind == "text":
+            if part.lead_space and isinstance(value, str) and not value.startswith(" "):
+                value = " " + value
             return [(self._text(value), part.learn)]
         if kind in ("image", "audio"):
             return [(self._media(kind, value), part.learn)]
