@@ -105,15 +105,14 @@ def resolve_path(path: str) -> str:
 class LMObjective:
     """Next-token cross entropy weighted by ``loss_weights`` (pretraining, continued pretraining, SFT)."""
 
-    def __init__(self, modality_table: torch.Tensor, z_loss: float) -> None:
-        self.table, self.z_loss = modality_table, z_loss
-        self.keys = LOSS_KEYS
+    # the model holds what the loss needs (its modality table, cfg.z_loss) and computes it in forward
+    keys = LOSS_KEYS
 
     def count(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return batch["loss_weights"].sum().float()
 
     def loss(self, model: Any, batch: dict[str, torch.Tensor], denom: torch.Tensor | float) -> tuple[torch.Tensor, torch.Tensor]:
-        # the model computes the loss itself (chunked output projection + CE: no [B, T, V] logits)
+        # chunked output projection + CE inside the model: no [B, T, V] logits
         return model(batch["input_ids"], batch["doc_ids"], batch["targets"], batch["loss_weights"], denom)
 
     def summary(self, sums: torch.Tensor, count: torch.Tensor) -> tuple[dict[str, float], dict[str, int]]:

@@ -173,7 +173,7 @@ def train(cfg: TrainConfig, plain_config: dict[str, Any] | None = None) -> dict[
     if cfg.objective == "dpo":
         objective = DPOObjective(cfg.dpo, modality_table, reference)
     else:
-        objective = LMObjective(modality_table, cfg.model.z_loss)
+        objective = LMObjective()
     loader: OmniLoader = make_loader(cfg.data, fabric.global_rank, fabric.world_size)
     validation = Validation(cfg.val, cfg.data, make_loader, fabric.global_rank, fabric.world_size, layout.hash)
     state: dict[str, Any] = {"model": model, "optimizer": optimizer, "step": 0, "tokens": 0}
