@@ -48,7 +48,7 @@ def test_pocketsphinx_wer_on_librivox_is_clearly_below_one():
     hyps = PocketsphinxASR().transcribe([r["audio"] for r in rows])
     out = corpus_wer([r["text"] for r in rows], hyps)
     assert out["ref_words"] == sum(len(r["text"].split()) for r in rows)
-    assert out["wer"] < 0.6, (out, hyps)  # measured 0.34 with pocketsphinx 5.1.1
+    assert out["wer"] < 0.6, (out, hyps)  # measured 0.268 with pocketsphinx 5.1.1 (evals/speech_wer.yaml)
 
 
 @pytest.mark.slow

@@ -1,9 +1,8 @@
-"""ANLS, corpus WER/CER and the text normalisers, against hand-computed values."""
+"""ANLS and corpus WER/CER against hand-computed values (the normalisers: test_normalizers.py)."""
 
 import pytest
 
 from omnitrain.eval.metrics import anls, corpus_cer, corpus_wer, mean_anls
-from omnitrain.eval.normalizers import BasicTextNormalizer, EnglishTextNormalizer, get_normalizer
 
 # ---------------------------------------------------------------- ANLS
 
@@ -77,7 +76,7 @@ def test_empty_reference_counts_insertions_only():
     # -> 2 / 2 = 1.0
     out = corpus_wer(["hello world", ""], ["hello world", "uh oh"], normalizer="basic")
     assert (out["insertions"], out["ref_words"], out["wer"]) == (2, 2, 1.0)
-    # the whisper normaliser drops the filler "uh": 1 insertion / 2 = 0.5
+    # the whisper normaliser drops the filler "uh" (and writes "oh" as "0"): 1 insertion / 2 = 0.5
     assert corpus_wer(["hello world", ""], ["hello world", "uh oh"])["wer"] == pytest.approx(0.5)
     # an empty hypothesis is all deletions
     assert corpus_wer(["a b"], [""], normalizer="none")["deletions"] == 2
@@ -86,7 +85,7 @@ def test_empty_reference_counts_insertions_only():
 def test_all_empty_references_raise():
     with pytest.raises(ValueError, match="every reference is empty"):
         corpus_wer(["", "[noise]"], ["a", "b"], normalizer="basic")
-    with pytest.raises(ValueError, match="normalizer"):
+    with pytest.raises(ValueError, match="normalizer='english' is not one of"):
         corpus_wer(["a"], ["a"], normalizer="english")
 
 
@@ -106,61 +105,5 @@ def test_cer_without_spaces():
     assert out["cer"] == pytest.approx(0.25) and out["ref_chars"] == 4
     assert corpus_cer(["你好 世界"], ["你好世界"])["cer"] == 0.0
     assert corpus_cer(["ab"], ["a b"], keep_spaces=True)["insertions"] == 1
-
-
-# ---------------------------------------------------------------- normalisers
-
-ENGLISH_CASES = [
-    # numbers
-    ("Twenty one", "21"),
-    ("one hundred and five", "105"),
-    ("two thousand and twenty", "2020"),
-    ("one million two hundred thousand", "1200000"),
-    ("nineteen sixty", "1960"),
-    ("one two three", "123"),
-    ("the twenty first of May", "the 21st of may"),
-    ("second place", "2nd place"),
-    ("two point five", "2.5"),
-    ("three and a half", "3.5"),
-    ("five dollars", "$5"),
-    ("five dollars and fifty cents", "$5.50"),
-    ("$20 million", "$20000000"),
-    ("$1,234.50", "$1234.50"),
-    ("ten percent", "10%"),
-    ("in the sixties", "in the 60s"),
-    ("he was one of them", "he was one of them"),
-    ("she's got 1 cat", "she has got one cat"),
-    # contractions and titles
-    ("I won't go, can't stay", "i will not go can not stay"),
-    ("John's here, they're late, I'd say", "john is here they are late i would say"),
-    ("I've been there", "i have been there"),
-    ("Mr. Smith and Dr. Jones", "mister smith and doctor jones"),
-    # spelling, fillers, brackets, punctuation, diacritics
-    ("The colour of the organisation is grey", "the color of the organization is gray"),
-    ("Hmm, uh, I um think [laughs] (noise) so.", "i think so"),
-    ("Well... yes! No?  Maybe;  fine", "well yes no maybe fine"),
-    ("naïve café", "naive cafe"),
-]
-
-
-@pytest.mark.parametrize("text,expected", ENGLISH_CASES)
-def test_english_normalizer(text, expected):
-    assert EnglishTextNormalizer()(text) == expected
-
-
-def test_english_normalizer_agrees_with_whisper_on_the_cases():
-    """Parity with the reference implementation where the package that ships our table has it."""
-    english = pytest.importorskip("whisper_normalizer.english")
-    ref = english.EnglishTextNormalizer()
-    ours = EnglishTextNormalizer()
-    for text, _ in ENGLISH_CASES:
-        assert ours(text) == ref(text).strip(), text
-
-
-def test_basic_normalizer():
-    basic = BasicTextNormalizer()
-    assert basic("Hello, World! [noise] (cough) <unk>") == "hello world"
-    assert basic("Don't  stop—twenty-one") == "don t stop twenty one"
-    assert basic("Größe") == "größe"  # keeps letters of any script, no number or spelling rules
-    assert get_normalizer("none")("A, b") == "A, b"
-    assert basic("") == ""
+    # the edge space Whisper's normaliser leaves after "Hello." is no character to insert
+    assert corpus_cer(["Hello."], ["hello"], normalizer="whisper", keep_spaces=True)["cer"] == 0.0

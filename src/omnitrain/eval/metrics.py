@@ -4,7 +4,8 @@
   the best over the accepted answers of ``1 - NL`` where ``NL = levenshtein / max(len)``, and 0 when
   ``NL >= threshold`` (0.5). Compared case- and whitespace-insensitively.
 - WER/CER: corpus level, total edits over total reference words (characters), computed by jiwer on
-  normalised text. This is not the mean of per-utterance WERs, which over-weights short utterances.
+  text normalised by Whisper's own normalisers (`omnitrain.eval.normalizers`), so that figures compare
+  with published ones. This is not the mean of per-utterance WERs, which over-weights short utterances.
 """
 
 from __future__ import annotations
@@ -116,6 +117,7 @@ def _corpus_rate(references: list[str], hypotheses: list[str], normalizer: str, 
     if len(references) != len(hypotheses):
         raise ValueError(f"{len(references)} references for {len(hypotheses)} hypotheses")
     norm = get_normalizer(normalizer)
+    # strip: Whisper's normalisers can leave an edge space ("Hello." -> "hello "), a character for CER
     refs = [norm(r).strip() for r in references]
     hyps = [norm(h).strip() for h in hypotheses]
     if unit == "word":
@@ -151,7 +153,8 @@ def corpus_wer(references: list[str], hypotheses: list[str], normalizer: str = "
     Args:
         references: ground-truth transcripts.
         hypotheses: system outputs, one per reference.
-        normalizer: ``"whisper"`` (English rules, see `EnglishTextNormalizer`), ``"basic"`` or ``"none"``.
+        normalizer: ``"whisper"`` (Whisper's English normaliser, the reference implementation in
+            transformers; see `omnitrain.eval.normalizers`), ``"basic"`` or ``"none"``.
 
     Returns:
         ``{"wer", "substitutions", "deletions", "insertions", "ref_words", "n", "stderr",
@@ -159,6 +162,7 @@ def corpus_wer(references: list[str], hypotheses: list[str], normalizer: str = "
 
     Raises:
         ValueError: on length mismatch, an unknown normaliser, or when every reference is empty.
+        ImportError: for ``"whisper"``/``"basic"`` without transformers or whisper-normalizer.
     """
     return _corpus_rate(references, hypotheses, normalizer, "word")
 
