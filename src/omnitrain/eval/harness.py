@@ -409,6 +409,33 @@ class TesseractSystem:
         return self.qa.answer(image_path, question)
 
 
+class SamplesOnly:
+    """No model: every task scores completions made elsewhere (``humaneval.samples``)."""
+
+    kind = "samples"
+
+    def __init__(self, spec: ModelSpec, samples: list[str]) -> None:
+        self.info = _baseline_info("samples", spec)
+        self.info.update(path=", ".join(samples), name=spec.name or ", ".join(Path(s).stem for s in samples))
+
+
+def pick_system(spec: ModelSpec, tasks: list[Any], batch_size: int = 16) -> Any:
+    """The model the tasks run on, or ``SamplesOnly`` when none of them needs one (errors say what to pass)."""
+    needing = [t.name for t in tasks if getattr(t, "needs_model", True)]
+    samples = [t.cfg.samples for t in tasks if not getattr(t, "needs_model", True)]
+    has_model = spec.path is not None or spec.kind != "auto"
+    if not needing:
+        if has_model:
+            given = f"model.path={spec.path}" if spec.path is not None else f"model.kind={spec.kind}"
+            raise ValueError(f"{given} would not be used: no task needs a model ({', '.join(samples)} scored as they are); "
+                             "drop it, or set model.name to name the samples in reports")  # fmt: skip
+        return SamplesOnly(spec, samples)
+    if samples and not has_model:
+        raise ValueError(f"tasks {needing} need a model and model.path is not set: pass model.path=<run dir, model "
+                         "folder, Hugging Face folder or hub id> (humaneval.samples scores humaneval alone)")  # fmt: skip
+    return load_system(spec, batch_size)
+
+
 def load_system(spec: ModelSpec, batch_size: int = 16) -> Any:
     """The adapter for ``spec`` (errors say what to pass)."""
     if spec.kind == "pocketsphinx":
@@ -483,7 +510,7 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     t0 = time.perf_counter()
-    system = load_system(cfg.model, cfg.batch_size)
+    system = pick_system(cfg.model, tasks, cfg.batch_size)
     out = Path(cfg.out_dir)
     if hasattr(system, "loglikelihood") and any(getattr(t, "scores_loglikelihood", False) for t in tasks):  # generation: no cache
         from omnitrain.eval.cache import ScoreCache, fingerprint
@@ -504,6 +531,8 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
         dt = time.perf_counter() - t1
         res["tasks"][task.name] = {"metrics": o.metrics, "groups": o.groups, "items": o.items, "seconds": dt,
                                    "items_per_s": o.items / dt if dt > 0 else None, "config": to_dict(getattr(cfg, task.name))}  # fmt: skip
+        if o.info:  # e.g. humaneval.samples naming only some problems
+            res["tasks"][task.name]["info"] = o.info
         R.write_samples(out, o.samples, append=k > 0)
         R.write_results(out, res)  # after every task: a crash keeps what is done
         shown = ", ".join(

