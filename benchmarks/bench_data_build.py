@@ -48,9 +48,10 @@ def run(quick: bool = False) -> list[dict]:
     import torch
 
     from omnitrain.config import from_dict
-    from omnitrain.pipeline.build import BuildConfig, PipelineConfig, TokenizersConfig, build_shards
+    from omnitrain.pipeline.build import BuildConfig, PipelineConfig, build_shards
     from omnitrain.pipeline.media import MediaConfig
     from omnitrain.tokenizer.audio import AudioCodecConfig, RVQAudioCodec
+    from omnitrain.tokenizer.bundle import TokenizerPaths
     from omnitrain.tokenizer.image import ImageTokenizerConfig, VQImageTokenizer
     from omnitrain.tokenizer.text import (
         TextCorpusConfig,
@@ -78,7 +79,7 @@ def run(quick: bool = False) -> list[dict]:
                 for name, src, template in (("img", img_src, "caption"), ("aud", aud_src, "asr")):
                     cfg = BuildConfig(
                         pipeline=from_dict(PipelineConfig, {"name": name, "source": src, "template": template}),
-                        tokenizers=TokenizersConfig(text=tmp / "text", image=tmp / "image.pt", audio=tmp / "audio.pt"),
+                        tokenizers=TokenizerPaths(text=tmp / "text", image=tmp / "image.pt", audio=tmp / "audio.pt"),
                         media=MediaConfig(image_size=256), out_dir=tmp / f"out-{rep}-{workers}-{name}",
                         templates_dir=repo / "data_pipelines" / "template", workers=workers, chunk_items=4, shard_samples=32,
                     )  # fmt: skip

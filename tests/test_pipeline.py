@@ -17,7 +17,6 @@ from omnitrain.pipeline import build as build_mod
 from omnitrain.pipeline.build import (
     BuildConfig,
     PipelineConfig,
-    TokenizersConfig,
     build_shards,
     load_template,
 )
@@ -25,6 +24,7 @@ from omnitrain.pipeline.media import MediaConfig, MediaTokenizers
 from omnitrain.pipeline.readers import SourceConfig
 from omnitrain.pipeline.templates import Part
 from omnitrain.shards import iter_shard, read_manifest
+from omnitrain.tokenizer.bundle import TokenizerPaths
 from omnitrain.tokenizer.layout import (
     AudioSegment,
     ImageSegment,
@@ -59,7 +59,7 @@ def make_cfg(tmp_path: Path, text_dir: Path, source: dict, template: str, media_
     image, audio = media_ckpts or (None, None)
     return BuildConfig(
         pipeline=from_dict(PipelineConfig, {"name": "t", "source": source, "template": template}),
-        tokenizers=TokenizersConfig(text=text_dir, image=image, audio=audio),
+        tokenizers=TokenizerPaths(text=text_dir, image=image, audio=audio),
         media=MediaConfig(image_size=64),
         out_dir=tmp_path / kw.pop("out", "shards"),
         templates_dir=REPO / "data_pipelines" / "template",
@@ -115,7 +115,7 @@ def test_image_templates_round_trip_through_the_tokenizer(tmp_path, text_tokeniz
     build_shards(cfg)
     samples = read_back(cfg.out_dir)
     assert len(samples) == 5
-    from omnitrain.tokenizer.build import load_media_tokenizers
+    from omnitrain.tokenizer.bundle import load_media_tokenizers
 
     image, audio = load_media_tokenizers(*media_ckpts)
     media = MediaTokenizers(image, audio, cfg.media, 64)
@@ -140,7 +140,7 @@ def test_librivox_speech_templates(tmp_path, text_tokenizer_dir, text_tokenizer,
     build_shards(cfg)
     samples = read_back(cfg.out_dir)
     assert len(samples) == 5
-    from omnitrain.tokenizer.build import load_media_tokenizers
+    from omnitrain.tokenizer.bundle import load_media_tokenizers
 
     media = MediaTokenizers(*load_media_tokenizers(*media_ckpts), cfg.media, 64)
     layout = TokenLayout.load(cfg.out_dir)
@@ -345,8 +345,8 @@ def test_inspect_decodes_back_to_text_png_and_wav(tmp_path, text_tokenizer_dir, 
     assert len(pngs) == 2 and pngs[0].read_bytes()[:4] == b"\x89PNG"
     assert len(result["samples"]) == 2
     # the wrong tokenizers for these shards: a clear error naming both layouts
-    other = TokenizersConfig(text=text_tokenizer_dir)  # no image tokenizer -> another layout
-    with pytest.raises(LayoutMismatchError, match="current layout is"):
+    other = TokenizerPaths(text=text_tokenizer_dir)  # no image tokenizer -> another layout
+    with pytest.raises(LayoutMismatchError, match="make token layout [0-9a-f]+, but shards .* uses layout [0-9a-f]+"):
         inspect_shards(InspectConfig(shards=cfg.out_dir, tokenizers=other))
 
 
@@ -396,7 +396,7 @@ def test_video_frames_interleave_with_their_audio_windows(tmp_path, text_tokeniz
         assert frames == [100, 100, 100]  # the test codec runs at 100 frames/s: one second of audio per window
         if template == "video_caption":
             assert text_tokenizer.decode(segs[-2].ids.tolist()) == "a yellow bar sweeps right"
-    from omnitrain.tokenizer.build import load_media_tokenizers
+    from omnitrain.tokenizer.bundle import load_media_tokenizers
 
     mt = MediaTokenizers(*load_media_tokenizers(*media_ckpts), cfg.media, 64)
     mt.base_dir = folder

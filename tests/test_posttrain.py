@@ -16,9 +16,10 @@ from omnitrain import checkpoint
 from omnitrain.cli import COMMANDS, compose, main, recipes_dir
 from omnitrain.config import from_dict
 from omnitrain.data import OmniLoader
-from omnitrain.pipeline.build import BuildConfig, PipelineConfig, TokenizersConfig, build_shards
+from omnitrain.pipeline.build import BuildConfig, PipelineConfig, build_shards
 from omnitrain.pipeline.media import MediaConfig
 from omnitrain.runlog import read_metrics
+from omnitrain.tokenizer.bundle import TokenizerPaths
 from omnitrain.tokenizer.layout import TokenLayout
 from omnitrain.train import train
 from tests.test_hf_text import make_hf_tokenizer
@@ -72,7 +73,7 @@ def world(tmp_path_factory) -> dict[str, Path]:
         build_shards(BuildConfig(
             pipeline=from_dict(PipelineConfig, {"name": name, "template": template,
                                                 "source": {"kind": "records", "paths": [str(data / f"{name}.jsonl")]}}),
-            tokenizers=TokenizersConfig(text=llm, image=str(root / "image.pt"), audio=str(root / "audio.pt"), max_grid=8),
+            tokenizers=TokenizerPaths(text=llm, image=str(root / "image.pt"), audio=str(root / "audio.pt"), max_grid=8),
             media=MediaConfig(image_size=32, max_audio_seconds=1.0), out_dir=root / "shards" / name,
             templates_dir=REPO / "data_pipelines" / "template", shard_samples=4))  # fmt: skip
         shards[name] = root / "shards" / name

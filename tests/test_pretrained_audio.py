@@ -97,7 +97,7 @@ def test_layout_and_shard_codes_from_pretrained_codecs(mimi_dir: Path, tmp_path:
     """A pretrained HF folder plugs in wherever a checkpoint does: the layout gets its K x C range."""
     import numpy as np
 
-    from omnitrain.tokenizer.build import load_media_tokenizers
+    from omnitrain.tokenizer.bundle import load_media_tokenizers
     from omnitrain.tokenizer.layout import AudioSegment, TokenLayout
 
     _, codec = load_media_tokenizers(None, mimi_dir)

@@ -94,7 +94,7 @@ def test_clear_errors(tmp_path):
 
 def test_layout_from_pretrained_image_tokenizer(tmp_path):
 
-    from omnitrain.tokenizer.build import load_media_tokenizers
+    from omnitrain.tokenizer.bundle import load_media_tokenizers
     from omnitrain.tokenizer.layout import ImageSegment, TokenLayout
 
     tiny_emu3().save_pretrained(tmp_path)

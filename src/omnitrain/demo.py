@@ -24,11 +24,12 @@ import yaml
 
 from omnitrain.config import from_dict
 from omnitrain.demo_data import CELL_W, CorpusConfig, make_corpus, read_jsonl, spoken_digits, tokenizer_inputs
-from omnitrain.pipeline.build import BuildConfig, PipelineConfig, TokenizersConfig, build_shards
+from omnitrain.pipeline.build import BuildConfig, PipelineConfig, build_shards
 from omnitrain.pipeline.inspect import InspectConfig, inspect_shards
 from omnitrain.pipeline.media import MediaConfig
+from omnitrain.tokenizer import bundle
 from omnitrain.tokenizer.audio_train import AudioTrainConfig, train_audio_codec
-from omnitrain.tokenizer.build import load_media_tokenizers
+from omnitrain.tokenizer.bundle import TokenizerPaths
 from omnitrain.tokenizer.image_train import ImageTrainConfig, train_image_tokenizer
 from omnitrain.tokenizer.layout import SpecialSegment, TextSegment, TokenLayout, normalize
 from omnitrain.tokenizer.report import TokenizerReportConfig, write_report
@@ -161,8 +162,8 @@ def run_demo(cfg: DemoConfig) -> dict:
 
     st.start("layout", "token layout: one id space, and an exact serialize/parse round trip")
     image_ckpt, audio_ckpt = cfg.image.run_dir / "image_tokenizer.pt", cfg.audio.run_dir / "audio_codec.pt"
-    image, audio = load_media_tokenizers(image_ckpt, audio_ckpt)
-    layout = TokenLayout.from_tokenizers(tok, image, audio)
+    tokenizers = TokenizerPaths(text=str(tok_dir), image=str(image_ckpt), audio=str(audio_ckpt))
+    layout = bundle.load(tokenizers).layout
     layout.save(run / "layout.json")
     sample = "def add(a, b):\n    return a + b  # indentation survives\nBonjour, ça va ? नमस्ते 你好"
     segments = [SpecialSegment("bos"), TextSegment(np.array(tok.encode(sample))), SpecialSegment("eos")]
@@ -174,7 +175,6 @@ def run_demo(cfg: DemoConfig) -> dict:
     st.done(f"layout {layout.hash}, vocabulary {layout.vocab_size}")
 
     st.start("shards", "token shards: text LM, captioning, reading, text -> image, document QA, ASR, TTS")
-    tokenizers = TokenizersConfig(text=tok_dir, image=str(image_ckpt), audio=str(audio_ckpt))
     sizes = image_sizes(cfg)
     summary["shards"] = {}
     shutil.rmtree(run / "shards", ignore_errors=True)  # the tokenizers were just retrained: a new id space
@@ -223,7 +223,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     return summary
 
 
-def _train_eval_generate(cfg: DemoConfig, run: Path, corpus: dict[str, Any], tokenizers: TokenizersConfig, layout: TokenLayout,
+def _train_eval_generate(cfg: DemoConfig, run: Path, corpus: dict[str, Any], tokenizers: TokenizerPaths, layout: TokenLayout,
                          st: Stages, summary: dict[str, Any]) -> None:  # fmt: skip
     import torch
 
@@ -231,11 +231,10 @@ def _train_eval_generate(cfg: DemoConfig, run: Path, corpus: dict[str, Any], tok
     from omnitrain.cli import COMMANDS, compose, recipes_dir
     from omnitrain.demo_report import evaluate, loss_drop
     from omnitrain.model import Transformer
-    from omnitrain.prompting import GenerateConfig, TokenizerPaths, run_generate
+    from omnitrain.prompting import GenerateConfig, run_generate
     from omnitrain.runlog import read_metrics
     from omnitrain.train import train
 
-    paths = TokenizerPaths(text=str(tokenizers.text), image=tokenizers.image, audio=tokenizers.audio, max_grid=tokenizers.max_grid)
     overrides = [f"run_dir={run / 'train'}", f"steps={cfg.train_steps}", "resume=never", f"init_from={run / 'init' / 'model'}",
                  *(f"data.sources.{k}.path={run / 'shards' / k}" for k in summary["shards"]), *cfg.train_overrides]  # fmt: skip
     train_cfg, plain = compose(next(c for c in COMMANDS if c.name == "train"), overrides, recipes_dir())
@@ -249,7 +248,7 @@ def _train_eval_generate(cfg: DemoConfig, run: Path, corpus: dict[str, Any], tok
     init = Transformer(train_cfg.model)
     init.set_modalities(layout.modality_of(np.arange(layout.vocab_size)))
     save_model(init, run / "init" / "model", run, {"step": 0, "tokens": 0})
-    before = evaluate(run / "init", run / "eval" / "init", corpus, paths, image_sizes(cfg), cfg.eval_batch_size)
+    before = evaluate(run / "init", run / "eval" / "init", corpus, tokenizers, image_sizes(cfg), cfg.eval_batch_size)
     st.done(_eval_line(before))
 
     st.start("train", "training: the tiny omni model on all shard sets (recipes/experiment/demo.yaml, Fabric)")
@@ -264,7 +263,7 @@ def _train_eval_generate(cfg: DemoConfig, run: Path, corpus: dict[str, Any], tok
             + ", ".join(f"{m} {d['first']:.2f} -> {d['last']:.2f}" for m, d in drops.items()))  # fmt: skip
 
     st.start("eval_trained", "evaluation of the trained model on the same held-out sets")
-    after = evaluate(run / "train", run / "eval" / "trained", corpus, paths, image_sizes(cfg), cfg.eval_batch_size)
+    after = evaluate(run / "train", run / "eval" / "trained", corpus, tokenizers, image_sizes(cfg), cfg.eval_batch_size)
     summary["eval"] = {"init": before, "trained": after}
     st.done(_eval_line(after))
 
@@ -277,7 +276,7 @@ def _train_eval_generate(cfg: DemoConfig, run: Path, corpus: dict[str, Any], tok
         "tts": {"text": spoken_digits(digits), "output": "audio"},
         "caption": {"images": [str(Path(corpus["photos"]) / "astronaut.png")], "text": "Caption:", "output": "text"},  # the caption template's prompt
     }.items():
-        gen = GenerateConfig(run=run / "train", tokenizers=paths, out_dir=run / "generate" / name, **changes,
+        gen = GenerateConfig(run=run / "train", tokenizers=tokenizers, out_dir=run / "generate" / name, **changes,
                              media=MediaConfig(**{**vars(cfg.media), "image_size": cfg.photo_size}))  # fmt: skip
         gen.sampling.max_new_tokens, gen.sampling.temperature, gen.sampling.top_k = 400, 0.8, 50
         outputs[name] = {"prompt": changes["images"][0] if "images" in changes else changes["text"], "parts": run_generate(gen)["samples"][0]["parts"]}

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from omnitrain.prompting import TokenizerPaths
+from omnitrain.tokenizer.bundle import TokenizerPaths
 
 ASR_MAX_TOKENS, ANSWER_MAX_TOKENS = 40, 8  # the longest reference is ~15 text tokens / 4
 TEXT_CHUNK_CHARS = 1200  # held-out text is scored in windows of about this many characters (~300 tokens)

@@ -25,8 +25,9 @@ from typing import Any, Literal
 import numpy as np
 
 from omnitrain.generate import SamplingConfig, generate
-from omnitrain.pipeline.build import TokenizersConfig
 from omnitrain.pipeline.media import MediaConfig, MediaTokenizers
+from omnitrain.tokenizer import bundle
+from omnitrain.tokenizer.bundle import TokenizerPaths
 from omnitrain.tokenizer.layout import (
     AudioSegment,
     ImageSegment,
@@ -35,17 +36,6 @@ from omnitrain.tokenizer.layout import (
     TextSegment,
     TokenLayout,
 )
-
-
-@dataclass
-class TokenizerPaths:
-    """The tokenizers to read prompts and write outputs with; ``text: null`` takes all of them from the
-    manifest of the model's training shards."""
-
-    text: str | None = None
-    image: str | None = None
-    audio: str | None = None
-    max_grid: int = 64
 
 
 @dataclass
@@ -64,25 +54,6 @@ class GenerateConfig:
     media: MediaConfig = field(default_factory=MediaConfig)  # how input images / audio are prepared
     out_dir: Path = Path("runs/generate")
     device: str = "cpu"
-
-
-def find_tokenizers(model_dir: Path, run_dir: Path | None) -> TokenizersConfig:
-    """The tokenizers of the shards a run trained on (from its config.yaml and their manifest)."""
-    import yaml
-
-    from omnitrain.config import from_dict
-
-    config_file = next((p / "config.yaml" for p in (run_dir, model_dir.parent) if p and (p / "config.yaml").is_file()), None)
-    if config_file is None:
-        raise FileNotFoundError(f"cannot tell which tokenizers {model_dir} uses (no training config.yaml beside it): pass "
-                                "tokenizers.text=... tokenizers.image=... tokenizers.audio=...")  # fmt: skip
-    sources = yaml.safe_load(config_file.read_text())["data"]["sources"]
-    for spec in sources.values():
-        manifest = Path(spec["path"]) / "manifest.json"
-        if manifest.is_file():
-            return from_dict(TokenizersConfig, json.loads(manifest.read_text())["config"]["tokenizers"])
-    raise FileNotFoundError(f"none of the training shard sets in {config_file} is readable here ({[s['path'] for s in sources.values()]}): "
-                            "pass tokenizers.text=... tokenizers.image=... tokenizers.audio=...")  # fmt: skip
 
 
 def build_prompt(cfg: GenerateConfig, layout: TokenLayout, text_tok: Any, media: MediaTokenizers | None) -> list[int]:
@@ -118,22 +89,14 @@ def build_prompt(cfg: GenerateConfig, layout: TokenLayout, text_tok: Any, media:
 def run_generate(cfg: GenerateConfig) -> dict[str, Any]:
     from omnitrain.checkpoint import load_model
     from omnitrain.pipeline.inspect import decode_sample
-    from omnitrain.tokenizer.build import load_media_tokenizers
-    from omnitrain.tokenizer.hf_text import load_text_tokenizer
 
     model, layout = load_model(cfg.run, cfg.device)
     if layout is None:
         raise ValueError(f"{cfg.run} has no layout.json: the model cannot tell text from image or audio ids")
     model_dir = Path(cfg.run) / "model" if (Path(cfg.run) / "model").is_dir() else Path(cfg.run)
-    t = cfg.tokenizers
-    tok_cfg = TokenizersConfig(Path(t.text), t.image, t.audio, t.max_grid) if t.text else find_tokenizers(model_dir, Path(cfg.run))
-    text_tok = load_text_tokenizer(tok_cfg.text)
-    image, audio = load_media_tokenizers(tok_cfg.image, tok_cfg.audio, cfg.device)
-    # the chat template is the model's (its layout.json), not the tokenizers': only the ids must agree
-    theirs = TokenLayout.from_tokenizers(text_tok, image, audio, max_grid=tok_cfg.max_grid, chat_template=layout.chat_template)
-    if theirs.hash != layout.hash:
-        raise ValueError(f"the tokenizers {tok_cfg} make layout {theirs.hash}, the model was trained on {layout.hash}: "
-                         "pass the tokenizers its shards were built with")  # fmt: skip
+    paths = cfg.tokenizers if cfg.tokenizers.text else bundle.recorded_paths(model_dir, Path(cfg.run))
+    tok = bundle.load(paths, expect_layout=layout, device=cfg.device, what=f"the model {cfg.run}")
+    text_tok, image, audio = tok.text, tok.image, tok.audio
     media = MediaTokenizers(image, audio, cfg.media, layout.max_grid) if (image or audio) else None
     prompt = build_prompt(cfg, layout, text_tok, media)
     sp = layout.specials

@@ -40,7 +40,7 @@ from omnitrain.eval.tasks import (
     SpeechWERConfig,
 )
 from omnitrain.pipeline.media import MediaConfig
-from omnitrain.prompting import TokenizerPaths
+from omnitrain.tokenizer.bundle import TokenizerPaths
 
 
 @dataclass
@@ -293,8 +293,7 @@ class OmniModel(TextLM):
         import json
 
         from omnitrain.checkpoint import load_model
-        from omnitrain.pipeline.build import TokenizersConfig
-        from omnitrain.prompting import find_tokenizers
+        from omnitrain.tokenizer.bundle import recorded_paths
         from omnitrain.tokenizer.hf_text import load_text_tokenizer
 
         model, layout = load_model(spec.path, spec.device)
@@ -302,13 +301,8 @@ class OmniModel(TextLM):
             raise ValueError(f"{spec.path} has no layout.json: omnitrain eval needs the model's token layout")
         run = Path(spec.path)
         model_dir = run / "model" if (run / "model" / "config.json").is_file() else run
-        t = spec.tokenizers
-        self.tok_cfg = (
-            TokenizersConfig(Path(t.text), t.image, t.audio, t.max_grid)
-            if t.text
-            else find_tokenizers(model_dir, run)
-        )
-        text_tok = load_text_tokenizer(self.tok_cfg.text)
+        self.tok_paths = spec.tokenizers if spec.tokenizers.text else recorded_paths(model_dir, run)
+        text_tok = load_text_tokenizer(self.tok_paths.text)  # image / audio only when a task needs them (media())
         self.text_tok, self._media = text_tok, None
         sp = layout.specials
         super().__init__(model, text_tok.encode, text_tok.decode, [sp["bos"]], [sp["end_of_turn" if spec.chat_template else "eos"]],
@@ -321,14 +315,10 @@ class OmniModel(TextLM):
         """The image tokenizer / audio codec, checked against the model's layout (loaded on first use)."""
         if self._media is None:
             from omnitrain.pipeline.media import MediaTokenizers
-            from omnitrain.tokenizer.build import load_media_tokenizers
-            from omnitrain.tokenizer.layout import TokenLayout
+            from omnitrain.tokenizer import bundle
 
-            image, audio = load_media_tokenizers(self.tok_cfg.image, self.tok_cfg.audio, self.spec.device)
-            theirs = TokenLayout.from_tokenizers(self.text_tok, image, audio, max_grid=self.tok_cfg.max_grid)
-            if theirs.hash != self.layout.hash:
-                raise ValueError(f"the tokenizers {self.tok_cfg} make layout {theirs.hash}, the model was trained on "
-                                 f"{self.layout.hash}: pass model.tokenizers.* of its shards")  # fmt: skip
+            tok = bundle.load(self.tok_paths, expect_layout=self.layout, device=self.spec.device, what=f"the model {self.spec.path}")
+            image, audio = tok.image, tok.audio
             self._media = (
                 MediaTokenizers(image, audio, self.spec.media, self.layout.max_grid)
                 if (image or audio)

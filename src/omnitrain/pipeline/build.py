@@ -44,6 +44,8 @@ from omnitrain.shards import (
     write_manifest,
     write_shard,
 )
+from omnitrain.tokenizer import bundle
+from omnitrain.tokenizer.bundle import TokenizerPaths
 from omnitrain.tokenizer.layout import MODALITIES, LayoutMismatchError, TokenLayout
 
 
@@ -66,17 +68,9 @@ class PipelineConfig:
 
 
 @dataclass
-class TokenizersConfig:
-    text: Path = Path("runs/tokenizer/text")  # SentencePiece run folder, or a Hugging Face tokenizer folder / .gguf / hub id
-    image: str | None = None  # omnitrain checkpoint file, or a Hugging Face folder / hub id (Emu3, Chameleon)
-    audio: str | None = None  # omnitrain checkpoint file, or a Hugging Face folder / hub id (EnCodec, Mimi)
-    max_grid: int = 64
-
-
-@dataclass
 class BuildConfig:
     pipeline: PipelineConfig
-    tokenizers: TokenizersConfig = field(default_factory=TokenizersConfig)
+    tokenizers: TokenizerPaths = field(default_factory=lambda: TokenizerPaths(text="runs/tokenizer/text"))
     media: MediaConfig = field(default_factory=MediaConfig)
     out_dir: Path = Path("runs/shards/default")
     templates_dir: Path = Path("data_pipelines/template")
@@ -117,13 +111,9 @@ _STATE: dict[str, Any] = {}
 def _init_worker(cfg: BuildConfig, template: Template) -> None:
     import torch
 
-    from omnitrain.tokenizer.build import load_media_tokenizers
-    from omnitrain.tokenizer.hf_text import load_text_tokenizer
-
     torch.set_num_threads(1)  # one core per worker: parallelism comes from the workers
-    text = load_text_tokenizer(cfg.tokenizers.text)
-    image, audio = load_media_tokenizers(cfg.tokenizers.image, cfg.tokenizers.audio, device=cfg.media.device)
-    layout = TokenLayout.from_tokenizers(text, image, audio, max_grid=cfg.tokenizers.max_grid)
+    tok = bundle.load(cfg.tokenizers, device=cfg.media.device)
+    text, image, audio, layout = tok.text, tok.image, tok.audio, tok.layout
     media = MediaTokenizers(image, audio, cfg.media, layout.max_grid) if (image or audio) else None
     hook = None
     if cfg.pipeline.filters.hook:

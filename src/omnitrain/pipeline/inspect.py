@@ -7,9 +7,10 @@ from pathlib import Path
 from typing import Any
 
 from omnitrain.config import from_dict
-from omnitrain.pipeline.build import TokenizersConfig
 from omnitrain.pipeline.media import MediaConfig, MediaTokenizers
 from omnitrain.shards import iter_shard, read_manifest
+from omnitrain.tokenizer import bundle
+from omnitrain.tokenizer.bundle import TokenizerPaths
 from omnitrain.tokenizer.layout import AudioSegment, ImageSegment, SpecialSegment, TextSegment, TokenLayout
 
 
@@ -18,7 +19,7 @@ class InspectConfig:
     shards: Path = Path("runs/shards/debian_text")
     samples: int = 3
     out_dir: Path | None = None
-    tokenizers: TokenizersConfig | None = None  # None: the ones recorded in the manifest
+    tokenizers: TokenizerPaths | None = None  # None: the ones recorded in the manifest
 
 
 def decode_sample(ids: Any, layout: TokenLayout, text_tok: Any, media: MediaTokenizers | None, out: Path, key: str) -> list[str]:
@@ -51,16 +52,11 @@ def decode_sample(ids: Any, layout: TokenLayout, text_tok: Any, media: MediaToke
 
 
 def inspect_shards(cfg: InspectConfig) -> dict[str, Any]:
-    from omnitrain.tokenizer.build import load_media_tokenizers
-    from omnitrain.tokenizer.hf_text import load_text_tokenizer
-
     folder = Path(cfg.shards)
     manifest = read_manifest(folder)
-    tok_cfg = cfg.tokenizers or from_dict(TokenizersConfig, manifest["config"]["tokenizers"])
-    text = load_text_tokenizer(tok_cfg.text)
-    image, audio = load_media_tokenizers(tok_cfg.image, tok_cfg.audio)
-    layout = TokenLayout.from_tokenizers(text, image, audio, max_grid=tok_cfg.max_grid)
-    read_manifest(folder, expect_hash=layout.hash)  # the tokenizers given must be the ones used
+    paths = cfg.tokenizers or from_dict(TokenizerPaths, manifest["config"]["tokenizers"])
+    tok = bundle.load(paths, expect_layout=manifest["layout_hash"], what=f"shards {folder}")  # the ones used, or an error
+    text, image, audio, layout = tok.text, tok.image, tok.audio, tok.layout
     media = MediaTokenizers(image, audio, MediaConfig(), layout.max_grid) if (image or audio) else None
     total = sum(manifest["tokens"].values())
     print(f"{folder}: {manifest['samples']:,} samples in {len(manifest['shards'])} shard(s), "
