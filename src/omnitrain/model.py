@@ -11,8 +11,14 @@ document (an SDPA boolean mask; the fast ``is_causal`` path when there is one do
 positions restart at every document start, so a packed document sees exactly what it would alone.
 Padding (doc id -1) attends only to itself and carries no loss.
 
+One forward body, ``Transformer.hidden`` (embedding, RoPE, the layers), serves training
+(``forward``), decoding with a KV cache (``forward_cached``, used by ``omnitrain.generate``) and
+scoring (the eval harness projects only the positions it scores); the callers differ only in the
+attention mask and positions they pass.
+
 Chameleon's stabilisers for mixed-modal training are options: QK-norm (RMSNorm on queries and keys
-per head) and z-loss (``z_loss * logsumexp(logits)^2``, Chameleon / PaLM).
+per head) and z-loss (``z_loss * logsumexp(logits)^2``, Chameleon / PaLM). The loss itself (the
+fused chunked output projection + cross entropy, per-modality sums) is in ``omnitrain.model_loss``.
 """
 
 from __future__ import annotations
@@ -25,12 +31,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from omnitrain.tokenizer.layout import MODALITIES
+# LOSS_KEYS and lm_loss: re-exported until the package move (posttrain.py imports them from here)
+from omnitrain.model_loss import LOSS_KEYS, linear_cross_entropy, lm_loss, loss_metrics, loss_stats  # noqa: F401
 
 
 @dataclass
 class ModelConfig:
-    vocab_size: int = 8713
+    vocab_size: int = 0  # 0: the token layout's (training sets it; recipes never state it)
     dim: int = 256
     n_layers: int = 4
     n_heads: int = 4
@@ -38,7 +45,7 @@ class ModelConfig:
     ffn_dim: int | None = None  # None: 8/3 * dim rounded up to multiple_of (Llama)
     multiple_of: int = 64
     norm_eps: float = 1e-5
-    rope_theta: float = 10000.0
+    rope_theta: float = 500000.0  # Llama 3's, and every recipe's
     tie_embeddings: bool = True
     qk_norm: bool = False
     z_loss: float = 0.0
@@ -190,6 +197,14 @@ def document_mask_and_positions(doc_ids: torch.Tensor) -> tuple[torch.Tensor | N
     return mask[:, None], positions  # [B, 1, T, T]
 
 
+def decoding_mask(key_valid: torch.Tensor, T: int, past: int) -> torch.Tensor:
+    """key_valid [B, T_past + T] (False on left padding) -> mask [B, 1, T, T_past + T]: each of the T new
+    tokens sees the valid keys up to itself (``past``: tokens already in the KV cache)."""
+    causal = torch.ones(T, past + T, dtype=torch.bool, device=key_valid.device).tril(diagonal=past)  # [T, T_past+T]
+    mask = (causal[None] & key_valid[:, None, :])[:, None]  # [B, 1, T, T_past+T]
+    return mask | ~mask.any(-1, keepdim=True)  # a padding query row with no valid key: never NaN
+
+
 class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -227,27 +242,38 @@ class Transformer(nn.Module):
         """Training FLOPs per token: 6 N (matmuls, forward + backward) + 12 L D T (attention scores), PaLM appendix B."""
         return 6 * self.num_params(non_embedding=True) + 12 * self.cfg.n_layers * self.cfg.dim * seq_len
 
+    def hidden(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+               cache: KVCache | None = None) -> torch.Tensor:  # fmt: skip
+        """The one forward body: input_ids [B, T] -> the last layer's output h [B, T, D], before the final norm.
+
+        ``positions`` [B, T] or [1, T] (None: 0..T-1 in every row); ``mask`` [B, 1, T, T_keys], True
+        where a query may attend (None: plain causal attention, SDPA's fast ``is_causal`` path); see
+        ``document_mask_and_positions`` and ``decoding_mask``. With ``cache``, the layers also attend
+        to the keys / values stored by earlier calls, and the cache grows by T."""
+        if positions is None:
+            positions = torch.arange(input_ids.shape[1], device=input_ids.device)[None]  # [1, T]: broadcast over the batch
+        cos, sin = rope_tables(positions, self.cfg.head_dim, self.cfg.rope_theta)  # [B or 1, 1, T, Dh]
+        h = self.tok_embeddings(input_ids)  # [B, T, D]
+        for layer in self.layers:
+            if self.cfg.activation_checkpointing and self.training and cache is None:  # a recompute would write the cache twice
+                h = checkpoint(layer, h, cos, sin, mask, use_reentrant=False)
+            else:
+                h = layer(h, cos, sin, mask, cache)
+        if cache is not None:
+            cache.advance()
+        return h
+
     def forward(self, input_ids: torch.Tensor, doc_ids: torch.Tensor | None = None, targets: torch.Tensor | None = None,
-                loss_weights: torch.Tensor | None = None, denom: torch.Tensor | float | None = None):  # fmt: skip
+                loss_weights: torch.Tensor | None = None, denom: torch.Tensor | float | None = None
+                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
         """input_ids [B, T] (and doc_ids [B, T]) -> logits [B, T, V].
 
         With ``targets`` and ``loss_weights`` [B, T]: the training loss instead, ``(loss, stats)``, from a
-        chunked output projection fused with the cross entropy (``linear_cross_entropy``: the [B*T, V]
-        logits are never held whole). It is computed inside ``forward`` so that DDP / FSDP / DeepSpeed
-        wrappers see one call. ``stats`` [len(LOSS_KEYS)] are additive sums (see ``LOSS_KEYS``)."""
-        B, T = input_ids.shape
-        if doc_ids is None:
-            mask, positions = None, torch.arange(T, device=input_ids.device)[None]  # [1, T]: broadcast over the batch
-        else:
-            mask, positions = document_mask_and_positions(doc_ids)
-        cos, sin = rope_tables(positions, self.cfg.head_dim, self.cfg.rope_theta)
-        h = self.tok_embeddings(input_ids)  # [B, T, D]
-        for layer in self.layers:
-            if self.cfg.activation_checkpointing and self.training:
-                h = checkpoint(layer, h, cos, sin, mask, use_reentrant=False)
-            else:
-                h = layer(h, cos, sin, mask)
-        h = self.norm(h)
+        chunked output projection fused with the cross entropy (``model_loss.linear_cross_entropy``: the
+        [B*T, V] logits are never held whole). It is computed inside ``forward`` so that DDP / FSDP /
+        DeepSpeed wrappers see one call. ``stats`` [len(LOSS_KEYS)] are additive sums (``model_loss.LOSS_KEYS``)."""
+        mask, positions = document_mask_and_positions(doc_ids) if doc_ids is not None else (None, None)
+        h = self.norm(self.hidden(input_ids, positions, mask))  # [B, T, D]
         if targets is None:
             return self.output(h)  # [B, T, V]
         w = torch.ones_like(targets, dtype=torch.float32) if loss_weights is None else loss_weights.float()
@@ -256,18 +282,13 @@ class Transformer(nn.Module):
                                                       self.cfg.z_loss, denom)  # fmt: skip
         return loss, loss_stats(ce, correct, lse, targets.flatten(), w.flatten(), self.modality_table, self.cfg.z_loss)
 
-    def forward_cached(self, input_ids: torch.Tensor, positions: torch.Tensor, key_valid: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """Decoding step(s): input_ids/positions [B, T] new tokens, key_valid [B, T_past + T] (False on
-        left padding) -> logits [B, T, V]; the cache grows by T."""
-        T, past = input_ids.shape[1], cache.length
-        causal = torch.ones(T, past + T, dtype=torch.bool, device=input_ids.device).tril(diagonal=past)  # [T, T_past+T]
-        mask = (causal[None] & key_valid[:, None, :])[:, None]  # [B, 1, T, T_past+T]
-        mask = mask | ~mask.any(-1, keepdim=True)  # a padding query row with no valid key: never NaN
-        cos, sin = rope_tables(positions, self.cfg.head_dim, self.cfg.rope_theta)
-        h = self.tok_embeddings(input_ids)  # [B, T, D]
-        for layer in self.layers:
-            h = layer(h, cos, sin, mask, cache)
-        cache.advance()
+    def forward_cached(self, input_ids: torch.Tensor, positions: torch.Tensor, key_valid: torch.Tensor,
+                       cache: KVCache | None) -> torch.Tensor:  # fmt: skip
+        """Decoding: input_ids / positions [B, T] new tokens, key_valid [B, T_past + T] (False on left
+        padding) -> logits [B, T, V]. With ``cache`` the new tokens also attend to its T_past stored ones
+        and it grows by T; ``cache=None``: the T tokens are the whole sequence (the no-cache path)."""
+        past = cache.length if cache is not None else 0
+        h = self.hidden(input_ids, positions, decoding_mask(key_valid, input_ids.shape[1], past), cache)
         return self.output(self.norm(h))  # [B, T, V]
 
     def loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
@@ -277,122 +298,3 @@ class Transformer(nn.Module):
         loss, stats = self(batch["input_ids"], batch.get("doc_ids"), batch["targets"], w, denom)
         return loss, loss_metrics(stats, loss, denom)
 
-
-# ----------------------------------------------------------------------------- the loss
-# Additive sums of one batch: summed over micro-batches and ranks before anything is divided.
-LOSS_KEYS = ["sum_weighted", "sum_z"] + [f"{k}/{m}" for m in MODALITIES for k in ("sum_loss", "sum_correct", "tokens")]
-
-
-class _LinearCrossEntropy(torch.autograd.Function):
-    """``sum_i w_i (CE_i + z lse_i^2) / denom`` of ``logits = h @ weight.T``, ``chunk`` rows of logits at a time.
-
-    The gradients are computed in the forward pass, chunk by chunk, and backward only scales them by
-    the incoming gradient: memory O(chunk x V) instead of several [N, V] tensors (logits,
-    log-softmax, their gradients). With p the softmax, s_i = w_i / denom, a_i = s_i (1 + 2 z lse_i):
-    d/dlogit_ij = a_i p_ij - s_i [j = t_i]. The row scales and the one-hot term are applied to the
-    small [n, D] factors, so the [n, V] chunk sees only log-softmax, argmax, exp and two matmuls."""
-
-    @staticmethod
-    def forward(ctx, h, weight, targets, w, z_loss, denom, chunk):  # noqa: ANN001, ANN205
-        N = h.shape[0]
-        need = h.requires_grad or weight.requires_grad
-        f32 = dict(dtype=torch.float32, device=h.device)
-        ce, lse, correct = torch.empty(N, **f32), torch.empty(N, **f32), torch.empty(N, dtype=torch.bool, device=h.device)
-        grad_h = torch.empty_like(h) if need else None
-        grad_w = torch.zeros(weight.shape, **f32) if need else None
-        s_all = w / denom  # [N]
-        for s in range(0, N, chunk):
-            e = min(N, s + chunk)
-            hc, t = h[s:e], targets[s:e]
-            logits = (hc @ weight.t()).float()  # [n, V]
-            correct[s:e] = logits.argmax(-1) == t
-            logp = torch.log_softmax(logits, dim=-1)  # [n, V]
-            rows = torch.arange(e - s, device=h.device)
-            ce[s:e] = -logp[rows, t]
-            lse_c = logits[:, 0] - logp[:, 0]  # logsumexp, from any column
-            lse[s:e] = lse_c
-            if need:
-                del logits
-                p = logp.exp_().to(weight.dtype)  # softmax, in place
-                sc = s_all[s:e, None]  # [n, 1]
-                a = sc * (1.0 + 2.0 * z_loss * lse_c[:, None])  # [n, 1]
-                grad_h[s:e] = ((p @ weight) * a - weight[t].float() * sc).to(h.dtype)  # [n, D]
-                x = hc * a.to(hc.dtype)  # [n, D]
-                if p.dtype == x.dtype == torch.float32:
-                    grad_w.addmm_(p.t(), x)  # [V, D], accumulated in place
-                else:
-                    grad_w += (p.t() @ x.to(p.dtype)).float()
-                grad_w.index_add_(0, t, -(hc.float() * sc))
-        loss = ((ce * w).sum() + z_loss * (lse.square() * w).sum()) / denom
-        if need:
-            ctx.save_for_backward(grad_h, grad_w.to(weight.dtype))
-        ctx.mark_non_differentiable(ce, correct, lse)
-        return loss, ce, correct, lse
-
-    @staticmethod
-    def backward(ctx, grad_loss, *_):  # noqa: ANN001, ANN205
-        grad_h, grad_w = ctx.saved_tensors
-        return grad_h * grad_loss.to(grad_h.dtype), grad_w * grad_loss.to(grad_w.dtype), None, None, None, None, None
-
-
-def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, w: torch.Tensor, z_loss: float = 0.0,
-                         denom: torch.Tensor | float = 1.0, chunk: int | None = None):  # fmt: skip
-    """h [N, D], weight [V, D], targets [N], w [N] -> (loss, ce [N], correct [N], lse [N]): the weighted
-    cross entropy (+ z-loss) of ``h @ weight.T`` over ``denom`` without materialising the [N, V] logits.
-    Negative targets (ignore) carry no loss. ``chunk``: rows of logits at a time (default: ~8M logits,
-    963 rows at V = 8,713, cut into equal chunks). Measured on CPU (B*T = 2,048, V = 8,704): ~15 %
-    faster than the projection + F.cross_entropy; at 512 rows, one chunk, the same speed."""
-    chunk = chunk or max(64, (1 << 23) // weight.shape[0])
-    chunk = -(-h.shape[0] // -(-h.shape[0] // chunk))  # equal chunks: 512 rows in 2 x 256, not 481 + 31
-    w, targets = w.masked_fill(targets < 0, 0.0), targets.clamp(min=0)  # no .any() check: no device sync per step
-    if not torch.is_tensor(denom):
-        denom = torch.tensor(float(denom), device=h.device)
-    return _LinearCrossEntropy.apply(h, weight, targets, w.float(), float(z_loss), denom.float(), chunk)
-
-
-def loss_stats(ce: torch.Tensor, correct: torch.Tensor, lse: torch.Tensor, targets: torch.Tensor, w: torch.Tensor,
-               modality_table: torch.Tensor, z_loss: float) -> torch.Tensor:  # fmt: skip
-    """Per-token CE / correctness / logsumexp [N] -> the additive sums of ``LOSS_KEYS`` [len(LOSS_KEYS)]."""
-    with torch.no_grad():
-        ce, lse, w = ce.detach().float(), lse.detach().float(), w.float()
-        out = [(ce * w).sum(), z_loss * (lse.square() * w).sum()]
-        mod = modality_table[targets.clamp(min=0)]  # [N]
-        for i in range(len(MODALITIES)):
-            sel = ((mod == i) & (w > 0)).float()
-            out += [(ce * sel).sum(), (correct.float() * sel).sum(), sel.sum()]
-        return torch.stack(out)
-
-
-def loss_metrics(stats: torch.Tensor, loss: torch.Tensor, denom: torch.Tensor | float) -> dict[str, float]:
-    """``LOSS_KEYS`` sums of one batch -> a dict with them, ``loss``, ``z_loss``, and ``loss/<m>``, ``acc/<m>``."""
-    m = dict(zip(LOSS_KEYS, stats.tolist(), strict=True))
-    m["z_loss"] = m["sum_z"] / float(denom)
-    for mod in MODALITIES:
-        m[f"tokens/{mod}"] = n = int(m[f"tokens/{mod}"])
-        if n:
-            m[f"loss/{mod}"], m[f"acc/{mod}"] = m[f"sum_loss/{mod}"] / n, m[f"sum_correct/{mod}"] / n
-    m["loss"] = float(loss.detach())
-    return m
-
-
-def lm_loss(logits: torch.Tensor, batch: dict[str, torch.Tensor], modality_table: torch.Tensor, z_loss: float = 0.0,
-            denom: torch.Tensor | float | None = None) -> tuple[torch.Tensor, dict[str, float]]:  # fmt: skip
-    """logits [B, T, V] and a loader batch -> (weighted next-token loss, metrics per modality), for
-    callers that hold logits already; training goes through ``Transformer.forward(..., targets=)``,
-    which computes the same numbers without materialising the logits.
-
-    ``denom``: what the weighted sum is divided by (default: this batch's total weight). The trainer
-    passes the weight of the whole step over all micro-batches and ranks (see ``train.py``)."""
-    targets, w = batch["targets"], batch["loss_weights"].float()
-    flat = logits.flatten(0, 1).float()  # [B*T, V]
-    ce = F.cross_entropy(flat, targets.flatten(), reduction="none")  # [B*T]
-    if denom is None:
-        denom = w.sum().clamp(min=1.0)
-    loss = (ce * w.flatten()).sum() / denom
-    lse = torch.logsumexp(flat, dim=-1) if z_loss else torch.zeros_like(ce)
-    if z_loss:
-        loss = loss + z_loss * (lse.square() * w.flatten()).sum() / denom
-    with torch.no_grad():
-        correct = flat.argmax(-1) == targets.flatten()
-    stats = loss_stats(ce, correct, lse, targets.flatten(), w.flatten(), modality_table, z_loss)
-    return loss, loss_metrics(stats, loss, denom)

@@ -1,0 +1,138 @@
+"""The training loss of the transformer, and its bookkeeping per modality.
+
+Legend: B batch, T tokens, N = B*T rows, D dim, V vocab, M modalities.
+
+* ``linear_cross_entropy``: the output projection fused with the weighted cross entropy (+ z-loss),
+  ``chunk`` rows of logits at a time, so the [N, V] logits are never held whole.
+* ``lm_loss``: the same numbers from logits a caller already holds (the reference the fused path is
+  tested against).
+* ``LOSS_KEYS`` / ``loss_stats`` / ``loss_metrics``: additive sums per modality (summed over
+  micro-batches and ranks before anything is divided), then the logged metrics
+  (``loss/<m>``, ``acc/<m>``, ``tokens/<m>``, ``z_loss``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from omnitrain.tokenizer.layout import MODALITIES
+
+# Additive sums of one batch: summed over micro-batches and ranks before anything is divided.
+LOSS_KEYS = ["sum_weighted", "sum_z"] + [f"{k}/{m}" for m in MODALITIES for k in ("sum_loss", "sum_correct", "tokens")]
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """``sum_i w_i (CE_i + z lse_i^2) / denom`` of ``logits = h @ weight.T``, ``chunk`` rows of logits at a time.
+
+    The gradients are computed in the forward pass, chunk by chunk, and backward only scales them by
+    the incoming gradient: memory O(chunk x V) instead of several [N, V] tensors (logits,
+    log-softmax, their gradients). With p the softmax, s_i = w_i / denom, a_i = s_i (1 + 2 z lse_i):
+    d/dlogit_ij = a_i p_ij - s_i [j = t_i]. The row scales and the one-hot term are applied to the
+    small [n, D] factors, so the [n, V] chunk sees only log-softmax, argmax, exp and two matmuls."""
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, w, z_loss, denom, chunk):  # noqa: ANN001, ANN205
+        N = h.shape[0]
+        need = h.requires_grad or weight.requires_grad
+        f32 = dict(dtype=torch.float32, device=h.device)
+        ce, lse, correct = torch.empty(N, **f32), torch.empty(N, **f32), torch.empty(N, dtype=torch.bool, device=h.device)
+        grad_h = torch.empty_like(h) if need else None
+        grad_w = torch.zeros(weight.shape, **f32) if need else None
+        s_all = w / denom  # [N]
+        for s in range(0, N, chunk):
+            e = min(N, s + chunk)
+            hc, t = h[s:e], targets[s:e]
+            logits = (hc @ weight.t()).float()  # [n, V]
+            correct[s:e] = logits.argmax(-1) == t
+            logp = torch.log_softmax(logits, dim=-1)  # [n, V]
+            rows = torch.arange(e - s, device=h.device)
+            ce[s:e] = -logp[rows, t]
+            lse_c = logits[:, 0] - logp[:, 0]  # logsumexp, from any column
+            lse[s:e] = lse_c
+            if need:
+                del logits
+                p = logp.exp_().to(weight.dtype)  # softmax, in place
+                sc = s_all[s:e, None]  # [n, 1]
+                a = sc * (1.0 + 2.0 * z_loss * lse_c[:, None])  # [n, 1]
+                grad_h[s:e] = ((p @ weight) * a - weight[t].float() * sc).to(h.dtype)  # [n, D]
+                x = hc * a.to(hc.dtype)  # [n, D]
+                if p.dtype == x.dtype == torch.float32:
+                    grad_w.addmm_(p.t(), x)  # [V, D], accumulated in place
+                else:
+                    grad_w += (p.t() @ x.to(p.dtype)).float()
+                grad_w.index_add_(0, t, -(hc.float() * sc))
+        loss = ((ce * w).sum() + z_loss * (lse.square() * w).sum()) / denom
+        if need:
+            ctx.save_for_backward(grad_h, grad_w.to(weight.dtype))
+        ctx.mark_non_differentiable(ce, correct, lse)
+        return loss, ce, correct, lse
+
+    @staticmethod
+    def backward(ctx, grad_loss, *_):  # noqa: ANN001, ANN205
+        grad_h, grad_w = ctx.saved_tensors
+        return grad_h * grad_loss.to(grad_h.dtype), grad_w * grad_loss.to(grad_w.dtype), None, None, None, None, None
+
+
+def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, w: torch.Tensor, z_loss: float = 0.0,
+                         denom: torch.Tensor | float = 1.0, chunk: int | None = None
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """h [N, D], weight [V, D], targets [N], w [N] -> (loss, ce [N], correct [N], lse [N]): the weighted
+    cross entropy (+ z-loss) of ``h @ weight.T`` over ``denom`` without materialising the [N, V] logits.
+    Negative targets (ignore) carry no loss. ``chunk``: rows of logits at a time (default: ~8M logits,
+    963 rows at V = 8,713, cut into equal chunks). Measured on CPU (B*T = 2,048, V = 8,704): ~15 %
+    faster than the projection + F.cross_entropy; at 512 rows, one chunk, the same speed."""
+    chunk = chunk or max(64, (1 << 23) // weight.shape[0])
+    chunk = -(-h.shape[0] // -(-h.shape[0] // chunk))  # equal chunks: 512 rows in 2 x 256, not 481 + 31
+    w, targets = w.masked_fill(targets < 0, 0.0), targets.clamp(min=0)  # no .any() check: no device sync per step
+    if not torch.is_tensor(denom):
+        denom = torch.tensor(float(denom), device=h.device)
+    return _LinearCrossEntropy.apply(h, weight, targets, w.float(), float(z_loss), denom.float(), chunk)
+
+
+def loss_stats(ce: torch.Tensor, correct: torch.Tensor, lse: torch.Tensor, targets: torch.Tensor, w: torch.Tensor,
+               modality_table: torch.Tensor, z_loss: float) -> torch.Tensor:  # fmt: skip
+    """Per-token CE / correctness / logsumexp [N] -> the additive sums of ``LOSS_KEYS`` [len(LOSS_KEYS)]."""
+    with torch.no_grad():
+        ce, lse, w = ce.detach().float(), lse.detach().float(), w.float()
+        out = [(ce * w).sum(), z_loss * (lse.square() * w).sum()]
+        mod = modality_table[targets.clamp(min=0)]  # [N]
+        for i in range(len(MODALITIES)):
+            sel = ((mod == i) & (w > 0)).float()
+            out += [(ce * sel).sum(), (correct.float() * sel).sum(), sel.sum()]
+        return torch.stack(out)
+
+
+def loss_metrics(stats: torch.Tensor, loss: torch.Tensor, denom: torch.Tensor | float) -> dict[str, float]:
+    """``LOSS_KEYS`` sums of one batch -> a dict with them, ``loss``, ``z_loss``, and ``loss/<m>``, ``acc/<m>``."""
+    m = dict(zip(LOSS_KEYS, stats.tolist(), strict=True))
+    m["z_loss"] = m["sum_z"] / float(denom)
+    for mod in MODALITIES:
+        m[f"tokens/{mod}"] = n = int(m[f"tokens/{mod}"])
+        if n:
+            m[f"loss/{mod}"], m[f"acc/{mod}"] = m[f"sum_loss/{mod}"] / n, m[f"sum_correct/{mod}"] / n
+    m["loss"] = float(loss.detach())
+    return m
+
+
+def lm_loss(logits: torch.Tensor, batch: dict[str, torch.Tensor], modality_table: torch.Tensor, z_loss: float = 0.0,
+            denom: torch.Tensor | float | None = None) -> tuple[torch.Tensor, dict[str, float]]:  # fmt: skip
+    """logits [B, T, V] and a loader batch -> (weighted next-token loss, metrics per modality), for
+    callers that hold logits already; training goes through ``Transformer.forward(..., targets=)``,
+    which computes the same numbers without materialising the logits.
+
+    ``denom``: what the weighted sum is divided by (default: this batch's total weight). The trainer
+    passes the weight of the whole step over all micro-batches and ranks (see ``train.py``)."""
+    targets, w = batch["targets"], batch["loss_weights"].float()
+    flat = logits.flatten(0, 1).float()  # [B*T, V]
+    ce = F.cross_entropy(flat, targets.flatten(), reduction="none")  # [B*T]
+    if denom is None:
+        denom = w.sum().clamp(min=1.0)
+    loss = (ce * w.flatten()).sum() / denom
+    lse = torch.logsumexp(flat, dim=-1) if z_loss else torch.zeros_like(ce)
+    if z_loss:
+        loss = loss + z_loss * (lse.square() * w.flatten()).sum() / denom
+    with torch.no_grad():
+        correct = flat.argmax(-1) == targets.flatten()
+    stats = loss_stats(ce, correct, lse, targets.flatten(), w.flatten(), modality_table, z_loss)
+    return loss, loss_metrics(stats, loss, denom)
