@@ -3,12 +3,15 @@
     python benchmarks/run_all.py            # all benchmarks, full size
     python benchmarks/run_all.py --quick    # smaller sizes (a smoke run; figures printed, not recorded)
     python benchmarks/run_all.py image      # only the benchmarks whose name contains "image"
+    python benchmarks/run_all.py train loader model   # several: those whose name contains any of these
 
 Convention: each ``bench_<name>.py`` defines ``run(quick: bool) -> list[dict]``; every row is one
 measured figure: ``{"metric": str, "value": float, "unit": str, "baseline": float | None,
 "note": str}``. The script prints its own human-readable table while it runs; this runner appends
-the rows, stamped with the git commit and date, to ``benchmarks/results.jsonl`` and rewrites
-``benchmarks/RESULTS.md`` (latest figures per benchmark, plus the previous commit's for comparison).
+the rows, stamped with the git commit, the date and the machine's load average before and after the
+benchmark (1-minute; the other side of a comparison may have run under different load, so a busy
+machine shows), to ``benchmarks/results.jsonl`` and rewrites ``benchmarks/RESULTS.md`` (latest
+figures per benchmark, plus the previous commit's for comparison).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import argparse
 import datetime as dt
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 import time
@@ -50,7 +54,9 @@ def write_markdown(history: list[dict]) -> None:
         runs = list(dict.fromkeys((r["commit"], r["date"]) for r in rows))
         latest = runs[-1]
         prev = next((run for run in reversed(runs) if run[0] != latest[0]), None)  # the last run of another commit
-        lines += [f"## {bench}", "", f"latest: `{latest[0]}` ({latest[1]})" + (f", previous: `{prev[0]}` ({prev[1]})" if prev else ""), ""]
+        load_avg = next((r["load"] for r in rows if (r["commit"], r["date"]) == latest and "load" in r), None)
+        load_note = f"; load average {load_avg[0]:.2f} before, {load_avg[1]:.2f} after" if load_avg else ""
+        lines += [f"## {bench}", "", f"latest: `{latest[0]}` ({latest[1]}{load_note})" + (f", previous: `{prev[0]}` ({prev[1]})" if prev else ""), ""]
         lines += ["| metric | value | unit | baseline | previous | note |", "|---|---:|---|---:|---:|---|"]
         prev_vals = {r["metric"]: r["value"] for r in rows if (r["commit"], r["date"]) == prev}
         for r in rows:
@@ -68,10 +74,10 @@ def write_markdown(history: list[dict]) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("filter", nargs="?", default="", help="run only benchmarks whose name contains this")
+    ap.add_argument("filter", nargs="*", help="run only benchmarks whose name contains one of these")
     ap.add_argument("--quick", action="store_true", help="smaller sizes, for a smoke run")
     args = ap.parse_args()
-    scripts = sorted(p for p in HERE.glob("bench_*.py") if args.filter in p.stem)
+    scripts = sorted(p for p in HERE.glob("bench_*.py") if not args.filter or any(f in p.stem for f in args.filter))
     if not scripts:
         print(f"no benchmark matches {args.filter!r}", file=sys.stderr)
         return 2
@@ -81,11 +87,12 @@ def main() -> int:
     for path in scripts:
         name = path.stem.removeprefix("bench_")
         print(f"=== {name} ===", flush=True)
-        t0 = time.perf_counter()
+        t0, load_before = time.perf_counter(), os.getloadavg()[0]
         rows = load(path).run(quick=args.quick)
+        machine_load = [round(load_before, 2), round(os.getloadavg()[0], 2)]
         for r in rows:
-            new_rows.append({"benchmark": name, "commit": commit, "date": date, "quick": args.quick, **r})
-        print(f"=== {name}: {len(rows)} figures in {time.perf_counter() - t0:.0f} s ===", flush=True)
+            new_rows.append({"benchmark": name, "commit": commit, "date": date, "quick": args.quick, "load": machine_load, **r})
+        print(f"=== {name}: {len(rows)} figures in {time.perf_counter() - t0:.0f} s, load average {machine_load[0]} -> {machine_load[1]} ===", flush=True)
     if args.quick:  # a smoke run: its figures are not comparable, so they are not recorded
         print(f"quick run: {len(new_rows)} figures printed, not recorded")
         return 0
