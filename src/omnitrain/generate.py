@@ -75,6 +75,16 @@ def generate(
     on_event: Callable[[int, str, object], None] | None = None,
     use_cache: bool = True,
 ) -> GenerationResult:
+    """New tokens for each prompt (ids, each starting with e.g. ``<bos>``), batched and left-padded.
+
+    Args:
+        model: the transformer; put in eval mode.
+        layout: the token layout (None: plain text ids, no constraints, no guidance, no media events).
+        prompts: one id list per row.
+        cfg: sampling, stop sequences, constraints, guidance, seed.
+        on_event: called as ``on_event(row, kind, payload)`` for every new token (see the module doc).
+        use_cache: False runs the whole sequence again at every step, the reference the KV cache is tested against.
+    """
     model.eval()
     device = next(model.parameters()).device
     B = len(prompts)
