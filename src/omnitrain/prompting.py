@@ -87,13 +87,14 @@ def build_prompt(cfg: GenerateConfig, layout: TokenLayout, text_tok: Any, media:
 
 
 def run_generate(cfg: GenerateConfig) -> dict[str, Any]:
-    from omnitrain.checkpoint import load_model
+    from omnitrain.model_io import find_model_dir, load_model
     from omnitrain.pipeline.inspect import decode_sample
 
     model, layout = load_model(cfg.run, cfg.device)
     if layout is None:
         raise ValueError(f"{cfg.run} has no layout.json: the model cannot tell text from image or audio ids")
-    model_dir = Path(cfg.run) / "model" if (Path(cfg.run) / "model").is_dir() else Path(cfg.run)
+    model_dir = find_model_dir(cfg.run)
+    assert model_dir is not None  # load_model found it
     paths = cfg.tokenizers if cfg.tokenizers.text else bundle.recorded_paths(model_dir, Path(cfg.run))
     tok = bundle.load(paths, expect_layout=layout, device=cfg.device, what=f"the model {cfg.run}")
     text_tok, image, audio = tok.text, tok.image, tok.audio
