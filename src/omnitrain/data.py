@@ -18,7 +18,9 @@ are the first T, targets the last T). With ``split_documents=True`` (pretraining
 does not fit is cut and continues at the start of the next row. With ``False`` (SFT) documents stay
 whole: ``pack_buffer`` documents at a time are packed by best-fit decreasing, the rows handed out in
 a seeded order, the rest of each row padded; a document longer than a row is truncated to a row of
-its own and counted (``packing_stats``). ``doc_ids`` number the documents in a row; a target is only
+its own and counted (``packing_stats``): truncated rather than skipped, since every kept target still
+has its true left context and its source's tokens stay in the mix (OLMo-core's default as well;
+filter long documents at build time to drop them instead). ``doc_ids`` number the documents in a row; a target is only
 learned when it belongs to the same document as its input, so nothing is learned across a boundary.
 ``loss_weights`` = per-modality weight x the template's learn mask; 0 on padding.
 
@@ -292,9 +294,10 @@ class Stream:
         while pos < T1:
             doc = self.pending if self.pending is not None else self._next_doc()
             self.pending = None
-            take = min(len(doc), T1 - pos)
+            n = len(doc.ids) - doc.start
+            take = n if n < T1 - pos else T1 - pos
             write_doc(doc, take, pos, doc_no, ids, weights, docs, self.counts)
-            if take < len(doc):
+            if take < n:
                 self.pending = Doc(doc.ids, doc.runs, doc.start + take - 1, doc.origin)
             pos, doc_no = pos + take, doc_no + 1
         self.placed += T1 - 1
