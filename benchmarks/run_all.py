@@ -8,10 +8,11 @@
 Convention: each ``bench_<name>.py`` defines ``run(quick: bool) -> list[dict]``; every row is one
 measured figure: ``{"metric": str, "value": float, "unit": str, "baseline": float | None,
 "note": str}``. The script prints its own human-readable table while it runs; this runner appends
-the rows, stamped with the git commit, the date and the machine's load average before and after the
-benchmark (1-minute; the other side of a comparison may have run under different load, so a busy
-machine shows), to ``benchmarks/results.jsonl`` and rewrites ``benchmarks/RESULTS.md`` (latest
-figures per benchmark, plus the previous commit's for comparison).
+the rows, stamped with the git commit, the date and how busy the machine was (``load``: the 1-minute
+load average before the benchmark; ``others_cpu``: CPU cores that *other* processes used on average
+while it ran, from /proc/stat minus this process's own time, so a shared machine shows), to
+``benchmarks/results.jsonl`` and rewrites ``benchmarks/RESULTS.md`` (latest figures per benchmark,
+plus the previous commit's for comparison).
 """
 
 from __future__ import annotations
@@ -38,6 +39,17 @@ def git_commit() -> str:
         return "unknown"
 
 
+def cpu_seconds() -> tuple[float, float] | None:
+    """(CPU seconds all processes have used, this process's own with its children), or None off Linux."""
+    try:
+        with open("/proc/stat") as f:
+            ticks = [int(x) for x in f.readline().split()[1:9]]
+    except OSError:
+        return None
+    busy = (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")  # all but idle and iowait
+    return busy, sum(os.times()[:4])
+
+
 def load(path: Path):
     spec = importlib.util.spec_from_file_location(path.stem, path)
     mod = importlib.util.module_from_spec(spec)
@@ -54,8 +66,9 @@ def write_markdown(history: list[dict]) -> None:
         runs = list(dict.fromkeys((r["commit"], r["date"]) for r in rows))
         latest = runs[-1]
         prev = next((run for run in reversed(runs) if run[0] != latest[0]), None)  # the last run of another commit
-        load_avg = next((r["load"] for r in rows if (r["commit"], r["date"]) == latest and "load" in r), None)
-        load_note = f"; load average {load_avg[0]:.2f} before, {load_avg[1]:.2f} after" if load_avg else ""
+        busy = next((r for r in rows if (r["commit"], r["date"]) == latest and "load" in r), None)
+        load_note = "" if busy is None else f"; load average {busy['load']:.2f} before" + (
+            "" if busy.get("others_cpu") is None else f", other processes used {busy['others_cpu']:.2f} cores while it ran")
         lines += [f"## {bench}", "", f"latest: `{latest[0]}` ({latest[1]}{load_note})" + (f", previous: `{prev[0]}` ({prev[1]})" if prev else ""), ""]
         lines += ["| metric | value | unit | baseline | previous | note |", "|---|---:|---|---:|---:|---|"]
         prev_vals = {r["metric"]: r["value"] for r in rows if (r["commit"], r["date"]) == prev}
@@ -87,12 +100,14 @@ def main() -> int:
     for path in scripts:
         name = path.stem.removeprefix("bench_")
         print(f"=== {name} ===", flush=True)
-        t0, load_before = time.perf_counter(), os.getloadavg()[0]
+        t0, load_before, cpu0 = time.perf_counter(), round(os.getloadavg()[0], 2), cpu_seconds()
         rows = load(path).run(quick=args.quick)
-        machine_load = [round(load_before, 2), round(os.getloadavg()[0], 2)]
+        wall, cpu1 = time.perf_counter() - t0, cpu_seconds()
+        others = None if cpu0 is None or cpu1 is None else round(((cpu1[0] - cpu0[0]) - (cpu1[1] - cpu0[1])) / wall, 2)
         for r in rows:
-            new_rows.append({"benchmark": name, "commit": commit, "date": date, "quick": args.quick, "load": machine_load, **r})
-        print(f"=== {name}: {len(rows)} figures in {time.perf_counter() - t0:.0f} s, load average {machine_load[0]} -> {machine_load[1]} ===", flush=True)
+            new_rows.append({"benchmark": name, "commit": commit, "date": date, "quick": args.quick, "load": load_before, "others_cpu": others, **r})
+        print(f"=== {name}: {len(rows)} figures in {wall:.0f} s; load average before {load_before}, "
+              f"other processes used {others} cores meanwhile ===", flush=True)
     if args.quick:  # a smoke run: its figures are not comparable, so they are not recorded
         print(f"quick run: {len(new_rows)} figures printed, not recorded")
         return 0
