@@ -63,3 +63,89 @@ def test_bad_configs_name_the_key(data, fragment):
 def test_bool_is_not_an_int():
     with pytest.raises(ConfigError, match="expected an integer"):
         from_dict(Inner, {"size": True})
+
+
+# ----------------------------------------------------------------------------- recipes and dataclass defaults
+# Each default has one owner, the config dataclass. A recipe states a field either to make it overridable
+# with `key=value` (Hydra refuses keys a recipe lacks), then with the dataclass's value, or to choose
+# another value on purpose. These tests hold the recipes to the dataclasses, so that the two cannot drift.
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+BASE_RECIPES = {  # recipe -> (its dataclass, the fields it sets away from the default on purpose)
+    "train.yaml": ("omnitrain.train:TrainConfig", set()),
+    "strategy/single.yaml": ("omnitrain.distributed:StrategyConfig", set()),
+    "optim/adamw.yaml": ("omnitrain.optim:OptimConfig", set()),
+    "model/tiny.yaml": ("omnitrain.model:ModelConfig", {"n_kv_heads", "qk_norm", "z_loss"}),
+    "model/hf.yaml": ("omnitrain.model:ModelConfig", set()),
+}
+
+
+def dataclass_of(target: str) -> type:
+    import importlib
+
+    module, name = target.split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def load_recipe(name: str) -> dict:
+    import yaml
+
+    raw = yaml.safe_load((RECIPES / name).read_text())
+    raw.pop("defaults", None)  # group choices and bases: their own files are checked on their own
+    return raw
+
+
+def stated_differences(cls: type, stated: dict) -> set[str]:
+    """Dotted keys whose value in ``stated`` (a recipe) is not ``cls``'s default (nested dataclasses walked)."""
+    built, default = to_dict(from_dict(cls, stated)), to_dict(cls())
+
+    def walk(s: dict, b: dict, d: dict, prefix: str) -> set[str]:
+        out = set()
+        for k, v in s.items():
+            if isinstance(v, dict) and v and isinstance(d[k], dict) and set(v) <= set(d[k]):
+                out |= walk(v, b[k], d[k], f"{prefix}{k}.")
+            elif b[k] != d[k]:
+                out.add(prefix + k)
+        return out
+
+    return walk(stated, built, default, "")
+
+
+def test_the_defaults_check_can_fail():
+    cls = dataclass_of("omnitrain.optim:OptimConfig")
+    assert stated_differences(cls, {"lr": 3e-4, "warmup_steps": 99, "betas": [0.9, 0.95]}) == {"warmup_steps"}
+    assert stated_differences(cls, {"lr": 3.0e-4}) == set()  # the default, however it is written
+    assert stated_differences(dataclass_of("omnitrain.train:TrainConfig"), {"wandb": {"mode": "online"}}) == {"wandb.mode"}
+
+
+@pytest.mark.parametrize("name", list(BASE_RECIPES))
+def test_base_recipes_state_the_dataclass_defaults(name):
+    target, on_purpose = BASE_RECIPES[name]
+    assert stated_differences(dataclass_of(target), load_recipe(name)) == on_purpose
+    lines = [line for line in (RECIPES / name).read_text().splitlines() if not line.startswith("#")]
+    marked = {line.split(":")[0] for line in lines if "not the default" in line}
+    assert marked == on_purpose  # the file says which values are its own choice
+
+
+@pytest.mark.parametrize("name", ["ddp", "fsdp", "deepspeed"])
+def test_strategy_recipes_extend_single_with_only_what_they_change(name):
+    import yaml
+
+    raw = yaml.safe_load((RECIPES / "strategy" / f"{name}.yaml").read_text())
+    assert raw.pop("defaults") == ["single", "_self_"]
+    assert raw["name"] == name
+    assert stated_differences(dataclass_of("omnitrain.distributed:StrategyConfig"), raw) == set(raw)  # no default repeated
+
+
+def test_no_recipe_states_the_vocabulary_size():
+    import dataclasses
+
+    import yaml
+
+    every = {f.name for f in dataclasses.fields(dataclass_of("omnitrain.model:ModelConfig"))} - {"vocab_size"}
+    for path in sorted((RECIPES / "model").glob("*.yaml")):
+        raw = yaml.safe_load(path.read_text())
+        assert "vocab_size" not in raw, f"{path.name}: the token layout decides the vocabulary"
+        if path.stem != "hf":  # a size recipe states its whole architecture, so that model.<field>= overrides it
+            assert set(raw) == every, path.name
+    for path in sorted((RECIPES / "experiment").glob("*.yaml")):
+        assert "vocab_size" not in (yaml.safe_load(path.read_text()).get("model") or {}), path.name
