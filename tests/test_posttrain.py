@@ -81,9 +81,9 @@ def world(tmp_path_factory) -> dict[str, Path]:
 
 
 def overrides(world: dict[str, Path], run_dir: Path, experiment: str, sources: dict[str, Path], *extra: str) -> list[str]:
+    """Every run here starts from the tiny LLM (hf_init): model=hf, its architecture is the checkpoint's."""
     srcs = ",".join(f"{k}:{{path:'{v}'}}" for k, v in sources.items())
-    return [f"experiment={experiment}", f"run_dir={run_dir}", "threads=1", "wandb.mode=disabled", "ckpt_every=100",
-            "model.dim=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2", "model.qk_norm=false",
+    return [f"experiment={experiment}", "model=hf", f"run_dir={run_dir}", "threads=1", "wandb.mode=disabled", "ckpt_every=100",
             "data.batch_size=2", "data.seq_len=128", "~data.sources", f"+data.sources={{{srcs}}}", *extra]  # fmt: skip
 
 
@@ -146,6 +146,30 @@ def test_continued_pretraining_trains_only_the_new_rows_in_the_warmup_then_every
     assert rows[0]["step"] == 0 and "val/text/loss/text" in rows[0]  # held-out loss before training
     assert "val/text/loss/text" in rows[-1] and [r["frozen"] for r in rows[1:]] == [1, 0, 0]
     check_outputs_load(tmp_path / "thawed", tmp_path)
+
+
+def test_architecture_settings_the_checkpoint_contradicts_are_refused(world, tmp_path):
+    from omnitrain.model import ModelConfig
+    from omnitrain.posttrain import HFInitConfig, init_from_hf
+
+    layout = TokenLayout.load(world["text"])
+    hf = HFInitConfig(path=str(world["llm"]))
+    model, _ = init_from_hf(hf, ModelConfig(z_loss=1e-4), layout)  # nothing set: the checkpoint's architecture
+    assert (model.cfg.dim, model.cfg.kv_heads, model.cfg.hidden_dim, model.cfg.z_loss) == (64, 2, 128, 1e-4)
+    init_from_hf(hf, ModelConfig(dim=64, n_layers=2, n_kv_heads=2, ffn_dim=128), layout)  # set, and agreeing
+    with pytest.raises(ValueError) as err:
+        init_from_hf(hf, ModelConfig(dim=128, qk_norm=True, rope_theta=10000.0), layout)
+    msg = str(err.value)
+    assert "model.dim=128 (the checkpoint's dim: 64)" in msg and "model.qk_norm=True" in msg and "model=hf" in msg
+    assert "rope_theta" not in msg  # the checkpoint's is 10000 too
+    # the shipped recipe takes the checkpoint's architecture; a size recipe with it is refused before training
+    cfg, _ = compose(TRAIN, ["experiment=continue_pretrain"], recipes_dir())
+    assert cfg.model == from_dict(type(cfg.model), {"z_loss": 0.0, "activation_checkpointing": False})
+    size = [o if o != "model=hf" else "model=1b" for o in overrides(world, tmp_path / "1b", "continue_pretrain", {"text": world["text"]},
+            f"hf_init.path={world['llm']}", "hf_init.gguf_file=null", "freeze_warmup_steps=0")]  # fmt: skip
+    with pytest.raises(ValueError, match=r"model\.dim=2048 .*model\.qk_norm=True"):
+        train(compose(TRAIN, size, recipes_dir())[0])
+    assert not (tmp_path / "1b").exists()
 
 
 def test_freeze_warmup_needs_a_pretrained_model():

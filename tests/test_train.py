@@ -208,6 +208,27 @@ def test_bad_train_configs_fail_before_any_work(shards, tmp_path, capsys):
     assert not (tmp_path / "r").exists()
 
 
+def test_the_vocabulary_and_the_layout_hash_come_from_the_data(shards, tmp_path):
+    import shutil
+
+    from omnitrain.synthetic import SMALL_LAYOUT
+    from omnitrain.tokenizer.layout import LayoutMismatchError, TokenLayout
+
+    vocab = TokenLayout.load(shards["text"]).vocab_size
+    with pytest.raises(ValueError, match=f"model.vocab_size=123, but the token layout .* has {vocab} ids"):
+        run_in_process(shards, tmp_path / "r", "+model.vocab_size=123")
+    # a shard set whose layout.json is not the layout its shards were built with: the training loader checks
+    # every manifest and shard against layout.json's hash (before, it trusted the first manifest and trained)
+    text = shutil.copytree(shards["text"], tmp_path / "text")
+    other = TokenLayout.build(SMALL_LAYOUT["text_vocab_size"] + 8, "another tokenizer", {"bos": 1, "eos": 2, "pad": 3},
+                              image_codebook_size=64, audio_codebook_size=32, audio_levels=2)  # fmt: skip
+    other.save(text)
+    with pytest.raises(LayoutMismatchError) as err:
+        run_in_process({**shards, "text": text}, tmp_path / "r")
+    assert other.hash in str(err.value) and TokenLayout.load(shards["text"]).hash in str(err.value)
+    assert not (tmp_path / "r").exists()
+
+
 def test_multirun_expands_a_sweep_into_one_run_directory_per_job(capsys):
     assert main(["train", "--cfg", "-m", "optim.lr=1e-3,2e-3", "seed=0,1", "run_dir=runs/sweep"]) == 0
     out = capsys.readouterr().out

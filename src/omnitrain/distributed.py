@@ -1,6 +1,8 @@
-"""Fabric from a ``StrategyConfig``: single device, DDP, FSDP (FSDP2 ``fully_shard``) or DeepSpeed ZeRO 1/2/3.
+"""Parallelism for the training loop: Fabric from a ``StrategyConfig``, and :class:`Strategy`, the adapter
+that holds everything single device, DDP, FSDP (FSDP2 ``fully_shard``) and DeepSpeed ZeRO 1/2/3 do differently.
 
-Parallelism is applied from outside the model (torchtitan's rule): ``model.py`` knows nothing of it.
+Parallelism is applied from outside the model (torchtitan's rule): ``model.py`` knows nothing of it, and
+``train.py`` calls :class:`Strategy` the same way for every strategy.
 
 * ``ddp``: Fabric's DDPStrategy (NCCL on GPUs, gloo on CPU).
 * ``fsdp``: Fabric's ModelParallelStrategy with a ``parallelize_fn`` that shards every
@@ -22,10 +24,14 @@ other local processes itself (it re-runs the command line).
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
+
+from omnitrain.optim import OptimConfig, build_optimizer
 
 
 @dataclass
@@ -44,6 +50,121 @@ class StrategyConfig:
             raise ValueError(f"strategy.zero_stage must be 1, 2 or 3, got {self.zero_stage}")
         if self.name == "single" and (self.devices != 1 or self.num_nodes != 1):
             raise ValueError("strategy=single runs one process: set strategy=ddp (or fsdp, deepspeed) for devices/num_nodes > 1")
+
+
+class Strategy:
+    """The adapter between the training loop and the engine: one interface, whatever ``cfg.name`` is.
+
+    Per optimizer step the loop calls, for every strategy::
+
+        for each micro-batch:
+            with strategy.accumulating(last=...):
+                strategy.backward(loss(..., denom=count / strategy.loss_scale))
+        grad_norm = strategy.clip_gradients()
+        strategy.optimizer_step(apply=finite)       # a non-finite step is skipped where strategy.can_skip
+
+    What differs underneath:
+
+    =========  ===================================  ============================  =============================
+    strategy   micro-batches                        clip_gradients                optimizer_step
+    =========  ===================================  ============================  =============================
+    single     plain backward                       Fabric's (norm before clip)   step, zero_grad
+    ddp        no gradient all-reduce but the last  Fabric's                      step, zero_grad
+    fsdp       no reduce-scatter but the last;      Fabric's (a DTensor norm)     step, zero_grad
+               the optimizer holds the shards
+    deepspeed  the engine accumulates; every        the engine's norm (it         nothing: the engine stepped at
+               backward is an engine micro-step     clipped inside its step)      the last micro-batch, so a
+                                                                                  non-finite step cannot be skipped
+    =========  ===================================  ============================  =============================
+    """
+
+    def __init__(self, cfg: StrategyConfig, grad_clip: float, grad_accum: int) -> None:
+        self.cfg, self.grad_clip, self.grad_accum = cfg, grad_clip, grad_accum
+        self.fabric = make_fabric(cfg, grad_clip=grad_clip, grad_accum=grad_accum)
+        # DeepSpeed's engine owns accumulation, clipping and the update: it steps inside backward()
+        self.engine_steps = cfg.name == "deepspeed"
+        self.can_skip = not self.engine_steps  # the update of a non-finite step has happened when its norm is known
+        self.model: Any = None
+        self.optimizer: Any = None
+
+    def launch(self) -> None:
+        """Start (or join) the processes; every rank returns from here."""
+        self.fabric.launch()
+
+    def setup(self, model: torch.nn.Module, optim_cfg: OptimConfig) -> tuple[Any, Any]:
+        """(model, optimizer) wrapped by Fabric, the model sharded (FSDP) or inside a DeepSpeedEngine."""
+        if self.cfg.name == "fsdp":  # FSDP2 shards the parameters in setup: the optimizer must hold the sharded ones
+            self.model = self.fabric.setup_module(model)
+            self.optimizer = self.fabric.setup_optimizers(build_optimizer(self.model.module, optim_cfg))
+        else:
+            self.model, self.optimizer = self.fabric.setup(model, build_optimizer(model, optim_cfg))
+        return self.model, self.optimizer
+
+    @property
+    def loss_scale(self) -> float:
+        """The factor each micro-batch's loss carries so that the engine's gradient averaging undoes it: the
+        data-parallel size (every strategy averages over ranks), times grad_accum for DeepSpeed (it also
+        divides by the accumulation steps). The loop divides its loss normaliser by it."""
+        return self.fabric.world_size * (self.grad_accum if self.engine_steps else 1)
+
+    @contextmanager
+    def accumulating(self, last: bool) -> Iterator[None]:
+        """Around one micro-batch's forward and backward: gradients are synchronised on the ``last`` only."""
+        # DeepSpeed accumulates by itself (and Fabric warns on every no_backward_sync call for it, even a disabled one)
+        sync = nullcontext() if self.engine_steps else self.fabric.no_backward_sync(self.model, enabled=not last)
+        with sync:
+            yield
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.fabric.backward(loss)
+        if self.engine_steps:
+            self.optimizer.step()  # DeepSpeed counts micro-steps and really steps (and clips) at the last one
+
+    def clip_gradients(self) -> float:
+        """The global gradient norm before clipping, after clipping the gradients to ``grad_clip`` (0: no clipping)."""
+        if self.engine_steps:  # clipped inside the engine's step already
+            return float(_engine(self.model).get_global_grad_norm() or 0.0)
+        max_norm = self.grad_clip if self.grad_clip > 0 else float("inf")
+        norm = self.fabric.clip_gradients(self.model, self.optimizer, max_norm=max_norm, error_if_nonfinite=False)
+        return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP: a DTensor
+
+    def optimizer_step(self, apply: bool) -> None:
+        """Update the weights (``apply=False``: drop this step's gradients instead) and clear the gradients."""
+        if self.engine_steps:
+            return  # done at the last micro-batch's backward
+        if apply:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def unwrap(self) -> Any:
+        """The ``Transformer`` inside the Fabric / DeepSpeed / torch.compile wrappers (sharded under FSDP)."""
+        inner = getattr(self.model, "module", self.model)  # _FabricModule -> the module or the DeepSpeedEngine
+        inner = getattr(inner, "module", inner)  # DeepSpeedEngine.module
+        return getattr(inner, "_orig_mod", inner)
+
+    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """The unsharded model weights on rank 0 (None elsewhere), for the consolidated export. A collective:
+        every rank calls it."""
+        rank0 = self.fabric.global_rank == 0
+        inner = getattr(self.model, "module", self.model)  # _FabricModule -> the module (or the DeepSpeed engine)
+        if self.cfg.name == "fsdp":
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            sd = get_model_state_dict(inner, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            return sd if rank0 else None
+        if self.cfg.name == "deepspeed":
+            import deepspeed
+
+            engine_module = getattr(inner, "module", inner)
+            with deepspeed.zero.GatheredParameters(list(engine_module.parameters()), modifier_rank=None):  # ZeRO-3: gather; 1/2: no-op
+                return {k: v.detach().float().cpu().clone() for k, v in engine_module.state_dict().items()} if rank0 else None
+        inner = getattr(inner, "_orig_mod", inner)
+        return {k: v.detach().cpu() for k, v in inner.state_dict().items()} if rank0 else None
+
+
+def _engine(model: Any) -> Any:
+    """The DeepSpeedEngine inside Fabric's module wrapper."""
+    return getattr(model, "_forward_module", model)
 
 
 def on_gpu(cfg: StrategyConfig) -> bool:
@@ -174,23 +295,3 @@ def peak_flops(device: torch.device, precision: str) -> float | None:
         if key in name:
             return value if precision != "32-true" else value / 16  # fp32 without TF32: roughly 1/16 of the tensor-core peak
     return None
-
-
-def full_state_dict(fabric: Any, model: Any, strategy: str) -> dict[str, torch.Tensor] | None:
-    """The unsharded model weights on rank 0 (None elsewhere). A collective: every rank calls it."""
-    inner = getattr(model, "module", model)  # _FabricModule -> the module (or the DeepSpeed engine)
-    if strategy == "fsdp":
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        sd = get_model_state_dict(inner, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        return sd if fabric.global_rank == 0 else None
-    if strategy == "deepspeed":
-        import deepspeed
-
-        engine_module = getattr(inner, "module", inner)
-        params = list(engine_module.parameters())
-        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):  # ZeRO-3: gather; ZeRO-1/2: a no-op
-            sd = {k: v.detach().float().cpu().clone() for k, v in engine_module.state_dict().items()} if fabric.global_rank == 0 else None
-        return sd
-    inner = getattr(inner, "_orig_mod", inner)
-    return {k: v.detach().cpu() for k, v in inner.state_dict().items()} if fabric.global_rank == 0 else None

@@ -21,6 +21,8 @@ scored before training, every ``val.every`` steps and at the end, logged as ``va
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,14 +49,27 @@ class ValConfig:
 
 
 # ----------------------------------------------------------------------------- from a text LLM
+# ModelConfig field -> the quantity of the architecture it decides (n_kv_heads None means n_heads; ffn_dim
+# None means a size derived from dim and multiple_of), compared with the imported checkpoint's
+_ARCHITECTURE = {"dim": "dim", "n_layers": "n_layers", "n_heads": "n_heads", "n_kv_heads": "kv_heads", "ffn_dim": "hidden_dim",
+                 "multiple_of": "hidden_dim", "norm_eps": "norm_eps", "rope_theta": "rope_theta",
+                 "tie_embeddings": "tie_embeddings", "qk_norm": "qk_norm"}  # fmt: skip
+
+
 def init_from_hf(cfg: HFInitConfig, model_cfg: ModelConfig, layout: TokenLayout) -> tuple[Transformer, int]:
     """Import the LLM and grow its vocabulary to ``layout.vocab_size``. Returns (model, first new row).
 
     The architecture is the checkpoint's; the training options of ``model_cfg`` (z-loss, activation
-    checkpointing) are kept."""
+    checkpointing) are kept.
+
+    Raises:
+        ValueError: ``model_cfg`` sets an architecture field (away from ``ModelConfig``'s default, e.g. a
+            ``model=1b`` recipe or ``model.dim=...``) that the checkpoint has otherwise: it would be dropped.
+    """
     from omnitrain.hf import extend_vocabulary, load_hf_llama
 
     model, _ = load_hf_llama(resolve_path(cfg.path), gguf_file=cfg.gguf_file)
+    check_architecture(model_cfg, model.cfg, f"hf_init.path={cfg.path}")
     n_text = model.cfg.vocab_size
     if layout.text_vocab_size != n_text:
         raise ValueError(f"hf_init.path={cfg.path} has {n_text} token embeddings but the layout's text range has "
@@ -63,6 +78,21 @@ def init_from_hf(cfg: HFInitConfig, model_cfg: ModelConfig, layout: TokenLayout)
     model = extend_vocabulary(model, layout.vocab_size, seed=cfg.seed).train()
     model.cfg.z_loss, model.cfg.activation_checkpointing = model_cfg.z_loss, model_cfg.activation_checkpointing
     return model, n_text
+
+
+def check_architecture(given: ModelConfig, imported: ModelConfig, source: str) -> None:
+    """Refuse architecture settings the imported checkpoint overrides. A field counts as set when it differs
+    from ``ModelConfig``'s default: ``model=hf`` sets none, a size recipe such as ``model=1b`` sets many."""
+    blank = ModelConfig()
+    conflicts = []
+    for name, quantity in _ARCHITECTURE.items():
+        if getattr(given, name) != getattr(blank, name) and getattr(given, quantity) != getattr(imported, quantity):
+            conflicts.append(f"model.{name}={getattr(given, name)} (the checkpoint's {quantity}: {getattr(imported, quantity)})")
+    if conflicts:
+        raise ValueError(f"{source} brings its own architecture, which the model config contradicts: "
+                         f"{', '.join(conflicts)}. These settings would be dropped: use model=hf (the checkpoint's "
+                         "architecture; only model.z_loss and model.activation_checkpointing apply) instead of a model "
+                         "size recipe, and drop the model.* overrides")  # fmt: skip
 
 
 @torch.no_grad()
@@ -81,11 +111,15 @@ def freeze_old_weights(model: Transformer, new_from: int) -> None:
             p.grad = None
 
 
-def embedding_rows(model: Transformer, new_from: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(matrix, copy of its pretrained rows): restored after a warm-up step, so that a weight decay on
-    an untied output matrix cannot move them either."""
+@contextmanager
+def pretrained_rows_kept(model: Transformer, new_from: int) -> Iterator[None]:
+    """Around the optimizer step of a warm-up step: the embedding / output rows below ``new_from`` come out
+    as they went in, so that a weight decay on an untied output matrix cannot move them either."""
     mats = {id(m.weight): m.weight for m in (model.tok_embeddings, model.output)}
-    return [(w, w.data[:new_from].clone()) for w in mats.values()]
+    kept = [(w, w.data[:new_from].clone()) for w in mats.values()]
+    yield
+    for weight, rows in kept:
+        weight.data[:new_from] = rows
 
 
 def resolve_path(path: str) -> str:
