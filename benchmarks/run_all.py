@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+BUSY = 0.25  # cores used by other processes above which a run is flagged "under load" (2-core machines)
 
 
 def git_commit() -> str:
@@ -68,7 +69,8 @@ def write_markdown(history: list[dict]) -> None:
         prev = next((run for run in reversed(runs) if run[0] != latest[0]), None)  # the last run of another commit
         busy = next((r for r in rows if (r["commit"], r["date"]) == latest and "load" in r), None)
         load_note = "" if busy is None else f"; load average {busy['load']:.2f} before" + (
-            "" if busy.get("others_cpu") is None else f", other processes used {busy['others_cpu']:.2f} cores while it ran")
+            "" if busy.get("others_cpu") is None else f", other processes used {busy['others_cpu']:.2f} cores while it ran"
+            + (" (**under load**: not comparable)" if busy["others_cpu"] > BUSY else ""))
         lines += [f"## {bench}", "", f"latest: `{latest[0]}` ({latest[1]}{load_note})" + (f", previous: `{prev[0]}` ({prev[1]})" if prev else ""), ""]
         lines += ["| metric | value | unit | baseline | previous | note |", "|---|---:|---|---:|---:|---|"]
         prev_vals = {r["metric"]: r["value"] for r in rows if (r["commit"], r["date"]) == prev}
@@ -107,7 +109,7 @@ def main() -> int:
         for r in rows:
             new_rows.append({"benchmark": name, "commit": commit, "date": date, "quick": args.quick, "load": load_before, "others_cpu": others, **r})
         print(f"=== {name}: {len(rows)} figures in {wall:.0f} s; load average before {load_before}, "
-              f"other processes used {others} cores meanwhile ===", flush=True)
+              f"other processes used {others} cores meanwhile{' (UNDER LOAD)' if others and others > BUSY else ''} ===", flush=True)
     if args.quick:  # a smoke run: its figures are not comparable, so they are not recorded
         print(f"quick run: {len(new_rows)} figures printed, not recorded")
         return 0
