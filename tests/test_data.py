@@ -18,10 +18,10 @@ LAYOUT = TokenLayout.build(1000, "t", {"bos": 1, "eos": 2, "pad": 3}, image_code
 
 
 def make_source(folder: Path, name: str, n_shards: int, per_shard: int, mix: dict[str, float], lengths=(20, 200), seed=0,
-                sizes: list[int] | None = None) -> Path:  # fmt: skip
+                sizes: list[int] | None = None, learn_from: int = 1) -> Path:  # fmt: skip
     """A shard set like `omnitrain data build` writes, with synthetic ids: each sample's tokens are
     split between modalities as ``mix`` says, and its ids encode (source, sample number). Lengths
-    are drawn from ``lengths``, or cycle through ``sizes``."""
+    are drawn from ``lengths``, or cycle through ``sizes``; tokens from ``learn_from`` on are learned."""
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True)
     LAYOUT.save(folder)
@@ -39,7 +39,7 @@ def make_source(folder: Path, name: str, n_shards: int, per_shard: int, mix: dic
                     pos += m_n
             ids = np.full(n, 10 + k % 900, dtype=np.uint32)  # every token names its sample
             meta = {"schema_version": SCHEMA_VERSION, "layout_hash": LAYOUT.hash, "source": name, "template": "t",
-                    "segments": segs, "learn": [[1, n]], "origin": f"{name}:{k}"}  # fmt: skip
+                    "segments": segs, "learn": [[learn_from, n]], "origin": f"{name}:{k}"}  # fmt: skip
             samples.append(Sample(f"p000-{k:09d}", ids, meta))
             k += 1
         write_shard(folder / shard_name(0, s), samples, ShardInfo(shard_name(0, s), per_shard, tokens, 0, 0))
@@ -94,8 +94,9 @@ def test_per_source_weights_and_impossible_targets(sources):
         OmniLoader(bad)
 
 
-def test_packing_masks_never_cross_documents(sources):
-    cfg = LoaderConfig(sources={"text": SourceSpec(str(sources["text"]))}, seq_len=128, batch_size=3)
+def test_packing_masks_never_cross_documents(tmp_path):
+    src = make_source(tmp_path / "t", "t", 10, 7, {"text": 1.0}, seed=1, learn_from=0)  # even a first token is learned
+    cfg = LoaderConfig(sources={"text": SourceSpec(str(src))}, seq_len=128, batch_size=3)
     batch = next(OmniLoader(cfg))
     ids, tgt, w, docs = batch["input_ids"], batch["targets"], batch["loss_weights"], batch["doc_ids"]
     assert ids.shape == tgt.shape == w.shape == docs.shape == (3, 128)
@@ -135,15 +136,17 @@ def _row_documents(ids: torch.Tensor, targets: torch.Tensor, docs: torch.Tensor,
     return [(toks[0], len(toks)) for toks in out.values()]
 
 
-def test_whole_documents_are_never_cut_and_longer_ones_are_truncated_alone_and_counted(sources):
-    T = 128
-    length = {int(ids[0]): len(ids) for url in sorted(sources["text"].glob("*.tar")) for ids, _ in read_shard_samples(str(url), None)}
+def test_whole_documents_are_never_cut_and_longer_ones_are_truncated_alone_and_counted(tmp_path):
+    T, src = 128, make_source(tmp_path / "t", "t", 10, 7, {"text": 1.0}, learn_from=0)
+    length = {int(ids[0]): len(ids) for url in sorted(src.glob("*.tar")) for ids, _ in read_shard_samples(str(url), None)}
     assert max(length.values()) > T + 1  # some documents cannot fit a row
-    cfg = LoaderConfig(sources={"text": SourceSpec(str(sources["text"]))}, seq_len=T, batch_size=4, split_documents=False, pack_buffer=32)
+    cfg = LoaderConfig(sources={"text": SourceSpec(str(src))}, seq_len=T, batch_size=4, split_documents=False, pack_buffer=32)
     loader = OmniLoader(cfg)
     truncated = dropped = 0
     for _ in range(25):
         b = next(loader)
+        learned, docs = b["loss_weights"] > 0, b["doc_ids"]
+        assert not (learned[:, :-1] & (docs[:, 1:] != docs[:, :-1])).any()  # no target learned across documents
         for r in range(4):
             row = _row_documents(b["input_ids"][r], b["targets"][r], b["doc_ids"][r], pad=3)
             for value, n in row:

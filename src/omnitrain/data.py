@@ -340,11 +340,10 @@ class Stream:
         for r in range(B):
             fill(ids[r], weights[r], docs[r])
         self.capacity += B * (T1 - 1)
-        same_doc = (docs[:, 1:] == docs[:, :-1]) & (docs[:, 1:] >= 0)  # a target must continue its input's document
-        return {
+        return {  # (write_doc gave 0 weight to a target whose input is in another document, and to padding)
             "input_ids": torch.from_numpy(ids[:, :-1].copy()),
             "targets": torch.from_numpy(ids[:, 1:].copy()),
-            "loss_weights": torch.from_numpy(np.where(same_doc, weights[:, 1:], np.float32(0.0))),
+            "loss_weights": torch.from_numpy(weights[:, 1:].copy()),
             "doc_ids": torch.from_numpy(docs[:, :-1].copy()),
         }
 
