@@ -48,8 +48,8 @@ def run(quick: bool = False) -> list[dict]:
     import torch
 
     from omnitrain.config import from_dict
-    from omnitrain.pipeline.build import BuildConfig, PipelineConfig, build_shards
-    from omnitrain.pipeline.media import MediaConfig
+    from omnitrain.data.pipeline.build import BuildConfig, PipelineConfig, build_shards
+    from omnitrain.data.pipeline.media import MediaConfig
     from omnitrain.tokenizer.audio import AudioCodecConfig, RVQAudioCodec
     from omnitrain.tokenizer.bundle import TokenizerPaths
     from omnitrain.tokenizer.image import ImageTokenizerConfig, VQImageTokenizer

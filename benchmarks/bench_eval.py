@@ -72,7 +72,7 @@ def run(quick: bool = False) -> list[dict]:
     from omnitrain.eval.harness import HFModel, ModelSpec
     from omnitrain.eval.mmlu import MMLUConfig
     from omnitrain.eval.tasks import MMLUTask
-    from omnitrain.model_io import resolve_path
+    from omnitrain.model.io import resolve_path
 
     threads, batch = 1, 8
     subjects, per_subject, repeats = (SUBJECTS[:4], 5, 2) if quick else (SUBJECTS, 20, 3)

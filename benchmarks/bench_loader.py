@@ -4,7 +4,7 @@ Shards hold a realistic omni length mix (text documents with log-normal lengths,
 captions, 3-10 s speech clips at 100 codec frames/s x 4 levels), written in the real shard format.
 
 Throughput, like with like: both sides read every sample of the same shards (two epochs), decode
-ids.npy with the same function (``omnitrain.data.decode_ids``) and parse meta.json, in one process.
+ids.npy with the same function (``omnitrain.data.loader.decode_ids``) and parse meta.json, in one process.
 Plain webdataset stops there; our loader also mixes (per-source weights = each source's share of the
 tokens, so it draws every sample once per epoch, as the plain side does), packs rows of seq_len and
 makes the batch tensors. The two alternate ABBA over several repeats; medians are reported.
@@ -33,7 +33,14 @@ MIX = {"text": 0.5, "image": 0.3, "audio": 0.2}  # modality token shares of the 
 
 
 def _write_sources(root: Path, n_shards: int, per_shard: int) -> dict[str, Path]:
-    from omnitrain.shards import SCHEMA_VERSION, Sample, ShardInfo, shard_name, write_manifest, write_shard
+    from omnitrain.data.shards import (
+        SCHEMA_VERSION,
+        Sample,
+        ShardInfo,
+        shard_name,
+        write_manifest,
+        write_shard,
+    )
     from omnitrain.tokenizer.layout import TokenLayout
 
     layout = TokenLayout.build(8000, "t", {"bos": 1, "eos": 2, "pad": 3}, image_codebook_size=256, audio_codebook_size=128, audio_levels=4)
@@ -71,7 +78,7 @@ def _plain(urls: list[str], epochs: int) -> tuple[float, float]:
     """(samples/s, tokens/s) of plain webdataset over ``urls``, ``epochs`` times, with our decode."""
     import webdataset as wds
 
-    from omnitrain.data import decode_ids
+    from omnitrain.data.loader import decode_ids
 
     t0, count, tokens = time.perf_counter(), 0, 0
     for _ in range(epochs):
@@ -85,7 +92,7 @@ def _plain(urls: list[str], epochs: int) -> tuple[float, float]:
 
 def _ours(cfg, samples: int) -> tuple[float, float]:
     """(samples/s, tokens/s) of our loader until it has drawn ``samples`` documents (tokens: row positions)."""
-    from omnitrain.data import OmniLoader
+    from omnitrain.data.loader import OmniLoader
 
     loader = OmniLoader(cfg)
     t0 = time.perf_counter()
@@ -99,8 +106,8 @@ def _ours(cfg, samples: int) -> tuple[float, float]:
 def _whole_documents(folders: dict[str, Path], seq_len: int, batches: int, shares: dict | None) -> dict[str, float]:
     """Packing counters with documents kept whole, and ``bound``: the share of row positions that
     best-fit decreasing fills when it packs all the documents that fit at once (any buffer size)."""
-    from omnitrain.data import LoaderConfig, OmniLoader, SourceSpec
-    from omnitrain.packing import best_fit
+    from omnitrain.data.loader import LoaderConfig, OmniLoader, SourceSpec
+    from omnitrain.data.packing import best_fit
 
     cfg = LoaderConfig(sources={k: SourceSpec(str(v)) for k, v in folders.items()}, modality_shares=shares, seq_len=seq_len,
                        batch_size=8, split_documents=False)  # fmt: skip
@@ -120,8 +127,8 @@ def _train_tokens_per_s(folders: dict[str, Path], steps: int) -> tuple[float, in
     import yaml
 
     from omnitrain.config import from_dict
-    from omnitrain.data import LoaderConfig, OmniLoader, SourceSpec
-    from omnitrain.model import ModelConfig, Transformer
+    from omnitrain.data.loader import LoaderConfig, OmniLoader, SourceSpec
+    from omnitrain.model.transformer import ModelConfig, Transformer
 
     recipe = yaml.safe_load((Path(__file__).resolve().parents[1] / "recipes" / "model" / "tiny.yaml").read_text())
     torch.manual_seed(0)
@@ -144,8 +151,8 @@ def _train_tokens_per_s(folders: dict[str, Path], steps: int) -> tuple[float, in
 def run(quick: bool = False) -> list[dict]:
     import torch
 
-    from omnitrain.data import LoaderConfig, SourceSpec
-    from omnitrain.shards import read_manifest
+    from omnitrain.data.loader import LoaderConfig, SourceSpec
+    from omnitrain.data.shards import read_manifest
 
     torch.set_num_threads(THREADS)
     repeats, n_shards, per_shard, epochs = (3, 8, 64, 1) if quick else (5, 16, 64, 2)

@@ -46,8 +46,8 @@ def _time_to_first_audio(repeats: int) -> tuple[float, float, float]:
     import torch
     import yaml
 
-    from omnitrain.generate import SamplingConfig, generate
-    from omnitrain.model import ModelConfig, Transformer
+    from omnitrain.model.generate import SamplingConfig, generate
+    from omnitrain.model.transformer import ModelConfig, Transformer
     from omnitrain.tokenizer.audio import AudioCodecConfig, RVQAudioCodec
     from omnitrain.tokenizer.layout import TokenLayout
 
@@ -81,8 +81,8 @@ def _models(fields: dict) -> tuple:
     import torch
     import transformers
 
-    from omnitrain.hf import config_from_hf, state_dict_from_hf
-    from omnitrain.model import Transformer
+    from omnitrain.model.hf import config_from_hf, state_dict_from_hf
+    from omnitrain.model.transformer import Transformer
 
     torch.manual_seed(0)
     hf_cfg = transformers.LlamaConfig(**fields, max_position_embeddings=2048, tie_word_embeddings=True, attn_implementation="sdpa")
@@ -131,7 +131,7 @@ def _training_steps(fields: dict, B: int, T: int, repeats: int) -> tuple[dict[st
 def run(quick: bool = False) -> list[dict]:
     import torch
 
-    from omnitrain.generate import SamplingConfig, generate
+    from omnitrain.model.generate import SamplingConfig, generate
 
     torch.set_num_threads(THREADS)
     repeats = 3 if quick else 8

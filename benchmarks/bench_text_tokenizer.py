@@ -25,7 +25,7 @@ def run(quick: bool = False) -> list[dict]:
     import json
     import textwrap
 
-    from omnitrain import corpora
+    from omnitrain.sources import corpora
     from omnitrain.tokenizer.report import load_tiktoken
     from omnitrain.tokenizer.text import (
         TextCorpusConfig,

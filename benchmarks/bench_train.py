@@ -4,7 +4,7 @@ Both train the same model (``recipes/model/tiny.yaml``, the same seed) on the sa
 (seq 512 x 4 rows) with the same optimizer (``build_optimizer``: AdamW), the same learning-rate
 schedule, gradient clipping and the same number of torch threads. And the same objective computed
 the same way: the model's forward with targets (the chunked output projection fused with the cross
-entropy and the recipe's z-loss, ``omnitrain.model.linear_cross_entropy``), as ``train()`` calls it.
+entropy and the recipe's z-loss, ``omnitrain.model.loss.linear_cross_entropy``), as ``train()`` calls it.
 (A bare loop that builds the full [B, T, V] logits and calls ``F.cross_entropy`` measures the loss
 implementation, not the trainer: that made ``train()`` look 1.04-1.08x faster.) The bare loop is
 forward, backward, clip, step; ours is the full ``train()``: Fabric, per-modality metrics,
@@ -29,7 +29,7 @@ def _config(sources: dict[str, Path], run_dir: Path, steps: int, threads: int):
     import yaml
 
     from omnitrain.config import from_dict
-    from omnitrain.train import TrainConfig
+    from omnitrain.train.loop import TrainConfig
 
     recipes = Path(__file__).resolve().parents[1] / "recipes"
     model = yaml.safe_load((recipes / "model" / "tiny.yaml").read_text())
@@ -41,8 +41,8 @@ def _config(sources: dict[str, Path], run_dir: Path, steps: int, threads: int):
 
 
 def _ours(cfg) -> float:
-    from omnitrain.runlog import read_metrics
-    from omnitrain.train import train
+    from omnitrain.train.loop import train
+    from omnitrain.train.runlog import read_metrics
 
     train(cfg)
     rows = read_metrics(cfg.run_dir)
@@ -53,10 +53,10 @@ def _ours(cfg) -> float:
 def _bare(cfg) -> float:
     import torch
 
-    from omnitrain.data import OmniLoader
-    from omnitrain.model import Transformer
-    from omnitrain.optim import build_optimizer, lr_at
+    from omnitrain.data.loader import OmniLoader
+    from omnitrain.model.transformer import Transformer
     from omnitrain.tokenizer.layout import TokenLayout
+    from omnitrain.train.optim import build_optimizer, lr_at
 
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
@@ -86,7 +86,7 @@ def _bare(cfg) -> float:
 def run(quick: bool = False) -> list[dict]:
     import torch
 
-    from omnitrain.synthetic import make_omni_sources
+    from tests.synthetic import make_omni_sources
 
     steps, repeats, threads = (8, 2, 2) if quick else (20, 4, 2)
     note = (f"recipes/model/tiny, seq 512 x 4, same objective (forward with targets: fused chunked CE + z-loss), "

@@ -5,7 +5,7 @@
 
 Data (under ``runs/continue_pretrain/shards``): real English prose (the Debian handbook, pages split
 into train and held-out) through SmolLM2's own tokenizer, and synthetic image / audio code
-sequences (``omnitrain.synthetic``: no pretrained image VQ or audio codec exists offline; their
+sequences (``tests.synthetic``: no pretrained image VQ or audio codec exists offline; their
 patterns are learnable, so the curves show the new rows and the network learning the new ranges).
 The layout is SmolLM2's 49,152 text ids, then the specials, 16 size tokens, 256 image codes and
 2 x 128 audio codes. Prints the start and end of the three held-out curves (val/*) and checks the
@@ -24,11 +24,11 @@ GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def make_shards(root: Path) -> None:
-    from omnitrain.corpora import handbook_text
-    from omnitrain.model_io import resolve_path
-    from omnitrain.synthetic import make_shard_set, make_text_shard_set
+    from omnitrain.model.io import resolve_path
+    from omnitrain.sources.corpora import handbook_text
     from omnitrain.tokenizer.hf_text import load_text_tokenizer
     from omnitrain.tokenizer.layout import TokenLayout
+    from tests.synthetic import make_shard_set, make_text_shard_set
 
     if (root / "speech_heldout" / "manifest.json").is_file():
         return
@@ -48,7 +48,7 @@ def make_shards(root: Path) -> None:
 
 def main(overrides: list[str]) -> dict:
     from omnitrain.cli import main as cli
-    from omnitrain.runlog import read_metrics
+    from omnitrain.train.runlog import read_metrics
 
     make_shards(ROOT / "shards")
     run_dir = next((o.split("=", 1)[1] for o in overrides if o.startswith("run_dir=")), str(ROOT / "train"))

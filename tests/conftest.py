@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from omnitrain import corpora
+from omnitrain.sources import corpora
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -54,8 +54,8 @@ def omni_model_dir(tmp_path_factory: pytest.TempPathFactory, text_tokenizer_dir:
     tokenizers. Holds ``image.pt``, ``audio.pt``, ``layout/`` and ``model/`` (checkpoint step 7)."""
     import torch
 
-    from omnitrain.model import ModelConfig, Transformer
-    from omnitrain.model_io import save_model
+    from omnitrain.model.io import save_model
+    from omnitrain.model.transformer import ModelConfig, Transformer
     from omnitrain.tokenizer.audio import AudioCodecConfig, RVQAudioCodec
     from omnitrain.tokenizer.image import ImageTokenizerConfig, VQImageTokenizer
     from omnitrain.tokenizer.layout import TokenLayout

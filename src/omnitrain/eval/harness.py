@@ -15,10 +15,10 @@ The text protocol follows lm-evaluation-harness:
   prompt the [T, V] logits lm-eval computes and log-softmaxes are ~1/5 of the FLOPs and most of the
   memory traffic.
 * ``generate(prompts, max_new_tokens, stop, temperature, n) -> [[text] * n per prompt]``: batched,
-  KV cache (``omnitrain.generate``), cut at the first stop string.
+  KV cache (``omnitrain.model.generate``), cut at the first stop string.
 
 Every text model here runs in omnitrain's own ``Transformer`` (a Hugging Face Llama or GGUF is
-converted by ``omnitrain.hf.load_hf_llama``); only the tokenizer stays transformers'.
+converted by ``omnitrain.model.hf.load_hf_llama``); only the tokenizer stays transformers'.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from typing import Any, Literal
 
 import torch
 
+from omnitrain.data.pipeline.media import MediaConfig
 from omnitrain.eval.mmlu import MMLUConfig
 from omnitrain.eval.tasks import (
     TASKS,
@@ -39,8 +40,7 @@ from omnitrain.eval.tasks import (
     ReadingConfig,
     SpeechWERConfig,
 )
-from omnitrain.model_io import find_model_dir, load_model, resolve_path
-from omnitrain.pipeline.media import MediaConfig
+from omnitrain.model.io import find_model_dir, load_model, resolve_path
 from omnitrain.tokenizer.bundle import TokenizerPaths
 
 
@@ -181,7 +181,7 @@ class TextLM:
                  n: int = 1, top_p: float = 1.0, seed: int = 0, progress: bool = True) -> list[list[str]]:  # fmt: skip
         from tqdm import tqdm
 
-        from omnitrain.generate import SamplingConfig, generate
+        from omnitrain.model.generate import SamplingConfig, generate
 
         rows = [(p, j) for p in range(len(prompts)) for j in range(n)]
         ids = [
@@ -230,7 +230,7 @@ class HFModel(TextLM):
     def __init__(self, spec: ModelSpec, batch_size: int) -> None:
         from transformers import AutoTokenizer
 
-        from omnitrain.hf import load_hf_llama
+        from omnitrain.model.hf import load_hf_llama
 
         path = resolve_path(spec.path)
         gguf = spec.gguf_file
@@ -289,7 +289,7 @@ class OmniModel(TextLM):
     def media(self) -> Any:
         """The image tokenizer / audio codec, checked against the model's layout (loaded on first use)."""
         if self._media is None:
-            from omnitrain.pipeline.media import MediaTokenizers
+            from omnitrain.data.pipeline.media import MediaTokenizers
             from omnitrain.tokenizer import bundle
 
             tok = bundle.load(self.tok_paths, expect_layout=self.layout, device=self.spec.device, what=f"the model {self.spec.path}")
@@ -309,15 +309,15 @@ class OmniModel(TextLM):
         self, prompts: list[dict[str, Any]], max_new_tokens: int, progress: bool = True, image_size: int | None = None
     ) -> list[str]:
         """Prompts ``{"text": str, "images": [paths], "audios": [paths]}`` -> text answers; the prompt is
-        built by ``omnitrain.prompting.build_prompt`` (images, audio, then text; chat turns when
+        built by ``omnitrain.model.generate_command.build_prompt`` (images, audio, then text; chat turns when
         ``model.chat_template``), the answer decoded greedily under the layout constraint. Images are
         prepared at ``image_size`` (None: ``model.media.image_size``)."""
         import dataclasses
 
         from tqdm import tqdm
 
-        from omnitrain.generate import SamplingConfig, generate
-        from omnitrain.prompting import GenerateConfig, build_prompt
+        from omnitrain.model.generate import SamplingConfig, generate
+        from omnitrain.model.generate_command import GenerateConfig, build_prompt
 
         media = self.media()
         if media is not None and image_size is not None:

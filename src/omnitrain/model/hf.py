@@ -1,0 +1,156 @@
+"""Weights between omnitrain's Transformer and Hugging Face Llama (``LlamaForCausalLM``).
+
+Both use RoPE's half-split convention, so the mapping is a renaming, no permutation. The full
+import (vocabulary extension, GGUF) and export of a checkpoint folder build on these (issue 6).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import torch
+
+from omnitrain.model.transformer import ModelConfig, Transformer
+
+_NAMES = [  # (hugging face, omnitrain); {i} is a layer index
+    ("model.embed_tokens.weight", "tok_embeddings.weight"),
+    ("model.norm.weight", "norm.weight"),
+    ("lm_head.weight", "output.weight"),
+    ("model.layers.{i}.self_attn.q_proj.weight", "layers.{i}.attention.wq.weight"),
+    ("model.layers.{i}.self_attn.k_proj.weight", "layers.{i}.attention.wk.weight"),
+    ("model.layers.{i}.self_attn.v_proj.weight", "layers.{i}.attention.wv.weight"),
+    ("model.layers.{i}.self_attn.o_proj.weight", "layers.{i}.attention.wo.weight"),
+    ("model.layers.{i}.mlp.gate_proj.weight", "layers.{i}.feed_forward.w1.weight"),
+    ("model.layers.{i}.mlp.down_proj.weight", "layers.{i}.feed_forward.w2.weight"),
+    ("model.layers.{i}.mlp.up_proj.weight", "layers.{i}.feed_forward.w3.weight"),
+    ("model.layers.{i}.input_layernorm.weight", "layers.{i}.attention_norm.weight"),
+    ("model.layers.{i}.post_attention_layernorm.weight", "layers.{i}.ffn_norm.weight"),
+    ("model.layers.{i}.self_attn.q_norm.weight", "layers.{i}.attention.q_norm.weight"),
+    ("model.layers.{i}.self_attn.k_norm.weight", "layers.{i}.attention.k_norm.weight"),
+]
+
+
+def _rename(name: str, src: int) -> str | None:
+    for pair in _NAMES:
+        pattern = "^" + re.escape(pair[src]).replace(r"\{i\}", r"(?P<i>\d+)") + "$"
+        m = re.match(pattern, name)
+        if m:
+            return pair[1 - src].format(**m.groupdict())
+    return None
+
+
+def config_from_hf(hf: Any) -> ModelConfig:
+    """A ``transformers.LlamaConfig`` -> ModelConfig (errors on options omnitrain does not model)."""
+    if getattr(hf, "attention_bias", False) or getattr(hf, "mlp_bias", False):
+        raise ValueError("Llama checkpoints with attention/MLP biases are not supported")
+    rope = dict(getattr(hf, "rope_parameters", None) or getattr(hf, "rope_scaling", None) or {})
+    if rope.get("rope_type", "default") != "default":
+        raise ValueError(f"RoPE scaling {rope} is not supported yet; use a checkpoint with plain RoPE")
+    theta = rope.get("rope_theta") or getattr(hf, "rope_theta", None) or 10000.0
+    return ModelConfig(
+        vocab_size=hf.vocab_size, dim=hf.hidden_size, n_layers=hf.num_hidden_layers, n_heads=hf.num_attention_heads,
+        n_kv_heads=hf.num_key_value_heads, ffn_dim=hf.intermediate_size, norm_eps=hf.rms_norm_eps,
+        rope_theta=float(theta), tie_embeddings=bool(hf.tie_word_embeddings),
+    )  # fmt: skip
+
+
+def state_dict_from_hf(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Hugging Face Llama parameter names -> omnitrain's (``rotary_emb`` buffers are dropped)."""
+    out = {}
+    for name, t in sd.items():
+        new = _rename(name, 0)
+        if new is None:
+            if name.endswith("rotary_emb.inv_freq"):
+                continue
+            raise ValueError(f"unexpected Hugging Face parameter {name}; is this a Llama-architecture checkpoint?")
+        out[new] = t
+    return out
+
+
+def state_dict_to_hf(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """omnitrain parameter names -> Hugging Face Llama's."""
+    out = {}
+    for name, t in sd.items():
+        new = _rename(name, 1)
+        if new is None:
+            raise ValueError(f"no Hugging Face name for omnitrain parameter {name}")
+        out[new] = t
+    return out
+
+
+def load_hf_llama(name_or_path: str, gguf_file: str | None = None) -> tuple[Transformer, Any]:
+    """A Llama-architecture checkpoint (a folder, a hub id when online, or a GGUF file inside a folder
+    via ``gguf_file``; GGUF is de-quantised to fp32 by transformers) -> (omnitrain Transformer, HF config)."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        hf = AutoModelForCausalLM.from_pretrained(name_or_path, gguf_file=gguf_file, dtype=torch.float32)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot load {name_or_path!r}{f' ({gguf_file})' if gguf_file else ''} with transformers: {e}") from e
+    if hf.config.model_type != "llama":
+        raise ValueError(f"{name_or_path} is a {hf.config.model_type!r} model; omnitrain imports Llama-architecture checkpoints")
+    model = Transformer(config_from_hf(hf.config))
+    missing, unexpected = model.load_state_dict(state_dict_from_hf(hf.state_dict()), strict=False)
+    if unexpected or set(missing) - ({"output.weight"} if model.cfg.tie_embeddings else set()):
+        raise ValueError(f"weights do not fit: missing {missing}, unexpected {unexpected}")
+    return model.eval(), hf.config
+
+
+@torch.no_grad()
+def extend_vocabulary(model: Transformer, vocab_size: int, seed: int = 0) -> Transformer:
+    """Grow the embedding (and output) matrix to ``vocab_size`` rows for a layout's image/audio ranges.
+
+    New rows are drawn from N(mean, diag(var)) of the existing rows, shrunk towards the mean by a
+    factor 0.1: near the mean, new ids start with logits close to the average text token's, so the
+    model's text predictions barely move before it learns them (Hewitt 2021, "Initializing New Word
+    Embeddings"). The original rows are kept bit for bit, so the logits of the original ids stay the
+    same (up to the float rounding of a larger matmul, ~1e-5).
+    """
+    old = model.cfg.vocab_size
+    if vocab_size < old:
+        raise ValueError(f"vocab_size {vocab_size} is smaller than the model's {old}")
+    if vocab_size == old:
+        return model
+    gen = torch.Generator().manual_seed(seed)
+
+    def grow(w: torch.Tensor) -> torch.Tensor:
+        mean, std = w.mean(0), w.std(0)
+        new = mean + 0.1 * std * torch.randn(vocab_size - old, w.shape[1], generator=gen, dtype=w.dtype)
+        return torch.cat([w, new])
+
+    emb = grow(model.tok_embeddings.weight.data)
+    model.tok_embeddings = torch.nn.Embedding(vocab_size, model.cfg.dim, _weight=emb)
+    if model.cfg.tie_embeddings:
+        model.output = torch.nn.Linear(model.cfg.dim, vocab_size, bias=False)
+        model.output.weight = model.tok_embeddings.weight
+    else:
+        out = grow(model.output.weight.data)
+        model.output = torch.nn.Linear(model.cfg.dim, vocab_size, bias=False)
+        model.output.weight.data.copy_(out)
+    model.cfg.vocab_size = vocab_size
+    model.modality_table = torch.zeros(vocab_size, dtype=torch.long)
+    return model
+
+
+def export_hf(model: Transformer, out_dir: str) -> str:
+    """Write a ``LlamaForCausalLM`` folder that transformers loads directly (``from_pretrained``)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    c = model.cfg
+    if c.qk_norm:
+        raise ValueError("transformers' Llama has no QK-norm; export a model trained with qk_norm=false")
+    hf_cfg = LlamaConfig(
+        vocab_size=c.vocab_size, hidden_size=c.dim, intermediate_size=c.hidden_dim, num_hidden_layers=c.n_layers,
+        num_attention_heads=c.n_heads, num_key_value_heads=c.kv_heads, rms_norm_eps=c.norm_eps,
+        rope_theta=c.rope_theta, tie_word_embeddings=c.tie_embeddings, max_position_embeddings=8192,
+    )  # fmt: skip
+    hf = LlamaForCausalLM(hf_cfg)
+    sd = state_dict_to_hf({k: v for k, v in model.state_dict().items() if k != "modality_table"})
+    if c.tie_embeddings:
+        sd.pop("lm_head.weight", None)
+    missing, unexpected = hf.load_state_dict(sd, strict=False)
+    if unexpected or set(missing) - {"lm_head.weight"}:
+        raise ValueError(f"export mismatch: missing {missing}, unexpected {unexpected}")
+    hf.save_pretrained(out_dir)  # handles tied embeddings (safetensors' save_file refuses them)
+    return out_dir

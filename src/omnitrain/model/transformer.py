@@ -1,0 +1,302 @@
+"""One decoder-only transformer over the unified vocabulary (Llama architecture, Chameleon's options).
+
+Legend: B batch, T tokens, D dim, H heads, Hkv key/value heads, Dh head dim, V vocab, M modalities.
+
+Llama-lineage names (``tok_embeddings``, ``layers.{i}.attention.wq``, ``feed_forward.w1``,
+``norm``, ``output``) so weights convert to and from Hugging Face without guesswork; RoPE in the
+Hugging Face half-split convention (``rotate_half``), so converted q/k weights need no permutation.
+
+Packed rows: ``doc_ids`` [B, T] give each token its document; attention is causal *within* a
+document (an SDPA boolean mask; the fast ``is_causal`` path when there is one document per row) and
+positions restart at every document start, so a packed document sees exactly what it would alone.
+Padding (doc id -1) attends only to itself and carries no loss.
+
+One forward body, ``Transformer.hidden`` (embedding, RoPE, the layers), serves training
+(``forward``), decoding with a KV cache (``forward_cached``, used by ``omnitrain.model.generate``) and
+scoring (the eval harness projects only the positions it scores); the callers differ only in the
+attention mask and positions they pass.
+
+Chameleon's stabilisers for mixed-modal training are options: QK-norm (RMSNorm on queries and keys
+per head) and z-loss (``z_loss * logsumexp(logits)^2``, Chameleon / PaLM). The loss itself (the
+fused chunked output projection + cross entropy, per-modality sums) is in ``omnitrain.model.loss``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from omnitrain.model.loss import linear_cross_entropy, loss_metrics, loss_stats
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 0  # 0: the token layout's (training sets it; recipes never state it)
+    dim: int = 256
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int | None = None  # grouped-query attention; None: = n_heads
+    ffn_dim: int | None = None  # None: 8/3 * dim rounded up to multiple_of (Llama)
+    multiple_of: int = 64
+    norm_eps: float = 1e-5
+    rope_theta: float = 500000.0  # Llama 3's, and every recipe's
+    tie_embeddings: bool = True
+    qk_norm: bool = False
+    z_loss: float = 0.0
+    init_std: float = 0.02
+    activation_checkpointing: bool = False
+
+    def __post_init__(self) -> None:
+        if self.dim % self.n_heads:
+            raise ValueError(f"dim={self.dim} is not a multiple of n_heads={self.n_heads}")
+        if self.n_heads % self.kv_heads:
+            raise ValueError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.kv_heads}")
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def hidden_dim(self) -> int:
+        if self.ffn_dim is not None:
+            return self.ffn_dim
+        h = int(8 * self.dim / 3)
+        return self.multiple_of * math.ceil(h / self.multiple_of)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps, self.weight = eps, nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:  # torch's fused kernel: the same numbers, faster
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        xf = x.float()  # normalise in fp32 (as Llama / HF do), return in the input's dtype
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
+
+
+def rope_tables(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """positions [B, T] -> cos, sin [B, 1, T, Dh] in the HF half-split layout."""
+    inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))  # [Dh/2]
+    freqs = positions.float()[..., None] * inv  # [B, T, Dh/2]
+    emb = torch.cat([freqs, freqs], dim=-1)[:, None]  # [B, 1, T, Dh]
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)  # rotate_half
+    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        hd = cfg.head_dim
+        self.wq = nn.Linear(cfg.dim, cfg.n_heads * hd, bias=False)
+        self.wk = nn.Linear(cfg.dim, cfg.kv_heads * hd, bias=False)
+        self.wv = nn.Linear(cfg.dim, cfg.kv_heads * hd, bias=False)
+        self.wo = nn.Linear(cfg.n_heads * hd, cfg.dim, bias=False)
+        self.q_norm = RMSNorm(hd, cfg.norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(hd, cfg.norm_eps) if cfg.qk_norm else None
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
+                cache: KVCache | None = None) -> torch.Tensor:  # fmt: skip
+        B, T, _ = x.shape
+        hd, H, Hkv = self.cfg.head_dim, self.cfg.n_heads, self.cfg.kv_heads
+        q = self.wq(x).view(B, T, H, hd).transpose(1, 2)  # [B, T, H*Dh] -> [B, H, T, Dh]
+        k = self.wk(x).view(B, T, Hkv, hd).transpose(1, 2)  # [B, Hkv, T, Dh]
+        v = self.wv(x).view(B, T, Hkv, hd).transpose(1, 2)  # [B, Hkv, T, Dh]
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:  # decoding: append this step's keys/values, attend to everything so far
+            k, v = cache.update(self, k, v)  # [B, Hkv, T_past + T, Dh]
+        # GQA: each key/value head serves H/Hkv query heads; SDPA broadcasts them without copies
+        if mask is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=Hkv != H)  # [B, H, T, Dh]
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=Hkv != H)
+        return self.wo(out.transpose(1, 2).reshape(B, T, H * hd))  # [B, H, T, Dh] -> [B, T, D]
+
+
+class FeedForward(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.w1 = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)  # gate
+        self.w2 = nn.Linear(cfg.hidden_dim, cfg.dim, bias=False)  # down
+        self.w3 = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)  # up
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))  # SwiGLU
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attention = Attention(cfg)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.feed_forward = FeedForward(cfg)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
+                cache: KVCache | None = None) -> torch.Tensor:  # fmt: skip
+        x = x + self.attention(self.attention_norm(x), cos, sin, mask, cache)
+        return x + self.feed_forward(self.ffn_norm(x))
+
+
+class KVCache:
+    """Keys and values of every layer for incremental decoding, preallocated to ``max_len``."""
+
+    def __init__(self, model: Transformer, batch: int, max_len: int) -> None:
+        c, p = model.cfg, next(model.parameters())
+        shape = (batch, c.kv_heads, max_len, c.head_dim)  # [B, Hkv, T_max, Dh]
+        self.k = {id(layer.attention): torch.zeros(shape, dtype=p.dtype, device=p.device) for layer in model.layers}
+        self.v = {key: torch.zeros_like(t) for key, t in self.k.items()}
+        self.length, self.max_len, self._step = 0, max_len, 0  # tokens stored; tokens being added now
+
+    def update(self, attn: Attention, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        end = self.length + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KV cache of {self.max_len} tokens is full; raise max_len")
+        self.k[id(attn)][:, :, self.length : end] = k
+        self.v[id(attn)][:, :, self.length : end] = v
+        self._step = k.shape[2]
+        return self.k[id(attn)][:, :, :end], self.v[id(attn)][:, :, :end]
+
+    def advance(self) -> None:
+        self.length += self._step
+
+
+def document_mask_and_positions(doc_ids: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """doc_ids [B, T] -> (mask [B, 1, T, T] or None for the one-document fast path, positions [B, T])."""
+    B, T = doc_ids.shape
+    idx = torch.arange(T, device=doc_ids.device).expand(B, T)
+    starts = torch.ones_like(doc_ids, dtype=torch.bool)
+    starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    start_pos = torch.where(starts, idx, torch.zeros_like(idx)).cummax(dim=1).values  # [B, T] start of each token's doc
+    positions = idx - start_pos
+    if bool((doc_ids == doc_ids[:, :1]).all()) and bool((doc_ids >= 0).all()):
+        return None, positions  # one document per row: plain causal attention
+    same = doc_ids[:, :, None] == doc_ids[:, None, :]  # [B, T, T]
+    causal = torch.ones(T, T, dtype=torch.bool, device=doc_ids.device).tril()
+    mask = same & causal
+    mask = mask | torch.eye(T, dtype=torch.bool, device=doc_ids.device)  # padding attends to itself, never NaN
+    return mask[:, None], positions  # [B, 1, T, T]
+
+
+def decoding_mask(key_valid: torch.Tensor, T: int, past: int) -> torch.Tensor:
+    """key_valid [B, T_past + T] (False on left padding) -> mask [B, 1, T, T_past + T]: each of the T new
+    tokens sees the valid keys up to itself (``past``: tokens already in the KV cache)."""
+    causal = torch.ones(T, past + T, dtype=torch.bool, device=key_valid.device).tril(diagonal=past)  # [T, T_past+T]
+    mask = (causal[None] & key_valid[:, None, :])[:, None]  # [B, 1, T, T_past+T]
+    return mask | ~mask.any(-1, keepdim=True)  # a padding query row with no valid key: never NaN
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        if cfg.vocab_size < 1:  # ModelConfig's 0 means "the layout's": omnitrain train sets it from layout.json
+            raise ValueError(f"model.vocab_size={cfg.vocab_size}: set it to the token layout's vocabulary "
+                             "(TokenLayout.load(...).vocab_size); omnitrain train does this from the data's layout.json")
+        self.cfg = cfg
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        self.register_buffer("modality_table", torch.zeros(cfg.vocab_size, dtype=torch.long), persistent=False)
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        """Every parameter: N(0, init_std) for matrices, the residual outputs (wo, w2) scaled by
+        1/sqrt(2 n_layers) (GPT-2), ones for norms."""
+        std = self.cfg.init_std
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                nn.init.ones_(p)
+            elif name.endswith(("attention.wo.weight", "feed_forward.w2.weight")):
+                nn.init.normal_(p, 0.0, std / math.sqrt(2 * self.cfg.n_layers))
+            else:
+                nn.init.normal_(p, 0.0, std)
+
+    def set_modalities(self, table: torch.Tensor) -> None:
+        """Modality index per vocabulary id (``TokenLayout.modality_of(arange(V))``), for per-modality metrics."""
+        self.modality_table.copy_(torch.as_tensor(table, dtype=torch.long))
+
+    def num_params(self, non_embedding: bool = True) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.tok_embeddings.weight.numel() if non_embedding else n
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token: 6 N (matmuls, forward + backward) + 12 L D T (attention scores), PaLM appendix B."""
+        return 6 * self.num_params(non_embedding=True) + 12 * self.cfg.n_layers * self.cfg.dim * seq_len
+
+    def hidden(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+               cache: KVCache | None = None) -> torch.Tensor:  # fmt: skip
+        """The one forward body: input_ids [B, T] -> the last layer's output h [B, T, D], before the final norm.
+
+        ``positions`` [B, T] or [1, T] (None: 0..T-1 in every row); ``mask`` [B, 1, T, T_keys], True
+        where a query may attend (None: plain causal attention, SDPA's fast ``is_causal`` path); see
+        ``document_mask_and_positions`` and ``decoding_mask``. With ``cache``, the layers also attend
+        to the keys / values stored by earlier calls, and the cache grows by T."""
+        if positions is None:
+            positions = torch.arange(input_ids.shape[1], device=input_ids.device)[None]  # [1, T]: broadcast over the batch
+        cos, sin = rope_tables(positions, self.cfg.head_dim, self.cfg.rope_theta)  # [B or 1, 1, T, Dh]
+        h = self.tok_embeddings(input_ids)  # [B, T, D]
+        for layer in self.layers:
+            if self.cfg.activation_checkpointing and self.training and cache is None:  # a recompute would write the cache twice
+                h = checkpoint(layer, h, cos, sin, mask, use_reentrant=False)
+            else:
+                h = layer(h, cos, sin, mask, cache)
+        if cache is not None:
+            cache.advance()
+        return h
+
+    def forward(self, input_ids: torch.Tensor, doc_ids: torch.Tensor | None = None, targets: torch.Tensor | None = None,
+                loss_weights: torch.Tensor | None = None, denom: torch.Tensor | float | None = None
+                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        """input_ids [B, T] (and doc_ids [B, T]) -> logits [B, T, V].
+
+        With ``targets`` and ``loss_weights`` [B, T]: the training loss instead, ``(loss, stats)``, from a
+        chunked output projection fused with the cross entropy (``loss.linear_cross_entropy``: the
+        [B*T, V] logits are never held whole). It is computed inside ``forward`` so that DDP / FSDP /
+        DeepSpeed wrappers see one call. ``stats`` [len(LOSS_KEYS)] are additive sums (``loss.LOSS_KEYS``)."""
+        mask, positions = document_mask_and_positions(doc_ids) if doc_ids is not None else (None, None)
+        h = self.norm(self.hidden(input_ids, positions, mask))  # [B, T, D]
+        if targets is None:
+            return self.output(h)  # [B, T, V]
+        w = torch.ones_like(targets, dtype=torch.float32) if loss_weights is None else loss_weights.float()
+        denom = w.sum().clamp(min=1.0) if denom is None else denom
+        loss, ce, correct, lse = linear_cross_entropy(h.flatten(0, 1), self.output.weight, targets.flatten(), w.flatten(),
+                                                      self.cfg.z_loss, denom)  # fmt: skip
+        return loss, loss_stats(ce, correct, lse, targets.flatten(), w.flatten(), self.modality_table, self.cfg.z_loss)
+
+    def forward_cached(self, input_ids: torch.Tensor, positions: torch.Tensor, key_valid: torch.Tensor,
+                       cache: KVCache | None) -> torch.Tensor:  # fmt: skip
+        """Decoding: input_ids / positions [B, T] new tokens, key_valid [B, T_past + T] (False on left
+        padding) -> logits [B, T, V]. With ``cache`` the new tokens also attend to its T_past stored ones
+        and it grows by T; ``cache=None``: the T tokens are the whole sequence (the no-cache path)."""
+        past = cache.length if cache is not None else 0
+        h = self.hidden(input_ids, positions, decoding_mask(key_valid, input_ids.shape[1], past), cache)
+        return self.output(self.norm(h))  # [B, T, V]
+
+    def loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        """Weighted next-token loss of a loader batch, and loss / accuracy / tokens per modality."""
+        w = batch["loss_weights"].float()
+        denom = w.sum().clamp(min=1.0)
+        loss, stats = self(batch["input_ids"], batch.get("doc_ids"), batch["targets"], w, denom)
+        return loss, loss_metrics(stats, loss, denom)
+

@@ -1,0 +1,396 @@
+"""``omnitrain train``: one explicit training loop on Lightning Fabric.
+
+Read :func:`train` top to bottom: resolve the config against the data's token layout, launch the
+strategy, build the run (model, objective, optimizer, loaders), resume if a checkpoint exists; then,
+for every optimizer step (:func:`train_step`), ``grad_accum`` micro-batches forward and backward,
+clip, step; log, and maybe checkpoint. Periodic work is a visible ``every(step, n)``. What single
+device, DDP, FSDP2 and DeepSpeed do differently is behind one adapter, ``omnitrain.train.strategy.Strategy``.
+
+Loss normalisation. The loss of a step is ``sum(ce * loss_weights) / N`` where N is the number of
+weighted target tokens in the *whole* step (all micro-batches, all ranks). Each micro-batch's
+backward gets its share of that sum (times ``strategy.loss_scale``, the data-parallel size, which the
+gradient averaging of DDP / FSDP / DeepSpeed divides out), so 2 ranks x batch b, 1 rank x batch 2b and
+1 rank x 2 micro batches of b all compute the same gradient: loss curves match across strategies.
+
+Objectives. What a step optimises is an objective (``omnitrain.train.objectives``): the weighted LM loss
+(pretraining, continued pretraining from a Hugging Face LLM, SFT) or DPO (``omnitrain.train.dpo``, with
+its frozen reference model); the loop is the same. ``count`` gives what the loss is normalised by.
+
+Preemption. SIGUSR1 or SIGTERM sets a flag; at the end of the current step every rank learns of it
+(a max all-reduce), the loop saves a checkpoint and exits. Under Slurm, SIGUSR1 (``--signal=USR1@120``)
+also requeues the job (``scontrol requeue``) and the requeued job resumes from that checkpoint
+(``resume=auto``); SIGTERM (``scancel``, the time limit) only saves.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from omnitrain.config import to_dict
+from omnitrain.data.loader import LoaderConfig, OmniLoader
+from omnitrain.model.io import load_model, save_model
+from omnitrain.model.transformer import ModelConfig, Transformer
+from omnitrain.tokenizer.layout import MODALITIES, TokenLayout
+from omnitrain.train import checkpoint
+from omnitrain.train.dpo import DPOConfig, DPOObjective, make_preference_loader, precompute_reference
+from omnitrain.train.objectives import (
+    HFInitConfig,
+    LMObjective,
+    ValConfig,
+    Validation,
+    freeze_old_weights,
+    init_from_hf,
+    make_lm_loader,
+    pretrained_rows_kept,
+)
+from omnitrain.train.optim import OptimConfig, lr_at
+from omnitrain.train.runlog import RunLog, WandbConfig, truncate_metrics
+from omnitrain.train.strategy import Strategy, StrategyConfig, peak_flops
+
+
+@dataclass
+class TrainConfig:
+    run_dir: Path = Path("runs/train")
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: LoaderConfig = field(default_factory=LoaderConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    steps: int = 100  # optimizer steps
+    grad_accum: int = 1  # micro-batches per optimizer step (each data.batch_size rows per rank)
+    seed: int = 0
+    log_every: int = 1
+    ckpt_every: int = 50  # also at the end and on preemption
+    keep_last: int = 3  # complete checkpoints kept
+    resume: str = "auto"  # auto (latest in run_dir, if any) | never | a checkpoint folder
+    init_from: str | None = None  # start from a consolidated omnitrain model folder (ignored when resuming)
+    hf_init: HFInitConfig = field(default_factory=HFInitConfig)  # start from a Hugging Face Llama (continued pretraining)
+    freeze_warmup_steps: int = 0  # with hf_init: the first N steps train only the new embedding rows
+    objective: Literal["lm", "dpo"] = "lm"  # lm: pretraining / continued pretraining / SFT; dpo: preference pairs
+    dpo: DPOConfig = field(default_factory=DPOConfig)
+    val: ValConfig = field(default_factory=ValConfig)  # held-out shard sets scored during training
+    on_nonfinite: Literal["skip", "stop"] = "stop"  # a NaN/inf loss or gradient: skip the step, or stop
+    max_skipped: int = 10  # on_nonfinite=skip: stop after this many skipped steps in a row
+    compile: bool = False  # torch.compile the model
+    threads: int = 0  # torch intra-op threads per process (0: torch's default)
+    requeue: bool = True  # under Slurm, SIGUSR1 requeues the job after the checkpoint
+    export: bool = True  # write the consolidated model/ folder at the end
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.grad_accum < 1 or self.log_every < 1 or self.ckpt_every < 1:
+            raise ValueError("steps, grad_accum, log_every and ckpt_every must be >= 1")
+        if self.freeze_warmup_steps and not self.hf_init.path:
+            raise ValueError("freeze_warmup_steps trains only the rows added to a pretrained model: set hf_init.path too")
+        if self.freeze_warmup_steps and self.strategy.name not in ("single", "ddp"):
+            raise ValueError("freeze_warmup_steps masks rows of unsharded gradients: use strategy=single or ddp, "
+                             f"not {self.strategy.name}")
+        if self.hf_init.path and self.init_from:
+            raise ValueError("give one of init_from (an omnitrain model) and hf_init.path (a Hugging Face model), not both")
+
+
+def every(step: int, n: int) -> bool:
+    return n > 0 and step % n == 0
+
+
+class Preemption:
+    """SIGUSR1 / SIGTERM -> a flag the loop checks at the end of each step."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGUSR1, signal.SIGTERM)}
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.signal = signum
+
+    def requested(self, fabric: Any) -> int:
+        """The signal any rank received (0: none), agreed on by all ranks."""
+        flag = torch.tensor([self.signal or 0], device=fabric.device)
+        return int(fabric.all_reduce(flag, reduce_op="max").item()) if fabric.world_size > 1 else int(flag.item())
+
+
+@dataclass
+class Run:
+    """What :func:`train` builds before its loop, on every rank."""
+
+    cfg: TrainConfig  # resolved: the layout's vocabulary and hash; with hf_init, the imported architecture
+    layout: TokenLayout
+    strategy: Strategy
+    model: Any  # as set up by the strategy (wrapped, maybe sharded)
+    optimizer: Any
+    objective: Any  # LMObjective | DPOObjective
+    loader: OmniLoader
+    validation: Validation
+    resume_from: Path | None  # the checkpoint this attempt continues (None: a fresh start)
+    new_rows_from: int  # hf_init: the first embedding row the layout added (the freeze warm-up trains rows >= it)
+    n_params: int
+    flops_per_token: float  # of the whole model (counted before sharding)
+    peak_flops: float | None  # of one device, for MFU (None: unknown)
+
+    @property
+    def fabric(self) -> Any:
+        return self.strategy.fabric
+
+
+@dataclass
+class StepResult:
+    """What one optimizer step reports."""
+
+    row: dict[str, float]  # the objective's summary: loss, loss/<modality>, ...
+    tokens: dict[str, int]  # weighted target tokens per modality
+    lr: float
+    grad_norm: float
+    finite: bool  # False: the update was skipped (on_nonfinite=skip)
+    frozen: bool  # a freeze warm-up step: only the new embedding rows learned
+
+
+def train(cfg: TrainConfig, plain_config: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Train; returns a summary (run_dir, final step, tokens, preempted, seconds, steps/s)."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    cfg, layout = resolve(cfg)
+    strategy = Strategy(cfg.strategy, grad_clip=cfg.optim.grad_clip, grad_accum=cfg.grad_accum)
+    strategy.launch()
+    run = build_run(cfg, layout, strategy)
+    cfg, fabric = run.cfg, run.fabric
+    state: dict[str, Any] = {"model": run.model, "optimizer": run.optimizer, "step": 0, "tokens": 0}  # what checkpoints hold
+    if run.resume_from is not None:
+        resume(run, state)
+    start_step = state["step"]
+    log = open_log(run, start_step, plain_config)
+    preempt = Preemption()
+    stopped_by, skipped = 0, 0
+
+    # --- the loop
+    if run.validation.due(start_step, False) and start_step == 0:
+        log.log(0, run.validation.run(fabric, run.model, run.objective))  # the held-out losses before any training
+    t_start = time.perf_counter()
+    while state["step"] < cfg.steps:
+        t0 = time.perf_counter()
+        out = train_step(run, state["step"], skipped)
+        skipped = 0 if out.finite else skipped + 1
+        state["step"] = step = state["step"] + 1
+        state["tokens"] += sum(out.tokens.values())
+        dt = time.perf_counter() - t0
+
+        val_row = run.validation.run(fabric, run.model, run.objective) if run.validation.due(step, step == cfg.steps) else {}
+        if every(step, cfg.log_every) or step == cfg.steps or val_row:
+            log.log(step, metrics_row(run, out, state["tokens"], dt, time.perf_counter() - t_start, val_row))
+        log.advance()
+
+        stopped_by = preempt.requested(fabric)
+        if every(step, cfg.ckpt_every) or step == cfg.steps or stopped_by:
+            path = save_checkpoint(run, state, out.row["loss"])
+            log.print(f"checkpoint {path}")
+        if stopped_by:
+            break
+
+    preempt.restore()
+    return finish(run, state, log, start_step, t_start, stopped_by)
+
+
+# ----------------------------------------------------------------------------- building the run
+def resolve(cfg: TrainConfig) -> tuple[TrainConfig, TokenLayout]:
+    """A copy of ``cfg`` completed from the data, and the token layout (``layout.json`` beside the first
+    source's shards): the layout decides the vocabulary size, and every shard must carry its hash."""
+    if not cfg.data.sources:
+        raise ValueError("no training data: set data.sources (see recipes/data/) to shard folders made by `omnitrain data build`")
+    first = next(iter(cfg.data.sources.values())).path
+    layout = TokenLayout.load(first, expect_hash=cfg.data.layout_hash)
+    if cfg.model.vocab_size not in (0, layout.vocab_size):
+        raise ValueError(f"model.vocab_size={cfg.model.vocab_size}, but the token layout of the data ({first}/layout.json) has "
+                         f"{layout.vocab_size} ids: drop model.vocab_size, training takes it from the layout")  # fmt: skip
+    cfg = copy.deepcopy(cfg)
+    cfg.model.vocab_size, cfg.data.layout_hash = layout.vocab_size, layout.hash
+    return cfg, layout
+
+
+def build_run(cfg: TrainConfig, layout: TokenLayout, strategy: Strategy) -> Run:
+    """The model (fresh, imported from Hugging Face, or loaded), its objective, the optimizer and the loaders."""
+    fabric = strategy.fabric
+    fabric.seed_everything(cfg.seed)  # the same initial weights on every rank
+    resume_from = checkpoint.resolve_resume(Path(cfg.run_dir), cfg.resume)
+    model, new_rows_from = build_model(cfg, layout, resume_from)
+    cfg = replace(cfg, model=model.cfg)  # hf_init: the run records the imported architecture
+    objective, make_loader = build_objective(cfg, model, layout, fabric)
+    flops_per_token = model.flops_per_token(cfg.data.seq_len)  # before sharding: from the full parameter counts
+    n_params = sum(p.numel() for p in model.parameters())
+    if cfg.compile:
+        model = torch.compile(model)
+    model, optimizer = strategy.setup(model, cfg.optim)
+    rank, world = fabric.global_rank, fabric.world_size
+    loader: OmniLoader = make_loader(cfg.data, rank, world)
+    validation = Validation(cfg.val, cfg.data, make_loader, rank, world, layout.hash)
+    return Run(cfg, layout, strategy, model, optimizer, objective, loader, validation, resume_from, new_rows_from, n_params,
+               flops_per_token, peak_flops(fabric.device, cfg.strategy.precision))  # fmt: skip
+
+
+def build_model(cfg: TrainConfig, layout: TokenLayout, resume_from: Path | None) -> tuple[Transformer, int]:
+    """(the model training starts from, the first embedding row new to it: 0 unless imported with hf_init).
+    When resuming, the checkpoint's weights replace these later."""
+    new_rows_from = 0
+    if cfg.hf_init.path:  # continued pretraining: the LLM with its vocabulary grown to the layout's
+        model, new_rows_from = init_from_hf(cfg.hf_init, cfg.model, layout)
+    else:
+        model = Transformer(cfg.model)
+    model.set_modalities(layout.modality_of(torch.arange(layout.vocab_size).numpy()))
+    if cfg.init_from and resume_from is None:
+        init, _ = load_model(cfg.init_from)
+        if init.cfg != model.cfg:
+            raise ValueError(f"init_from={cfg.init_from} holds a model with {init.cfg}, this run builds {model.cfg}: "
+                             "choose the matching model= recipe or override its fields")  # fmt: skip
+        model.load_state_dict(init.state_dict())
+    return model, new_rows_from
+
+
+def build_objective(cfg: TrainConfig, model: Transformer, layout: TokenLayout, fabric: Any) -> tuple[Any, Callable[..., OmniLoader]]:
+    """(objective, its loader factory ``(data, rank, world_size) -> loader``). DPO's frozen reference is the
+    model as it starts, also when resuming: a copy run on every batch, or its scores precomputed once."""
+    if cfg.objective == "lm":
+        return LMObjective(), make_lm_loader
+    reference, table = None, None
+    if cfg.dpo.reference == "on_the_fly":
+        reference = copy.deepcopy(model).eval().requires_grad_(False).to(fabric.device)
+    else:
+        ref_file = Path(cfg.dpo.reference_logps or Path(cfg.run_dir) / "reference_logps.json")
+        pad = layout.specials["pad"]
+        if fabric.global_rank == 0:
+            precompute_reference(copy.deepcopy(model).to(fabric.device), cfg.data, pad, ref_file, fabric.device)
+        fabric.barrier()
+        table = precompute_reference(model, cfg.data, pad, ref_file, fabric.device)  # reads the file
+    return DPOObjective(cfg.dpo, model.modality_table.to(fabric.device), reference), make_preference_loader(table)
+
+
+def resume(run: Run, state: dict[str, Any]) -> None:
+    """Restore ``state`` (model, optimizer, step, tokens), this rank's loader position and RNG from ``run.resume_from``."""
+    fabric, path = run.fabric, run.resume_from
+    meta, ranks = checkpoint.load(fabric, path, state)
+    if meta["layout_hash"] != run.layout.hash:
+        raise ValueError(f"checkpoint {path} was trained with layout {meta['layout_hash']}, the data has {run.layout.hash}: "
+                         "resume with the shards it was trained on, or start a new run_dir")  # fmt: skip
+    if meta["world_size"] == fabric.world_size:
+        run.loader.load_state_dict(ranks[fabric.global_rank]["loader"])
+        checkpoint.set_rng_state(ranks[fabric.global_rank]["rng"])
+    else:  # another world size: the loader re-splits every old rank's position (data.reshard)
+        run.loader.load_state_dict([r["loader"] for r in ranks])
+    if fabric.global_rank == 0:
+        truncate_metrics(Path(run.cfg.run_dir) / "metrics.jsonl", state["step"])
+
+
+# ----------------------------------------------------------------------------- the step
+def train_step(run: Run, step: int, skipped: int) -> StepResult:
+    """Optimizer step ``step`` (0-based): ``grad_accum`` micro-batches forward and backward, clip, then update
+    unless the loss or gradient is non-finite (``skipped``: steps skipped in a row before this one)."""
+    cfg, strategy, fabric, objective = run.cfg, run.strategy, run.fabric, run.objective
+    lr = lr_at(step, cfg.steps, cfg.optim)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    micro = [fabric.to_device(next(run.loader)) for _ in range(cfg.grad_accum)]
+    count = sum(objective.count(b) for b in micro)  # weighted target tokens (LM) or pairs (DPO) of the step
+    count = (fabric.all_reduce(count, reduce_op="sum") if fabric.world_size > 1 else count).clamp(min=1.0)
+    sums = torch.zeros(len(objective.keys), device=fabric.device)  # additive metrics, named by objective.keys
+    for i, batch in enumerate(micro):
+        with strategy.accumulating(last=i == len(micro) - 1):
+            loss, s = objective.loss(run.model, batch, denom=count / strategy.loss_scale)
+            strategy.backward(loss)
+        sums += s
+    if fabric.world_size > 1:
+        sums = fabric.all_reduce(sums, reduce_op="sum")
+    row, tokens = objective.summary(sums, count)
+
+    frozen = step < cfg.freeze_warmup_steps
+    if frozen:  # warm-up of continued pretraining: only the new embedding rows learn
+        freeze_old_weights(strategy.unwrap(), run.new_rows_from)
+    grad_norm = strategy.clip_gradients()
+    finite = math.isfinite(row["loss"]) and math.isfinite(grad_norm)
+    if not finite and (cfg.on_nonfinite == "stop" or not strategy.can_skip or skipped + 1 >= cfg.max_skipped):
+        raise FloatingPointError(
+            f"non-finite loss {row['loss']} / gradient norm {grad_norm} at step {step}: stopped before the update, nothing "
+            f"was trained on it. Resume from the last checkpoint ({checkpoint.resolve_resume(Path(cfg.run_dir), 'auto')}) with a "
+            "lower optim.lr, longer optim.warmup_steps, model.qk_norm=true or model.z_loss=1e-5"
+            + ("" if strategy.can_skip else f" (on_nonfinite=skip is not supported with strategy={cfg.strategy.name})")
+        )
+    with pretrained_rows_kept(strategy.unwrap(), run.new_rows_from) if frozen else nullcontext():
+        strategy.optimizer_step(apply=finite)
+    return StepResult(row, tokens, lr, grad_norm, finite, frozen)
+
+
+# ----------------------------------------------------------------------------- logging, checkpoints, the end
+def open_log(run: Run, start_step: int, plain_config: dict[str, Any] | None) -> RunLog:
+    """The run's files (rank 0): config, run.json, layout.json, metrics; and the one-line header."""
+    cfg, fabric, run_dir = run.cfg, run.fabric, Path(run.cfg.run_dir)
+    log = RunLog(run_dir, fabric.global_rank == 0, plain_config or to_dict(cfg), cfg.wandb, cfg.steps, start_step, fabric.world_size,
+                 run.resume_from)  # fmt: skip
+    if fabric.global_rank == 0:
+        run.layout.save(run_dir / "layout.json")
+        log.print(f"omnitrain train: {run.n_params / 1e6:.1f}M params, strategy {cfg.strategy.name} x {fabric.world_size}, "
+                  f"precision {cfg.strategy.precision}, {cfg.steps} steps of {cfg.grad_accum} x {cfg.data.batch_size} x "
+                  f"{cfg.data.seq_len} tokens per rank" + (f", resumed from {run.resume_from}" if run.resume_from else ""))  # fmt: skip
+    return log
+
+
+def metrics_row(run: Run, out: StepResult, tokens: int, dt: float, elapsed: float, val_row: dict[str, float]) -> dict[str, float]:
+    """The metrics.jsonl / W&B row of a step that took ``dt`` seconds (``tokens``: trained so far)."""
+    step_tokens = sum(out.tokens.values())
+    row = {**out.row, "lr": out.lr, "grad_norm": out.grad_norm, "skipped": int(not out.finite), "tokens": tokens,
+           "tokens_per_s": step_tokens / dt, "flops_per_s": run.flops_per_token * step_tokens / dt, "step_time": dt,
+           "elapsed": elapsed}  # fmt: skip
+    if run.peak_flops:
+        row["mfu"] = row["flops_per_s"] / (run.peak_flops * run.fabric.world_size)
+    row.update({f"tokens_per_s/{mod}": out.tokens[mod] / dt for mod in MODALITIES})
+    if run.cfg.freeze_warmup_steps:
+        row["frozen"] = int(out.frozen)
+    row.update(val_row)
+    row["packing_efficiency"] = run.loader.packing_efficiency()
+    row.update({f"share/{k}": v for k, v in run.loader.realised_shares().items()})
+    return row
+
+
+def save_checkpoint(run: Run, state: dict[str, Any], loss: float) -> Path:
+    """Checkpoint ``state`` and every rank's loader position and RNG (a collective)."""
+    rank_state = {"loader": run.loader.state_dict(), "rng": checkpoint.rng_state()}
+    meta = {"tokens": state["tokens"], "layout_hash": run.layout.hash, "loss": loss}
+    return checkpoint.save(run.fabric, Path(run.cfg.run_dir), state["step"], state, rank_state, meta, run.cfg.keep_last)
+
+
+def finish(run: Run, state: dict[str, Any], log: RunLog, start_step: int, t_start: float, stopped_by: int) -> dict[str, Any]:
+    """The consolidated export (unless preempted), the summary (timed from ``t_start``); under Slurm, a requeue after SIGUSR1."""
+    cfg, fabric, run_dir = run.cfg, run.fabric, Path(run.cfg.run_dir)
+    run.loader.close()
+    if cfg.export and not stopped_by:
+        sd = run.strategy.full_state_dict()  # a collective: every rank takes part
+        if fabric.global_rank == 0:
+            extra = {"step": state["step"], "tokens": state["tokens"]}
+            save_model(run.strategy.unwrap(), run_dir / "model", run_dir, extra, sd)
+    fabric.barrier()
+    elapsed = time.perf_counter() - t_start
+    done_steps = state["step"] - start_step
+    summary = {"run_dir": str(run_dir), "step": state["step"], "tokens": state["tokens"], "preempted": bool(stopped_by),
+               "seconds": round(elapsed, 1), "steps_per_s": done_steps / elapsed if elapsed else 0.0}  # fmt: skip
+    log.close()
+    if stopped_by:
+        name = signal.Signals(stopped_by).name
+        if fabric.global_rank == 0:
+            print(f"{name}: saved step {state['step']} and stopped", flush=True)
+        if stopped_by == signal.SIGUSR1 and cfg.requeue and os.environ.get("SLURM_JOB_ID") and fabric.global_rank == 0:
+            job = os.environ.get("SLURM_ARRAY_JOB_ID", os.environ["SLURM_JOB_ID"])
+            res = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+            print(f"scontrol requeue {job}: {'ok' if res.returncode == 0 else res.stderr.strip()}", flush=True)
+    elif fabric.global_rank == 0:
+        print(f"train done: step {state['step']}, {state['tokens']:,} tokens in {elapsed:.1f}s, run {run_dir}", flush=True)
+    return summary

@@ -1,0 +1,297 @@
+"""Parallelism for the training loop: Fabric from a ``StrategyConfig``, and :class:`Strategy`, the adapter
+that holds everything single device, DDP, FSDP (FSDP2 ``fully_shard``) and DeepSpeed ZeRO 1/2/3 do differently.
+
+Parallelism is applied from outside the model (torchtitan's rule): ``model.py`` knows nothing of it, and
+``train.py`` calls :class:`Strategy` the same way for every strategy.
+
+* ``ddp``: Fabric's DDPStrategy (NCCL on GPUs, gloo on CPU).
+* ``fsdp``: Fabric's ModelParallelStrategy with a ``parallelize_fn`` that shards every
+  transformer block and then the root with FSDP2 ``fully_shard`` (the current FSDP; Fabric's
+  FSDPStrategy is FSDP1 and refuses CPU). Checkpoints are distributed (one file per rank).
+* ``deepspeed``: Fabric's DeepSpeedStrategy with ``zero_stage`` 1, 2 or 3 on GPUs, with one fix:
+  ``optimizer.step()`` steps the DeepSpeedEngine, which owns gradient accumulation, clipping and the
+  gradient norm (see ``EngineStepDeepSpeedStrategy``). On CPU it is ``CPUDeepSpeedStrategy``, which
+  exists **only to verify the ZeRO code path on CPU** (tests, this 2-core machine): stock Fabric
+  refuses a CPU accelerator, DeepSpeed itself runs ZeRO over gloo.
+* Every strategy is checked against a single process (same global batch, same losses) and for exact
+  resume by ``tests/test_distributed.py``.
+
+Launching: under ``srun`` / ``torchrun`` the processes exist already and Fabric reads their
+environment (Slurm needs ``--ntasks-per-node``); otherwise ``devices > 1`` makes Fabric start the
+other local processes itself (it re-runs the command line).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+
+from omnitrain.train.optim import OptimConfig, build_optimizer
+
+
+@dataclass
+class StrategyConfig:
+    name: Literal["single", "ddp", "fsdp", "deepspeed"] = "single"
+    accelerator: Literal["auto", "cpu", "cuda"] = "auto"
+    devices: int = 1  # processes (GPUs) per node; -1: every GPU of the node
+    num_nodes: int = 1
+    precision: Literal["32-true", "bf16-mixed", "bf16-true", "16-mixed"] = "32-true"
+    zero_stage: int = 2  # deepspeed: 1, 2 or 3
+    offload_optimizer: bool = False  # deepspeed: optimizer state in CPU memory (ZeRO-Offload)
+    reshard_after_forward: bool = True  # fsdp: ZeRO-3 style (True) or keep parameters gathered until backward (ZeRO-2 style)
+
+    def __post_init__(self) -> None:
+        if self.zero_stage not in (1, 2, 3):
+            raise ValueError(f"strategy.zero_stage must be 1, 2 or 3, got {self.zero_stage}")
+        if self.name == "single" and (self.devices != 1 or self.num_nodes != 1):
+            raise ValueError("strategy=single runs one process: set strategy=ddp (or fsdp, deepspeed) for devices/num_nodes > 1")
+
+
+class Strategy:
+    """The adapter between the training loop and the engine: one interface, whatever ``cfg.name`` is.
+
+    Per optimizer step the loop calls, for every strategy::
+
+        for each micro-batch:
+            with strategy.accumulating(last=...):
+                strategy.backward(loss(..., denom=count / strategy.loss_scale))
+        grad_norm = strategy.clip_gradients()
+        strategy.optimizer_step(apply=finite)       # a non-finite step is skipped where strategy.can_skip
+
+    What differs underneath:
+
+    =========  ===================================  ============================  =============================
+    strategy   micro-batches                        clip_gradients                optimizer_step
+    =========  ===================================  ============================  =============================
+    single     plain backward                       Fabric's (norm before clip)   step, zero_grad
+    ddp        no gradient all-reduce but the last  Fabric's                      step, zero_grad
+    fsdp       no reduce-scatter but the last;      Fabric's (a DTensor norm)     step, zero_grad
+               the optimizer holds the shards
+    deepspeed  the engine accumulates; every        the engine's norm (it         nothing: the engine stepped at
+               backward is an engine micro-step     clipped inside its step)      the last micro-batch, so a
+                                                                                  non-finite step cannot be skipped
+    =========  ===================================  ============================  =============================
+    """
+
+    def __init__(self, cfg: StrategyConfig, grad_clip: float, grad_accum: int) -> None:
+        self.cfg, self.grad_clip, self.grad_accum = cfg, grad_clip, grad_accum
+        self.fabric = make_fabric(cfg, grad_clip=grad_clip, grad_accum=grad_accum)
+        # DeepSpeed's engine owns accumulation, clipping and the update: it steps inside backward()
+        self.engine_steps = cfg.name == "deepspeed"
+        self.can_skip = not self.engine_steps  # the update of a non-finite step has happened when its norm is known
+        self.model: Any = None
+        self.optimizer: Any = None
+
+    def launch(self) -> None:
+        """Start (or join) the processes; every rank returns from here."""
+        self.fabric.launch()
+
+    def setup(self, model: torch.nn.Module, optim_cfg: OptimConfig) -> tuple[Any, Any]:
+        """(model, optimizer) wrapped by Fabric, the model sharded (FSDP) or inside a DeepSpeedEngine."""
+        if self.cfg.name == "fsdp":  # FSDP2 shards the parameters in setup: the optimizer must hold the sharded ones
+            self.model = self.fabric.setup_module(model)
+            self.optimizer = self.fabric.setup_optimizers(build_optimizer(self.model.module, optim_cfg))
+        else:
+            self.model, self.optimizer = self.fabric.setup(model, build_optimizer(model, optim_cfg))
+        return self.model, self.optimizer
+
+    @property
+    def loss_scale(self) -> float:
+        """The factor each micro-batch's loss carries so that the engine's gradient averaging undoes it: the
+        data-parallel size (every strategy averages over ranks), times grad_accum for DeepSpeed (it also
+        divides by the accumulation steps). The loop divides its loss normaliser by it."""
+        return self.fabric.world_size * (self.grad_accum if self.engine_steps else 1)
+
+    @contextmanager
+    def accumulating(self, last: bool) -> Iterator[None]:
+        """Around one micro-batch's forward and backward: gradients are synchronised on the ``last`` only."""
+        # DeepSpeed accumulates by itself (and Fabric warns on every no_backward_sync call for it, even a disabled one)
+        sync = nullcontext() if self.engine_steps else self.fabric.no_backward_sync(self.model, enabled=not last)
+        with sync:
+            yield
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.fabric.backward(loss)
+        if self.engine_steps:
+            self.optimizer.step()  # DeepSpeed counts micro-steps and really steps (and clips) at the last one
+
+    def clip_gradients(self) -> float:
+        """The global gradient norm before clipping, after clipping the gradients to ``grad_clip`` (0: no clipping)."""
+        if self.engine_steps:  # clipped inside the engine's step already
+            return float(_engine(self.model).get_global_grad_norm() or 0.0)
+        max_norm = self.grad_clip if self.grad_clip > 0 else float("inf")
+        norm = self.fabric.clip_gradients(self.model, self.optimizer, max_norm=max_norm, error_if_nonfinite=False)
+        return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP: a DTensor
+
+    def optimizer_step(self, apply: bool) -> None:
+        """Update the weights (``apply=False``: drop this step's gradients instead) and clear the gradients."""
+        if self.engine_steps:
+            return  # done at the last micro-batch's backward
+        if apply:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def unwrap(self) -> Any:
+        """The ``Transformer`` inside the Fabric / DeepSpeed / torch.compile wrappers (sharded under FSDP)."""
+        inner = getattr(self.model, "module", self.model)  # _FabricModule -> the module or the DeepSpeedEngine
+        inner = getattr(inner, "module", inner)  # DeepSpeedEngine.module
+        return getattr(inner, "_orig_mod", inner)
+
+    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """The unsharded model weights on rank 0 (None elsewhere), for the consolidated export. A collective:
+        every rank calls it."""
+        rank0 = self.fabric.global_rank == 0
+        inner = getattr(self.model, "module", self.model)  # _FabricModule -> the module (or the DeepSpeed engine)
+        if self.cfg.name == "fsdp":
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            sd = get_model_state_dict(inner, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            return sd if rank0 else None
+        if self.cfg.name == "deepspeed":
+            import deepspeed
+
+            engine_module = getattr(inner, "module", inner)
+            with deepspeed.zero.GatheredParameters(list(engine_module.parameters()), modifier_rank=None):  # ZeRO-3: gather; 1/2: no-op
+                return {k: v.detach().float().cpu().clone() for k, v in engine_module.state_dict().items()} if rank0 else None
+        inner = getattr(inner, "_orig_mod", inner)
+        return {k: v.detach().cpu() for k, v in inner.state_dict().items()} if rank0 else None
+
+
+def _engine(model: Any) -> Any:
+    """The DeepSpeedEngine inside Fabric's module wrapper."""
+    return getattr(model, "_forward_module", model)
+
+
+def on_gpu(cfg: StrategyConfig) -> bool:
+    return cfg.accelerator == "cuda" or (cfg.accelerator == "auto" and torch.cuda.is_available())
+
+
+def make_fabric(cfg: StrategyConfig, grad_clip: float = 0.0, grad_accum: int = 1) -> Any:
+    """A launched-ready Fabric for ``cfg`` (call ``fabric.launch()`` next)."""
+    from lightning.fabric import Fabric
+
+    gpu = on_gpu(cfg)
+    accelerator = "cuda" if gpu else "cpu"
+    if cfg.precision != "32-true" and not gpu and cfg.precision == "16-mixed":
+        raise ValueError("precision=16-mixed needs a GPU; on CPU use 32-true, bf16-mixed or bf16-true")
+    if cfg.precision.startswith("bf16") and gpu and not torch.cuda.is_bf16_supported():
+        raise ValueError("this GPU has no bf16: use precision=16-mixed or 32-true")
+    backend = None if gpu else "gloo"
+    if cfg.name == "single":
+        strategy: Any = "auto"
+    elif cfg.name == "ddp":
+        from lightning.fabric.strategies import DDPStrategy
+
+        strategy = DDPStrategy(process_group_backend=backend)
+    elif cfg.name == "fsdp":
+        from lightning.fabric.strategies import ModelParallelStrategy
+
+        # every process is one data-parallel shard ("auto" would mean one per node, the rest tensor parallel)
+        world = (cfg.devices if cfg.devices > 0 else torch.cuda.device_count()) * cfg.num_nodes
+        strategy = ModelParallelStrategy(parallelize_fn=_fsdp_parallelize(cfg), data_parallel_size=world, tensor_parallel_size=1,
+                                         process_group_backend=backend)  # fmt: skip
+    else:
+        strategy = _deepspeed(cfg, gpu, grad_clip, grad_accum)
+    return Fabric(accelerator=accelerator, devices=cfg.devices, num_nodes=cfg.num_nodes, strategy=strategy, precision=cfg.precision)
+
+
+def _fsdp_parallelize(cfg: StrategyConfig) -> Any:
+    def parallelize(model: torch.nn.Module, device_mesh: Any) -> torch.nn.Module:
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = device_mesh["data_parallel"]
+        for layer in model.layers:  # one FSDP unit per block: gather one block's weights at a time
+            fully_shard(layer, mesh=mesh, reshard_after_forward=cfg.reshard_after_forward)
+        fully_shard(model, mesh=mesh, reshard_after_forward=cfg.reshard_after_forward)
+        return model
+
+    return parallelize
+
+
+def deepspeed_config(cfg: StrategyConfig, grad_clip: float, grad_accum: int) -> dict[str, Any]:
+    zero: dict[str, Any] = {"stage": cfg.zero_stage, "contiguous_gradients": True, "overlap_comm": False}
+    if cfg.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+    return {
+        "zero_optimization": zero,
+        "gradient_clipping": grad_clip,  # DeepSpeed clips inside its step (Fabric's clip_gradients refuses DeepSpeed)
+        "train_micro_batch_size_per_gpu": 1,  # Fabric feeds batches itself; the value only matters for DeepSpeed's logging
+        "gradient_accumulation_steps": grad_accum,
+        "zero_allow_untested_optimizer": True,  # a torch AdamW (the CPU path; DeepSpeed's FusedAdam needs a build)
+        "bf16": {"enabled": cfg.precision.startswith("bf16")},
+        "fp16": {"enabled": cfg.precision == "16-mixed"},
+    }
+
+
+def _deepspeed(cfg: StrategyConfig, gpu: bool, grad_clip: float, grad_accum: int) -> Any:
+    if not gpu:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before DeepSpeed picks its accelerator (on first use)
+    try:
+        import deepspeed  # noqa: F401
+    except ImportError as e:  # pragma: no cover - deepspeed is a core dependency
+        raise ImportError("strategy=deepspeed needs `pip install deepspeed`") from e
+    engine_step_strategy, cpu_strategy = _deepspeed_classes()
+    config = deepspeed_config(cfg, grad_clip, grad_accum)
+    return engine_step_strategy(config=config) if gpu else cpu_strategy(config=config, process_group_backend="gloo")
+
+
+def _deepspeed_classes() -> tuple[type, type]:
+    """Fabric's DeepSpeedStrategy with its optimizer step fixed, and a CPU variant of that (pinned: lightning 2.6)."""
+    from lightning.fabric.strategies import DDPStrategy, DeepSpeedStrategy
+
+    class EngineStepDeepSpeedStrategy(DeepSpeedStrategy):
+        def optimizer_step(self, optimizer: Any, **kwargs: Any) -> Any:
+            # Fabric's optimizer.step() should call DeepSpeedEngine.step() (count micro-batches; at the accumulation
+            # boundary reduce, clip, step, record the gradient norm), but lightning 2.6 only does so when the engine
+            # passes its Optimizable check, which DeepSpeed 0.19's engine fails (no param_groups): Fabric then steps the
+            # ZeRO optimizer directly, on every micro-batch, and grad_accum > 1 crashes in the ZeRO optimizer.
+            assert not kwargs, f"DeepSpeedEngine.step takes no closure, got {list(kwargs)}"
+            return self.model.step()
+
+    class CPUDeepSpeedStrategy(EngineStepDeepSpeedStrategy):
+        """For verifying the ZeRO code path on CPU only: DeepSpeed runs ZeRO over gloo, stock Fabric refuses a CPU."""
+
+        def setup_environment(self) -> None:
+            DDPStrategy.setup_environment(self)  # skip DeepSpeedStrategy's "only supported on CUDA GPUs"
+
+        def _setup_distributed(self) -> None:
+            self._set_world_ranks()
+            self._init_deepspeed_distributed()
+            if not self._config_initialized:
+                self._format_config()
+                self._config_initialized = True
+
+        @property
+        def root_device(self) -> torch.device:
+            return torch.device("cpu")
+
+        def _initialize_engine(self, model: torch.nn.Module, optimizer: Any = None, scheduler: Any = None) -> tuple[Any, Any, Any]:
+            import argparse
+
+            import deepspeed
+
+            # Fabric passes root_device.index as DeepSpeed's device rank: None for "cpu", which DeepSpeed cannot compare
+            engine, optimizer, _, scheduler = deepspeed.initialize(
+                args=argparse.Namespace(device_rank=self.local_rank), config=self.config, model=model,
+                model_parameters=[p for p in model.parameters() if p.requires_grad], optimizer=optimizer,
+                lr_scheduler=scheduler, dist_init_required=False)  # fmt: skip
+            return engine, optimizer, scheduler
+
+    return EngineStepDeepSpeedStrategy, CPUDeepSpeedStrategy
+
+
+def peak_flops(device: torch.device, precision: str) -> float | None:
+    """Dense peak FLOP/s of one device for MFU (None when unknown, e.g. CPU: then only achieved FLOP/s is logged)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    bf16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12, "L4": 121e12, "V100": 125e12}
+    for key, value in bf16.items():
+        if key in name:
+            return value if precision != "32-true" else value / 16  # fp32 without TF32: roughly 1/16 of the tensor-core peak
+    return None
