@@ -49,3 +49,41 @@ def test_setup_is_idempotent_and_fast_when_nothing_changed():
         assert time.perf_counter() - t0 < 20
     proc = subprocess.run(["bash", str(REPO / "setup.sh")], env=env, capture_output=True, text=True, timeout=120)
     assert "up to date" in proc.stdout  # a second run never reinstalls
+
+
+# Stages in the order the data flows; a module may import its own stage and the stages before it.
+# demo and cli run everything; config is the typed-config helper every stage uses.
+STAGES = ["config", "sources", "tokenizer", "data", "model", "train", "eval", "demo", "cli"]
+NEVER = {("eval", "train")}  # eval reads models through model/io.py: evaluating never needs the trainer
+
+
+def _omnitrain_imports(path: Path) -> set[str]:
+    """Every ``omnitrain.*`` module that ``path`` imports, at the top or inside a function."""
+    import ast
+
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found |= {node.module} if node.module != "omnitrain" else {f"omnitrain.{a.name}" for a in node.names}
+        elif isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+    return {m for m in found if m.startswith("omnitrain.")}
+
+
+def test_imports_run_one_way_through_the_stages():
+    """sources -> tokenizer -> data -> model -> train -> eval: no module imports a later stage, and eval
+    reads models through model/io.py, never through the trainer (issue 18)."""
+    src = REPO / "src" / "omnitrain"
+    against = []
+    for path in sorted(src.rglob("*.py")):
+        rel = path.relative_to(src)
+        stage = rel.parts[0].removesuffix(".py") if rel.name != "__init__.py" or len(rel.parts) > 1 else None
+        if stage is None:
+            continue
+        assert stage in STAGES, f"{rel}: a new top-level module or package; give it a place in STAGES (the data flow)"
+        for mod in _omnitrain_imports(path):
+            target = mod.split(".")[1]
+            assert target in STAGES, f"{rel} imports {mod}, which is not in STAGES"
+            if STAGES.index(target) > STAGES.index(stage) or (stage, target) in NEVER:
+                against.append(f"{rel} -> {mod}")
+    assert not against, "imports against the data flow:\n" + "\n".join(against)
