@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import webdataset as wds
 
 from omnitrain.tokenizer.layout import MODALITIES, check_layout_hash
 
@@ -62,8 +63,6 @@ def shard_name(partition: int, index: int) -> str:
 
 def write_shard(path: Path, samples: list[Sample], info: ShardInfo) -> None:
     """Write one shard and its sidecar atomically (a crash leaves no partial shard behind)."""
-    import webdataset as wds
-
     tmp = path.with_suffix(".tar.tmp")
     # mtime fixed: the same samples give a byte-identical tar (deterministic, restartable builds)
     with wds.TarWriter(str(tmp), encoder=False, mtime=0.0) as sink:

@@ -27,6 +27,9 @@ from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+from tqdm.auto import tqdm
+
+from omnitrain.sources.text import html_to_text
 
 FONT_DIRS = (Path("/usr/share/fonts/truetype/dejavu"), Path("/usr/share/fonts/truetype/liberation2"))
 FONTS = ("DejaVuSansMono.ttf", "DejaVuSansMono-Bold.ttf", "LiberationMono-Regular.ttf", "LiberationMono-Bold.ttf")
@@ -170,8 +173,6 @@ def spoken_digits(s: str) -> str:
 
 def handbook_sentences(pages: list[Path], min_words: int = 4, max_words: int = 9) -> list[str]:
     """Short plain sentences (letters, spaces, commas) from handbook pages, in page order, distinct."""
-    from omnitrain.sources.text import html_to_text
-
     out, seen = [], set()
     for page in pages:
         for sent in re.split(r"(?<=[.!?])\s+", html_to_text(page.read_text(encoding="utf-8", errors="replace"))):
@@ -190,8 +191,6 @@ def synthesize(items: list[tuple[str, str, str]], workers: int = 2) -> None:
     def one(item: tuple[str, str, str]) -> None:
         text, voice, path = item
         subprocess.run(["flite", "-voice", voice, "-t", text, "-o", path], check=True, capture_output=True)
-
-    from tqdm.auto import tqdm
 
     with ThreadPoolExecutor(workers) as pool:
         list(tqdm(pool.map(one, items), total=len(items), desc="flite", unit=" utterances", mininterval=2.0))

@@ -14,12 +14,18 @@ demo's overrides (:func:`eval_overrides`), four harness tasks on splits no train
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from omnitrain.eval.harness import run_eval
+from omnitrain.eval.report import CompareConfig, compare, write_report
+from omnitrain.eval.results import metric, read_samples, write_results
 from omnitrain.tokenizer.bundle import TokenizerPaths
+from omnitrain.train.runlog import read_metrics
 
 ASR_MAX_TOKENS, ANSWER_MAX_TOKENS = 40, 8  # the longest reference is ~15 text tokens / 4
 TEXT_CHUNK_CHARS = 1200  # held-out text is scored in windows of about this many characters (~300 tokens)
@@ -44,18 +50,13 @@ def eval_overrides(model_path: Path, out_dir: Path, corpus: dict[str, Any], path
 
 
 def evaluate(model_path: Path, out_dir: Path, corpus: dict[str, Any], paths: TokenizerPaths, image_sizes: dict[str, int],
-             batch_size: int = 16) -> dict[str, Any]:  # fmt: skip
+             compose: Callable[[str, list[str]], tuple[Any, dict[str, Any]]], batch_size: int = 16) -> dict[str, Any]:  # fmt: skip
     """Every demo task on the held-out splits through ``omnitrain eval`` itself (composed from
     ``recipes/eval.yaml`` as the command line does), into ``results.json`` + ``samples.jsonl`` in
     ``out_dir``; adds the document-QA exact match of the same samples; returns the
     ``tasks`` part of the results."""
-    from omnitrain.cli import COMMANDS, compose, recipes_dir
-    from omnitrain.eval.harness import run_eval
-    from omnitrain.eval.report import write_report
-    from omnitrain.eval.results import metric, read_samples, write_results
-
     argv = eval_overrides(model_path, out_dir, corpus, paths, image_sizes, batch_size)
-    eval_cfg, _ = compose(next(c for c in COMMANDS if c.name == "eval run"), argv, recipes_dir())
+    eval_cfg, _ = compose("eval run", argv)
     results = run_eval(eval_cfg)
     samples = read_samples(Path(out_dir) / "samples.jsonl")
 
@@ -81,7 +82,7 @@ def loss_drop(rows: list[dict[str, Any]], window: int = 10) -> dict[str, dict[st
 
 
 def plot_losses(rows: list[dict[str, Any]], out: Path) -> Path:
-    import matplotlib
+    import matplotlib  # ~0.3 s with pyplot; the Agg backend is chosen here, not on import
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -135,8 +136,6 @@ def _rel(path: str | Path, base: Path) -> str:
 
 def write_demo_report(run: Path, summary: dict[str, Any]) -> Path:
     """``run/report.md`` with the loss curves, the before/after table, the samples and the timings."""
-    from omnitrain.train.runlog import read_metrics
-
     run = Path(run)
     rows = read_metrics(run / "train")
     plot_losses(rows, run / "loss_curves.png")
@@ -155,8 +154,6 @@ def write_demo_report(run: Path, summary: dict[str, Any]) -> Path:
     for r in table:
         lines.append(f"| {r['label']} ({'higher' if r['higher_is_better'] else 'lower'} is better) | {r['before']:.3f} | "
                      f"{r['after']:.3f} | {r['n']} | {'yes' if r['better'] else '**no**'} |")  # fmt: skip
-    from omnitrain.eval.report import CompareConfig, compare
-
     compare(CompareConfig(results=[str(run / "eval" / "init"), str(run / "eval" / "trained")], out_dir=run / "eval" / "compare"))
     lines += ["", "Results: `eval/init/results.json`, `eval/trained/results.json` (per-item outputs in `samples.jsonl`; "
               "`omnitrain eval compare` of the two: `eval/compare/`).", "",
@@ -185,7 +182,5 @@ def write_demo_report(run: Path, summary: dict[str, Any]) -> Path:
     lines += [f"| **total** | **{summary['seconds']:.1f}** |", ""]
     path = run / "report.md"
     path.write_text("\n".join(lines) + "\n")
-    import json
-
     (run / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     return path

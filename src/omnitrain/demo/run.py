@@ -15,11 +15,13 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 import yaml
 
 from omnitrain.config import from_dict
@@ -34,6 +36,10 @@ from omnitrain.demo.corpus import (
     spoken_digits,
     tokenizer_inputs,
 )
+from omnitrain.demo.report import evaluate, loss_drop, write_demo_report
+from omnitrain.model.generate_command import GenerateConfig, run_generate
+from omnitrain.model.io import save_model
+from omnitrain.model.transformer import Transformer
 from omnitrain.tokenizer import bundle
 from omnitrain.tokenizer.audio_train import AudioTrainConfig, train_audio_codec
 from omnitrain.tokenizer.bundle import TokenizerPaths
@@ -46,6 +52,8 @@ from omnitrain.tokenizer.text import (
     TrainTextTokenizerConfig,
     train_text_tokenizer,
 )
+from omnitrain.train.loop import train
+from omnitrain.train.runlog import read_metrics
 
 REPO = Path(__file__).resolve().parents[3]
 PENDING: list[tuple[str, str]] = []  # (what, issue) of parts the demo cannot run yet; every part it covers has landed
@@ -98,8 +106,6 @@ class Stages:
 
 def _with_threads(n: int, fn: Any, *args: Any) -> Any:
     """``fn(*args)`` with ``n`` torch threads (0: leave torch's setting), restored afterwards."""
-    import torch
-
     before = torch.get_num_threads()
     if n:
         torch.set_num_threads(n)
@@ -136,7 +142,13 @@ def shard_jobs(cfg: DemoConfig, corpus: dict[str, Any]) -> dict[str, PipelineCon
     }
 
 
-def run_demo(cfg: DemoConfig) -> dict:
+# (command name, overrides) -> (that command's validated config, the plain mapping it was made from)
+Compose = Callable[[str, list[str]], tuple[Any, dict[str, Any]]]
+
+
+def run_demo(cfg: DemoConfig, compose: Compose) -> dict:
+    """Run every stage; ``compose`` turns a command's overrides into its config exactly as ``omnitrain
+    <command>`` does (the CLI passes its Hydra composition, so Hydra stays in ``cli.py``)."""
     t_start = time.perf_counter()
     run = Path(cfg.run_dir)
     run.mkdir(parents=True, exist_ok=True)
@@ -205,7 +217,7 @@ def run_demo(cfg: DemoConfig) -> dict:
             f"cl100k_base {mean['cl100k_base']:.3f}")  # fmt: skip
 
     if cfg.train_steps:
-        _train_eval_generate(cfg, run, corpus, tokenizers, layout, st, summary)
+        _train_eval_generate(cfg, run, corpus, tokenizers, layout, st, summary, compose)
 
     summary["pending"] = [w for w, _ in PENDING]
     summary["stage_seconds"] = st.times
@@ -213,8 +225,6 @@ def run_demo(cfg: DemoConfig) -> dict:
     summary["load_average_end"] = os.getloadavg()
     (run / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     if cfg.train_steps:
-        from omnitrain.demo.report import write_demo_report
-
         report_path = write_demo_report(run, summary)
         print(f"report -> {report_path}")
     if PENDING:
@@ -231,20 +241,10 @@ def run_demo(cfg: DemoConfig) -> dict:
 
 
 def _train_eval_generate(cfg: DemoConfig, run: Path, corpus: dict[str, Any], tokenizers: TokenizerPaths, layout: TokenLayout,
-                         st: Stages, summary: dict[str, Any]) -> None:  # fmt: skip
-    import torch
-
-    from omnitrain.cli import COMMANDS, compose, recipes_dir
-    from omnitrain.demo.report import evaluate, loss_drop
-    from omnitrain.model.generate_command import GenerateConfig, run_generate
-    from omnitrain.model.io import save_model
-    from omnitrain.model.transformer import Transformer
-    from omnitrain.train.loop import train
-    from omnitrain.train.runlog import read_metrics
-
+                         st: Stages, summary: dict[str, Any], compose: Compose) -> None:  # fmt: skip
     overrides = [f"run_dir={run / 'train'}", f"steps={cfg.train_steps}", "resume=never", f"init_from={run / 'init' / 'model'}",
                  *(f"data.sources.{k}.path={run / 'shards' / k}" for k in summary["shards"]), *cfg.train_overrides]  # fmt: skip
-    train_cfg, plain = compose(next(c for c in COMMANDS if c.name == "train"), overrides, recipes_dir())
+    train_cfg, plain = compose("train", overrides)
     missing = set(summary["shards"]) ^ set(train_cfg.data.sources)
     if missing:
         raise ValueError(f"recipes/data/demo.yaml and the demo's shard sets differ in {sorted(missing)}: keep them in step")
@@ -255,7 +255,7 @@ def _train_eval_generate(cfg: DemoConfig, run: Path, corpus: dict[str, Any], tok
     init = Transformer(train_cfg.model)
     init.set_modalities(layout.modality_of(np.arange(layout.vocab_size)))
     save_model(init, run / "init" / "model", run, {"step": 0, "tokens": 0})
-    before = evaluate(run / "init", run / "eval" / "init", corpus, tokenizers, image_sizes(cfg), cfg.eval_batch_size)
+    before = evaluate(run / "init", run / "eval" / "init", corpus, tokenizers, image_sizes(cfg), compose, cfg.eval_batch_size)
     st.done(_eval_line(before))
 
     st.start("train", "training: the tiny omni model on all shard sets (recipes/experiment/demo.yaml, Fabric)")
@@ -270,7 +270,7 @@ def _train_eval_generate(cfg: DemoConfig, run: Path, corpus: dict[str, Any], tok
             + ", ".join(f"{m} {d['first']:.2f} -> {d['last']:.2f}" for m, d in drops.items()))  # fmt: skip
 
     st.start("eval_trained", "evaluation of the trained model on the same held-out sets")
-    after = evaluate(run / "train", run / "eval" / "trained", corpus, tokenizers, image_sizes(cfg), cfg.eval_batch_size)
+    after = evaluate(run / "train", run / "eval" / "trained", corpus, tokenizers, image_sizes(cfg), compose, cfg.eval_batch_size)
     summary["eval"] = {"init": before, "trained": after}
     st.done(_eval_line(after))
 

@@ -21,6 +21,9 @@ from dataclasses import asdict, dataclass, field
 from datetime import date, timedelta
 from pathlib import Path
 
+import numpy as np
+from PIL import Image, ImageDraw, ImageFilter, ImageFont
+
 __all__ = ["MakeDocQAConfig", "make_docqa", "load_docqa", "find_fonts", "KINDS"]
 
 KINDS = ("invoice", "form", "table")
@@ -259,8 +262,6 @@ BUILDERS = {"invoice": _invoice, "form": _form, "table": _table}
 
 
 def _render(lines: list[Line], font_path: Path, cfg: MakeDocQAConfig, rng: random.Random):
-    from PIL import Image, ImageDraw, ImageFont
-
     size = max(8, round(cfg.height * rng.uniform(0.011, 0.016)))  # 11-16 px at 1024
     ink = rng.randint(0, 90)  # grey, not black, text
     paper = rng.randint(225, 255)
@@ -284,9 +285,6 @@ def _render(lines: list[Line], font_path: Path, cfg: MakeDocQAConfig, rng: rando
 
 
 def _degrade(img, cfg: MakeDocQAConfig, rng: random.Random):
-    import numpy as np
-    from PIL import Image, ImageFilter
-
     angle = rng.uniform(-cfg.max_rotation_deg, cfg.max_rotation_deg)
     if angle:
         img = img.rotate(angle, resample=Image.BICUBIC, fillcolor=255)
@@ -384,7 +382,7 @@ def load_docqa(path: str | Path, split: str = "validation", cache_dir: str | Pat
         matching = [q for q in files if split in q.name] or files
         if not matching:
             raise FileNotFoundError(f"no parquet or jsonl files under {p}")
-        import datasets
+        import datasets  # datasets: ~0.5 s to import, only for parquet / jsonl copies
 
         kind = "parquet" if matching[0].suffix == ".parquet" else "json"
         ds = datasets.load_dataset(kind, data_files=[str(q) for q in matching], split="train")
@@ -402,7 +400,7 @@ def _is_ours(p: Path) -> bool:
 
 
 def _load_hub(split: str, cache_dir) -> list[dict]:
-    import datasets
+    import datasets  # datasets: ~0.5 s to import, only for the hub set
 
     try:
         ds = datasets.load_dataset(HUB_DOCVQA, "DocVQA", split=split)
@@ -417,8 +415,6 @@ def _load_hub(split: str, cache_dir) -> list[dict]:
 
 def _from_hf(ds, root: Path | None, split: str, cache_dir) -> list[dict]:
     """Rows of a DocVQA-layout dataset, images written to PNG files once."""
-    from PIL import Image
-
     cache = Path(cache_dir) if cache_dir else Path.home() / ".cache" / "omnitrain" / "docvqa" / split
     missing = [c for c in ("question", "answers", "image") if c not in ds.column_names]
     if missing:

@@ -24,14 +24,23 @@ converted by ``omnitrain.model.hf.load_hf_llama``); only the tokenizer stays tra
 from __future__ import annotations
 
 import copy
+import dataclasses
+import json
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from tqdm import tqdm
 
-from omnitrain.data.pipeline.media import MediaConfig
+from omnitrain.config import to_dict
+from omnitrain.data.pipeline.media import MediaConfig, MediaTokenizers
+from omnitrain.eval import results as R
+from omnitrain.eval.baselines import PocketsphinxASR, TesseractDocQA
+from omnitrain.eval.cache import ScoreCache, fingerprint, request_key
 from omnitrain.eval.mmlu import MMLUConfig
+from omnitrain.eval.report import write_report
 from omnitrain.eval.tasks import (
     TASKS,
     DocVQAConfig,
@@ -40,8 +49,13 @@ from omnitrain.eval.tasks import (
     ReadingConfig,
     SpeechWERConfig,
 )
+from omnitrain.model import generate as gen  # gen.generate: looked up per call, so a test can wrap it
+from omnitrain.model.generate_command import GenerateConfig, build_prompt
+from omnitrain.model.hf import load_hf_llama
 from omnitrain.model.io import find_model_dir, load_model, resolve_path
-from omnitrain.tokenizer.bundle import TokenizerPaths
+from omnitrain.tokenizer import bundle
+from omnitrain.tokenizer.bundle import TokenizerPaths, recorded_paths
+from omnitrain.tokenizer.hf_text import load_text_tokenizer
 
 
 @dataclass
@@ -99,8 +113,6 @@ class TextLM:
     def loglikelihood(
         self, requests: list[tuple[str, str]], progress: bool = True
     ) -> list[tuple[float, bool]]:
-        from tqdm import tqdm
-
         ctx_cache: dict[str, list[int]] = {}
 
         def enc(s: str) -> list[int]:
@@ -122,8 +134,6 @@ class TextLM:
         out: list[tuple[float, bool]] = [(0.0, False)] * len(requests)
         keys: dict[int, str] = {}
         if self.cache is not None:  # a resumed run: rows whose every request is cached are not run again
-            from omnitrain.eval.cache import request_key
-
             for key, idx in list(rows.items()):
                 keys.update({i: request_key(key, conts[i]) for i in idx})
                 hits = [self.cache.get(keys[i]) for i in idx]
@@ -179,10 +189,6 @@ class TextLM:
     @torch.no_grad()
     def generate(self, prompts: list[str], max_new_tokens: int, stop: list[str] = (), temperature: float = 0.0,
                  n: int = 1, top_p: float = 1.0, seed: int = 0, progress: bool = True) -> list[list[str]]:  # fmt: skip
-        from tqdm import tqdm
-
-        from omnitrain.model.generate import SamplingConfig, generate
-
         rows = [(p, j) for p in range(len(prompts)) for j in range(n)]
         ids = [
             (self.prefix + list(self.encode(self.wrap(p))))[-(self.spec.max_length - max_new_tokens) :]
@@ -198,9 +204,9 @@ class TextLM:
         bar = tqdm(total=len(rows), desc="generate", unit="sample", disable=not progress, mininterval=2.0)
         for b in range(0, len(rows), self.batch_size):
             batch = rows[b : b + self.batch_size]
-            cfg = SamplingConfig(max_new_tokens=max_new_tokens, greedy=temperature == 0, temperature=max(temperature, 1e-6),
-                                 top_p=top_p, stop=[list(t) for t in stop_ids if t], constrain=self.layout is not None, seed=seed + b)  # fmt: skip
-            res = generate(self.model, self.layout, [ids[p] for p, _ in batch], cfg)
+            cfg = gen.SamplingConfig(max_new_tokens=max_new_tokens, greedy=temperature == 0, temperature=max(temperature, 1e-6),
+                                     top_p=top_p, stop=[list(t) for t in stop_ids if t], constrain=self.layout is not None, seed=seed + b)  # fmt: skip
+            res = gen.generate(self.model, self.layout, [ids[p] for p, _ in batch], cfg)
             for (p, j), new in zip(batch, res.tokens, strict=True):
                 out[p][j] = cut_at_stop(self.decode(self._text_ids(new)), stop)
             bar.update(len(batch))
@@ -228,9 +234,7 @@ class HFModel(TextLM):
     """A Hugging Face Llama (folder, hub id, or GGUF) in omnitrain's Transformer, with transformers' tokenizer."""
 
     def __init__(self, spec: ModelSpec, batch_size: int) -> None:
-        from transformers import AutoTokenizer
-
-        from omnitrain.model.hf import load_hf_llama
+        from transformers import AutoTokenizer  # transformers: optional (the hf extra), ~0.7 s to import
 
         path = resolve_path(spec.path)
         gguf = spec.gguf_file
@@ -266,11 +270,6 @@ class OmniModel(TextLM):
     for multimodal prompts) from ``model.tokenizers`` or the manifest of its training shards."""
 
     def __init__(self, spec: ModelSpec, batch_size: int) -> None:
-        import json
-
-        from omnitrain.tokenizer.bundle import recorded_paths
-        from omnitrain.tokenizer.hf_text import load_text_tokenizer
-
         model, layout = load_model(spec.path, spec.device)
         if layout is None:
             raise ValueError(f"{spec.path} has no layout.json: omnitrain eval needs the model's token layout")
@@ -289,9 +288,6 @@ class OmniModel(TextLM):
     def media(self) -> Any:
         """The image tokenizer / audio codec, checked against the model's layout (loaded on first use)."""
         if self._media is None:
-            from omnitrain.data.pipeline.media import MediaTokenizers
-            from omnitrain.tokenizer import bundle
-
             tok = bundle.load(self.tok_paths, expect_layout=self.layout, device=self.spec.device, what=f"the model {self.spec.path}")
             image, audio = tok.image, tok.audio
             self._media = (
@@ -312,13 +308,6 @@ class OmniModel(TextLM):
         built by ``omnitrain.model.generate_command.build_prompt`` (images, audio, then text; chat turns when
         ``model.chat_template``), the answer decoded greedily under the layout constraint. Images are
         prepared at ``image_size`` (None: ``model.media.image_size``)."""
-        import dataclasses
-
-        from tqdm import tqdm
-
-        from omnitrain.model.generate import SamplingConfig, generate
-        from omnitrain.model.generate_command import GenerateConfig, build_prompt
-
         media = self.media()
         if media is not None and image_size is not None:
             media = copy.copy(media)  # the same tokenizers, this task's preparation
@@ -330,8 +319,8 @@ class OmniModel(TextLM):
         bar = tqdm(total=len(ids), desc="generate", unit="sample", disable=not progress, mininterval=2.0)
         for b in range(0, len(order), self.batch_size):
             batch = order[b : b + self.batch_size]
-            cfg = SamplingConfig(max_new_tokens=max_new_tokens, greedy=True, stop=[[e] for e in self.eos], constrain=True)
-            res = generate(self.model, self.layout, [ids[i] for i in batch], cfg)
+            cfg = gen.SamplingConfig(max_new_tokens=max_new_tokens, greedy=True, stop=[[e] for e in self.eos], constrain=True)
+            res = gen.generate(self.model, self.layout, [ids[i] for i in batch], cfg)
             for i, new in zip(batch, res.tokens, strict=True):
                 out[i] = self.decode(self._text_ids(new)).strip()
             bar.update(len(batch))
@@ -350,8 +339,6 @@ class PocketsphinxSystem:
     kind = "asr"
 
     def __init__(self, spec: ModelSpec) -> None:
-        from omnitrain.eval.baselines import PocketsphinxASR
-
         self.asr = PocketsphinxASR()
         self.info = _baseline_info("pocketsphinx", spec)
 
@@ -365,8 +352,6 @@ class TesseractSystem:
     kind = "docqa"
 
     def __init__(self, spec: ModelSpec) -> None:
-        from omnitrain.eval.baselines import TesseractDocQA
-
         self.qa = TesseractDocQA()
         self.info = _baseline_info("tesseract", spec)
 
@@ -462,11 +447,6 @@ class EvalConfig:
 
 def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     """Evaluate ``cfg.model`` on ``cfg.tasks``; write results.json, samples.jsonl and report.md to ``cfg.out_dir``."""
-    import time
-
-    from omnitrain.config import to_dict
-    from omnitrain.eval import results as R
-
     tasks = [TASKS[name](getattr(cfg, name)) for name in cfg.tasks]  # config errors before the model loads
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -474,8 +454,6 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     system = pick_system(cfg.model, tasks, cfg.batch_size)
     out = Path(cfg.out_dir)
     if hasattr(system, "loglikelihood") and any(getattr(t, "scores_loglikelihood", False) for t in tasks):  # generation: no cache
-        from omnitrain.eval.cache import ScoreCache, fingerprint
-
         fp = fingerprint(system.info, system.model, cfg.model.max_length)
         system.cache = ScoreCache(out / "cache" / "loglikelihood.jsonl", fp, resume=cfg.resume)
         if system.cache.loaded:
@@ -504,8 +482,6 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
             flush=True,
         )
     if cfg.report:
-        from omnitrain.eval.report import write_report
-
         path = write_report(res, out, cfg.references)
         print(f"eval: results.json, samples.jsonl, {path.name} -> {out}")
     return res

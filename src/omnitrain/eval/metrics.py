@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import math
 import re
+from pathlib import Path
 
 import numpy as np
 
 from omnitrain.eval.normalizers import get_normalizer
+from omnitrain.sources.text import iter_file_documents
 
 __all__ = ["anls", "mean_anls", "corpus_wer", "corpus_cer"]
 
@@ -27,7 +29,7 @@ def _anls_text(s: str) -> str:
 
 
 def _levenshtein(a: str, b: str) -> int:
-    from rapidfuzz.distance import Levenshtein  # installed with jiwer
+    from rapidfuzz.distance import Levenshtein  # optional: installed with jiwer (the eval extra)
 
     return Levenshtein.distance(a, b)
 
@@ -80,7 +82,7 @@ def mean_anls(predictions: list[str], references: list[list[str]], threshold: fl
 
 def _edit_counts(refs: list[str], hyps: list[str], unit: str) -> np.ndarray:
     """Per-utterance [substitutions, deletions, insertions, reference length], shape (n, 4)."""
-    import jiwer
+    import jiwer  # jiwer: optional (the eval extra)
 
     counts = np.zeros((len(refs), 4), dtype=np.int64)
     # jiwer 4 aligns an empty reference against the hypothesis as pure insertions, which is the
@@ -197,10 +199,6 @@ def text_chunks(paths: list[str], chunk_chars: int) -> list[str]:
     read as the text pipelines read them (``omnitrain.sources.text.iter_file_documents``: .txt/.md, .html
     pages' visible text, jsonl/parquet ``text``, .gz). A last window of 20 words or fewer is dropped
     (too few tokens to mean anything)."""
-    from pathlib import Path
-
-    from omnitrain.sources.text import iter_file_documents
-
     chunks: list[str] = []
     for path in paths:
         if not Path(path).is_file():

@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from functools import lru_cache
+from importlib.resources import files
 
 __all__ = ["get_normalizer", "english_spelling_mapping"]
 
@@ -42,8 +43,6 @@ def english_spelling_mapping() -> dict[str, str]:
     Raises:
         ImportError: when the package or its table is missing (with the install command).
     """
-    from importlib.resources import files
-
     try:
         path = files("whisper_normalizer") / "normalizers" / "english.json"
         return json.loads(path.read_text(encoding="utf-8"))
@@ -58,6 +57,7 @@ def english_spelling_mapping() -> dict[str, str]:
 def _whisper_module():
     """transformers' ``english_normalizer``, imported on first use: ``import omnitrain`` stays free of it."""
     try:
+        # transformers: optional (the hf extra), ~0.7 s
         from transformers.models.whisper import english_normalizer
     except ImportError as e:
         raise ImportError(

@@ -12,6 +12,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import yaml
+
 from omnitrain.eval.results import read_results
 
 CHECKOUT_EVALS = Path(__file__).resolve().parents[3] / "evals"
@@ -26,8 +29,6 @@ class CompareConfig:
 
 def load_references(folder: Path | None = None) -> dict[str, dict[str, Any]]:
     """task name -> its evals/<name>.yaml (``metric``, ``references``: [{name, value, source}])."""
-    import yaml
-
     folder = (
         Path(folder) if folder is not None else (Path("evals") if Path("evals").is_dir() else CHECKOUT_EVALS)
     )
@@ -54,7 +55,7 @@ def _bar_chart(
     ours: list[bool],
     xlabel: str,
 ) -> None:
-    import matplotlib
+    import matplotlib  # ~0.3 s with pyplot; the Agg backend is chosen here, not on import
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -194,11 +195,10 @@ def compare(cfg: CompareConfig) -> Path:
 
 
 def _compare_chart(path: Path, names: list[str], rows: dict[str, list[Any]]) -> None:
-    import matplotlib
+    import matplotlib  # ~0.3 s with pyplot; the Agg backend is chosen here, not on import
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
 
     keys = list(rows)
     fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(keys) + 2), 4))

@@ -56,6 +56,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+from tqdm import tqdm
+
 NOBODY = 65534  # uid/gid the programs run as when we are root
 # The base interpreter, not the venv's: programs use the standard library only (-I -S), and a venv in a
 # private folder (mktemp -d is 0700, as a CI clone may be) is out of reach for uid nobody.
@@ -418,7 +420,5 @@ def run_many(
     with ThreadPoolExecutor(max_workers=workers) as pool:
         results = pool.map(lambda code: run_python(code, limits), programs)
         if progress:
-            from tqdm import tqdm
-
             results = tqdm(results, total=len(programs), desc="sandbox", unit="prog")
         return list(results)

@@ -16,11 +16,17 @@ and one record per item (prompt, output, target, score) for ``samples.jsonl``.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from omnitrain.eval import humaneval, mmlu
+from omnitrain.eval.docqa import load_docqa
+from omnitrain.eval.metrics import anls, char_accuracy, corpus_cer, corpus_wer, mean_anls, text_chunks
 from omnitrain.eval.mmlu import MMLUConfig
 from omnitrain.eval.results import metric
+from omnitrain.eval.sandbox import SandboxLimits
+from omnitrain.eval.speech import load_speech_set, read_manifest
 
 
 @dataclass
@@ -117,8 +123,6 @@ class MMLUTask:
         self.cfg = cfg
 
     def run(self, system: Any, limit: int | None, progress: bool = True) -> TaskOutput:
-        from omnitrain.eval import mmlu
-
         _needs(system, "loglikelihood", self.name)
         questions, shots = mmlu.load_questions(self.cfg)
         questions = spread(questions, lambda q: q.subject, limit)
@@ -148,8 +152,6 @@ class HumanEvalTask:
     name = "humaneval"
 
     def __init__(self, cfg: HumanEvalConfig) -> None:
-        from omnitrain.eval import humaneval
-
         self.cfg = cfg
         self.needs_model = cfg.samples is None  # run_eval loads no model when no task needs one
         self.scored: dict[str, list[str]] = {}
@@ -166,9 +168,6 @@ class HumanEvalTask:
             )
 
     def run(self, system: Any, limit: int | None, progress: bool = True) -> TaskOutput:
-        from omnitrain.eval import humaneval
-        from omnitrain.eval.sandbox import SandboxLimits
-
         c = self.cfg
         info: dict[str, Any] = {}
         if c.samples is not None:
@@ -218,9 +217,6 @@ class DocVQATask:
         self.cfg = cfg
 
     def run(self, system: Any, limit: int | None, progress: bool = True) -> TaskOutput:
-        from omnitrain.eval.docqa import load_docqa
-        from omnitrain.eval.metrics import anls, mean_anls
-
         items = load_docqa(self.cfg.path)[:limit]
         if hasattr(system, "answer"):  # the OCR baseline
             preds = [system.answer(str(it["image"]), it["question"]) for it in items]
@@ -246,9 +242,6 @@ class SpeechWERTask:
         self.cfg = cfg
 
     def run(self, system: Any, limit: int | None, progress: bool = True) -> TaskOutput:
-        from omnitrain.eval.metrics import corpus_cer, corpus_wer
-        from omnitrain.eval.speech import load_speech_set
-
         items = load_speech_set(self.cfg.source)[:limit]
         if hasattr(system, "transcribe"):  # the ASR baseline
             hyps = system.transcribe([str(it["audio"]) for it in items])
@@ -272,9 +265,6 @@ class ReadingTask:
         self.cfg = cfg
 
     def run(self, system: Any, limit: int | None, progress: bool = True) -> TaskOutput:
-        from omnitrain.eval.metrics import char_accuracy
-        from omnitrain.eval.speech import read_manifest
-
         _needs(system, "generate_multimodal", self.name)
         c = self.cfg
         items = read_manifest(c.path, ("image", c.text_field), "image")[:limit]
@@ -299,10 +289,6 @@ class PerplexityTask:
             raise ValueError(f"perplexity.chunk_chars={cfg.chunk_chars} must be >= 1")
 
     def run(self, system: Any, limit: int | None, progress: bool = True) -> TaskOutput:
-        import math
-
-        from omnitrain.eval.metrics import text_chunks
-
         _needs(system, "loglikelihood", self.name)
         if not self.cfg.paths:
             raise ValueError("task perplexity needs perplexity.paths=[...] (.txt / .html files or jsonl of {text})")

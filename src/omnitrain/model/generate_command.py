@@ -24,8 +24,10 @@ from typing import Any, Literal
 
 import numpy as np
 
+from omnitrain.data.pipeline.inspect import decode_sample
 from omnitrain.data.pipeline.media import MediaConfig, MediaTokenizers
 from omnitrain.model.generate import SamplingConfig, generate
+from omnitrain.model.io import find_model_dir, load_model
 from omnitrain.tokenizer import bundle
 from omnitrain.tokenizer.bundle import TokenizerPaths
 from omnitrain.tokenizer.layout import (
@@ -87,9 +89,6 @@ def build_prompt(cfg: GenerateConfig, layout: TokenLayout, text_tok: Any, media:
 
 
 def run_generate(cfg: GenerateConfig) -> dict[str, Any]:
-    from omnitrain.data.pipeline.inspect import decode_sample
-    from omnitrain.model.io import find_model_dir, load_model
-
     model, layout = load_model(cfg.run, cfg.device)
     if layout is None:
         raise ValueError(f"{cfg.run} has no layout.json: the model cannot tell text from image or audio ids")

@@ -82,7 +82,7 @@ def state_dict_to_hf(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def load_hf_llama(name_or_path: str, gguf_file: str | None = None) -> tuple[Transformer, Any]:
     """A Llama-architecture checkpoint (a folder, a hub id when online, or a GGUF file inside a folder
     via ``gguf_file``; GGUF is de-quantised to fp32 by transformers) -> (omnitrain Transformer, HF config)."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM  # transformers: optional (the hf extra), ~0.6 s to import
 
     try:
         hf = AutoModelForCausalLM.from_pretrained(name_or_path, gguf_file=gguf_file, dtype=torch.float32)
@@ -135,7 +135,7 @@ def extend_vocabulary(model: Transformer, vocab_size: int, seed: int = 0) -> Tra
 
 def export_hf(model: Transformer, out_dir: str) -> str:
     """Write a ``LlamaForCausalLM`` folder that transformers loads directly (``from_pretrained``)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM  # transformers: optional (the hf extra), ~0.6 s
 
     c = model.cfg
     if c.qk_norm:

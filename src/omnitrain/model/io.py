@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from omnitrain.config import from_dict
 from omnitrain.model.transformer import ModelConfig, Transformer
 from omnitrain.tokenizer.layout import TokenLayout
 
@@ -82,6 +83,7 @@ def save_model(model: torch.nn.Module, out_dir: Path, layout_dir: Path | None = 
     """``model.safetensors`` + ``config.json`` (+ ``layout.json`` from ``layout_dir``) in ``out_dir``,
     written atomically (a ``.tmp`` sibling renamed over it). ``extra``: more config.json keys (step,
     tokens). ``state_dict``: a full state dict gathered from a sharded model (default: ``model.state_dict()``)."""
+    # safetensors: declared in the hf extra, so importing model.io must not need it
     from safetensors.torch import save_file
 
     out_dir = Path(out_dir)
@@ -104,9 +106,7 @@ def save_model(model: torch.nn.Module, out_dir: Path, layout_dir: Path | None = 
 def load_model(path: str | Path, device: str = "cpu") -> tuple[Transformer, TokenLayout | None]:
     """A consolidated model folder (``save_model``), a run directory (its ``model/``) or ``package:NAME``
     -> (Transformer in eval mode on ``device``, its TokenLayout or None)."""
-    from safetensors.torch import load_file
-
-    from omnitrain.config import from_dict
+    from safetensors.torch import load_file  # safetensors: the hf extra (see save_model)
 
     folder = find_model_dir(path)
     if folder is None:

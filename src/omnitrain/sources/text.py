@@ -17,6 +17,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import pyarrow.parquet as pq
+
 TEXT_SUFFIXES = (".txt", ".jsonl", ".parquet", ".md", ".rst", ".html")
 
 
@@ -104,8 +106,6 @@ def iter_file_documents(path: Path, text_field: str = "text") -> Iterator[str]:
                         raise ValueError(f"{path}:{lineno}: '{text_field}' is not a string")
                     yield record[text_field]
         elif suffix == ".parquet":
-            import pyarrow.parquet as pq
-
             table = pq.read_table(path)
             if text_field not in table.column_names:
                 raise ValueError(f"{path}: no column '{text_field}' (columns: {table.column_names}); set text_field")
@@ -120,7 +120,7 @@ def iter_file_documents(path: Path, text_field: str = "text") -> Iterator[str]:
 
 def load_hf_dataset(name_or_path: str, split: str = "train", config: str | None = None) -> Any:
     """A Hugging Face ``Dataset``: a ``save_to_disk`` folder, a local data folder, or a hub name."""
-    import datasets
+    import datasets  # datasets: ~0.5 s to import, only for Hugging Face datasets
 
     path = Path(name_or_path)
     if path.is_dir() and ((path / "state.json").exists() or (path / "dataset_dict.json").exists()):

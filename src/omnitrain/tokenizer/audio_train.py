@@ -135,7 +135,7 @@ def _sources(cfg: AudioDataConfig) -> list[tuple[str, Any]]:
 
 
 def _hf_rows(cfg: AudioDataConfig) -> list[tuple[str, Any]]:
-    import datasets  # lazy: heavy import
+    import datasets  # datasets: ~0.5 s to import, only for Hugging Face datasets
 
     src = Path(cfg.source)
     if src.is_dir() and ((src / "state.json").exists() or (src / "dataset_dict.json").exists()):

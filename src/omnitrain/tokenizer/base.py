@@ -10,6 +10,8 @@ so the pipeline never cares which one it has.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -55,9 +57,6 @@ class AudioTokenizer(Protocol):
 
 def module_fingerprint(config: dict, module: torch.nn.Module) -> str:
     """First 16 hex chars of sha256(config JSON + state_dict bytes): changes whenever weights change."""
-    import hashlib
-    import json
-
     h = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
     for name, t in sorted(module.state_dict().items()):
         h.update(name.encode())

@@ -61,7 +61,8 @@ def load_media_tokenizers(image: Path | str | None, audio: Path | str | None, de
     A file is an omnitrain checkpoint (``omnitrain tokenizer train-image`` / ``train-audio``); a
     folder, or a hub id, is a pretrained Hugging Face model (Emu3 / Chameleon VQ-VAE, EnCodec, Mimi).
     """
-    # The four loaders are imported on use: each pulls in a different heavy stack (torch nets, transformers).
+    # The four loaders are imported on use: each imports torch (~0.9 s), which `omnitrain tokenizer layout`
+    # (tokenizer/build.py) and the users of TokenizerPaths do not need; the pretrained two also need transformers.
     img = aud = None
     if image is not None:
         if Path(image).is_file():

@@ -24,6 +24,8 @@ import hashlib
 from pathlib import Path
 from typing import Any
 
+from omnitrain.tokenizer.text import MODEL_FILE, TextTokenizer
+
 _PROBE = "a  b\n\tc"
 
 
@@ -42,7 +44,7 @@ class HFTextTokenizer:
     def load(cls, path: str | Path) -> HFTextTokenizer:
         """A tokenizer folder, a ``.gguf`` file, or a hub id."""
         try:
-            from transformers import AutoTokenizer
+            from transformers import AutoTokenizer  # transformers: optional (the hf extra), ~0.7 s
         except ImportError as e:  # pragma: no cover - the hf extra is installed by setup.sh
             raise ImportError("Hugging Face text tokenizers need transformers: pip install 'omnitrain[hf]'") from e
         p = Path(path)
@@ -94,8 +96,6 @@ class HFTextTokenizer:
 
 def load_text_tokenizer(path: str | Path) -> Any:
     """The text tokenizer at ``path``: SentencePiece (``omnitrain tokenizer train-text``) or Hugging Face."""
-    from omnitrain.tokenizer.text import MODEL_FILE, TextTokenizer
-
     p = Path(path)
     if (p.is_dir() and (p / MODEL_FILE).is_file()) or (p.is_file() and p.suffix == ".model"):
         return TextTokenizer.load(p)

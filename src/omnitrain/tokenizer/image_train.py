@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import skimage
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -122,8 +123,6 @@ class ImageSource:
         self._dataset: Any = None
         fmt, where = cfg.format, cfg.source
         if where == "skimage":  # the sample images that ship inside scikit-image: works offline
-            import skimage
-
             where, fmt = str(Path(skimage.__file__).parent / "data"), "skimage"
         path = Path(where).expanduser()
         if fmt == "auto":
@@ -172,7 +171,7 @@ class ImageSource:
         return refs
 
     def _open_hf(self, where: str, path: Path) -> Any:
-        import datasets
+        import datasets  # datasets: ~0.5 s to import, only for Hugging Face datasets
 
         cfg = self.cfg
         if path.is_dir():

@@ -28,7 +28,7 @@ Kind = Literal["auto", "encodec", "mimi"]
 
 def _transformers() -> Any:
     try:
-        import transformers
+        import transformers  # optional (the hf extra)
     except ImportError as e:  # optional dependency
         raise ValueError("pretrained audio codecs need transformers: pip install 'omnitrain[hf]'") from e
     return transformers

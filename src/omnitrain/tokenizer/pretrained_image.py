@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from huggingface_hub import hf_hub_download
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -34,7 +35,7 @@ _FULL_TYPES = {"emu3": "emu3", "chameleon": "chameleon"}
 
 def _transformers() -> Any:
     try:
-        import transformers
+        import transformers  # optional (the hf extra)
     except ImportError as e:
         raise ValueError("pretrained image tokenizers need transformers: pip install 'omnitrain[hf]'") from e
     return transformers
@@ -127,8 +128,6 @@ def _read_config(name_or_path: str, local: Path | None) -> dict:
         if not cfg_file.is_file():
             raise ValueError(f"{local} has no config.json; point at a save_pretrained directory")
         return json.loads(cfg_file.read_text())
-    from huggingface_hub import hf_hub_download
-
     try:
         cfg_file = Path(hf_hub_download(name_or_path, "config.json"))
     except Exception as e:  # offline, unknown repo, gated: say what was tried and what to do
@@ -141,13 +140,11 @@ def _read_config(name_or_path: str, local: Path | None) -> dict:
 
 def _vq_weights_from_full_checkpoint(name_or_path: str, local: Path | None) -> dict[str, torch.Tensor]:
     """The ``*vqmodel.*`` tensors of a whole Emu3 / Chameleon checkpoint, prefix stripped."""
-    from safetensors import safe_open
+    from safetensors import safe_open  # safetensors: optional (the hf extra)
 
     def fetch(fname: str) -> Path:
         if local is not None:
             return local / fname
-        from huggingface_hub import hf_hub_download
-
         return Path(hf_hub_download(name_or_path, fname))
 
     try:

@@ -15,6 +15,7 @@ gets text tokens, never an image marker.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import time
@@ -27,6 +28,7 @@ import sentencepiece as spm
 from tqdm.auto import tqdm
 
 from omnitrain.config import to_dict
+from omnitrain.sources import corpora
 from omnitrain.sources import text as sources
 
 MODEL_FILE = "text_tokenizer.model"
@@ -182,7 +184,6 @@ def _chunks(doc: str, max_bytes: int) -> Iterator[str]:
 
 def iter_corpus(corpus: TextCorpusConfig, workdir: Path) -> Iterator[str]:
     """All documents of the configured sources, in a deterministic order."""
-    from omnitrain.sources import corpora
     paths = sources.expand_paths(corpus.files) if corpus.files else []
     if "gettext_debian" in corpus.local or "debian_handbook" in corpus.local:
         if "gettext_debian" in corpus.local:
@@ -249,8 +250,6 @@ def train_text_tokenizer(cfg: TrainTextTokenizerConfig) -> TextTokenizer:
 
 
 def _train_sentencepiece(chunks: list[str], tc: TextTokenizerConfig, threads: int) -> bytes:
-    import io
-
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(chunks),

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from omnitrain.data.loader import LoaderConfig, OmniLoader, SourceSpec
+from omnitrain.model.hf import extend_vocabulary, load_hf_llama
 from omnitrain.model.io import resolve_path
 from omnitrain.model.loss import LOSS_KEYS
 from omnitrain.model.transformer import ModelConfig, Transformer
@@ -67,8 +68,6 @@ def init_from_hf(cfg: HFInitConfig, model_cfg: ModelConfig, layout: TokenLayout)
         ValueError: ``model_cfg`` sets an architecture field (away from ``ModelConfig``'s default, e.g. a
             ``model=1b`` recipe or ``model.dim=...``) that the checkpoint has otherwise: it would be dropped.
     """
-    from omnitrain.model.hf import extend_vocabulary, load_hf_llama
-
     model, _ = load_hf_llama(resolve_path(cfg.path), gguf_file=cfg.gguf_file)
     check_architecture(model_cfg, model.cfg, f"hf_init.path={cfg.path}")
     n_text = model.cfg.vocab_size

@@ -15,6 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import yaml
+from tqdm.auto import tqdm
+
 REPO = Path(__file__).resolve().parents[3]
 
 
@@ -59,8 +62,6 @@ class RunLog:
         self._bar = self._wandb = None
         if not enabled:
             return
-        import yaml
-
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False, allow_unicode=True))
         info_path = self.run_dir / "run.json"
@@ -74,15 +75,13 @@ class RunLog:
         info_path.write_text(json.dumps(info, indent=2) + "\n")
         self.metrics = open(self.run_dir / "metrics.jsonl", "a")
         self._start_wandb(wandb_cfg, config)
-        from tqdm.auto import tqdm
-
         self._bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
                          mininterval=0.5 if sys.stderr.isatty() else 10.0)  # fmt: skip
 
     def _start_wandb(self, cfg: WandbConfig, config: dict[str, Any]) -> None:
         if cfg.mode == "disabled":
             return
-        import wandb
+        import wandb  # wandb: ~0.3 s to import, only when wandb.mode is not disabled
 
         id_file = self.run_dir / "wandb_id"
         # our own id (wandb 0.31 has no wandb.util.generate_id): 8 lowercase hex chars, kept across resumes

@@ -23,6 +23,7 @@ other local processes itself (it re-runs the command line).
 
 from __future__ import annotations
 
+import argparse
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
@@ -148,12 +149,13 @@ class Strategy:
         rank0 = self.fabric.global_rank == 0
         inner = getattr(self.model, "module", self.model)  # _FabricModule -> the module (or the DeepSpeed engine)
         if self.cfg.name == "fsdp":
+            # torch.distributed.checkpoint: ~0.5 s to import, FSDP only
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
             sd = get_model_state_dict(inner, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
             return sd if rank0 else None
         if self.cfg.name == "deepspeed":
-            import deepspeed
+            import deepspeed  # logs on import: DeepSpeed runs only
 
             engine_module = getattr(inner, "module", inner)
             with deepspeed.zero.GatheredParameters(list(engine_module.parameters()), modifier_rank=None):  # ZeRO-3: gather; 1/2: no-op
@@ -173,6 +175,7 @@ def on_gpu(cfg: StrategyConfig) -> bool:
 
 def make_fabric(cfg: StrategyConfig, grad_clip: float = 0.0, grad_accum: int = 1) -> Any:
     """A launched-ready Fabric for ``cfg`` (call ``fabric.launch()`` next)."""
+    # lightning: ~3 s; train.loop (TrainConfig) imports this module without a Fabric
     from lightning.fabric import Fabric
 
     gpu = on_gpu(cfg)
@@ -202,7 +205,7 @@ def make_fabric(cfg: StrategyConfig, grad_clip: float = 0.0, grad_accum: int = 1
 
 def _fsdp_parallelize(cfg: StrategyConfig) -> Any:
     def parallelize(model: torch.nn.Module, device_mesh: Any) -> torch.nn.Module:
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import fully_shard  # ~0.4 s: FSDP only
 
         mesh = device_mesh["data_parallel"]
         for layer in model.layers:  # one FSDP unit per block: gather one block's weights at a time
@@ -231,6 +234,7 @@ def deepspeed_config(cfg: StrategyConfig, grad_clip: float, grad_accum: int) -> 
 def _deepspeed(cfg: StrategyConfig, gpu: bool, grad_clip: float, grad_accum: int) -> Any:
     if not gpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before DeepSpeed picks its accelerator (on first use)
+    # deepspeed on use: it picks its accelerator and logs as it is imported (after DS_ACCELERATOR, above); ~0.2 s
     try:
         import deepspeed  # noqa: F401
     except ImportError as e:  # pragma: no cover - deepspeed is a core dependency
@@ -242,7 +246,7 @@ def _deepspeed(cfg: StrategyConfig, gpu: bool, grad_clip: float, grad_accum: int
 
 def _deepspeed_classes() -> tuple[type, type]:
     """Fabric's DeepSpeedStrategy with its optimizer step fixed, and a CPU variant of that (pinned: lightning 2.6)."""
-    from lightning.fabric.strategies import DDPStrategy, DeepSpeedStrategy
+    from lightning.fabric.strategies import DDPStrategy, DeepSpeedStrategy  # lightning: ~3 s, see make_fabric
 
     class EngineStepDeepSpeedStrategy(DeepSpeedStrategy):
         def optimizer_step(self, optimizer: Any, **kwargs: Any) -> Any:
@@ -271,9 +275,7 @@ def _deepspeed_classes() -> tuple[type, type]:
             return torch.device("cpu")
 
         def _initialize_engine(self, model: torch.nn.Module, optimizer: Any = None, scheduler: Any = None) -> tuple[Any, Any, Any]:
-            import argparse
-
-            import deepspeed
+            import deepspeed  # see _deepspeed
 
             # Fabric passes root_device.index as DeepSpeed's device rank: None for "cpu", which DeepSpeed cannot compare
             engine, optimizer, _, scheduler = deepspeed.initialize(

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 from tqdm.auto import tqdm
 
@@ -44,6 +45,7 @@ from omnitrain.data.shards import (
     write_manifest,
     write_shard,
 )
+from omnitrain.sources.text import expand_paths
 from omnitrain.tokenizer import bundle
 from omnitrain.tokenizer.bundle import TokenizerPaths
 from omnitrain.tokenizer.layout import MODALITIES, LayoutMismatchError, TokenLayout
@@ -109,8 +111,6 @@ _STATE: dict[str, Any] = {}
 
 
 def _init_worker(cfg: BuildConfig, template: Template) -> None:
-    import torch
-
     torch.set_num_threads(1)  # one core per worker: parallelism comes from the workers
     tok = bundle.load(cfg.tokenizers, device=cfg.media.device)
     text, image, audio, layout = tok.text, tok.image, tok.audio, tok.layout
@@ -123,8 +123,6 @@ def _init_worker(cfg: BuildConfig, template: Template) -> None:
 
 
 def _init_forked() -> None:
-    import torch
-
     torch.set_num_threads(1)
 
 
@@ -192,8 +190,6 @@ def build_shards(cfg: BuildConfig) -> dict[str, Any]:
     The calling process encodes too (``_init_worker`` puts it on one torch thread, as the workers);
     its thread count is restored at the end, so that training in the same process after a build
     (the demo) keeps every core."""
-    import torch
-
     threads = torch.get_num_threads()
     try:
         return _build_shards(cfg)
@@ -312,8 +308,6 @@ def _build_shards(cfg: BuildConfig) -> dict[str, Any]:
 def _fingerprint(cfg: BuildConfig) -> str:
     """Hash of the source definition plus the names, sizes and mtimes of its files."""
     h = hashlib.sha256(json.dumps(to_dict(cfg.pipeline), sort_keys=True).encode())
-    from omnitrain.sources.text import expand_paths
-
     try:
         files = expand_paths(cfg.pipeline.source.paths) if cfg.pipeline.source.paths else []
     except FileNotFoundError:

@@ -11,6 +11,7 @@ from omnitrain.data.pipeline.media import MediaConfig, MediaTokenizers
 from omnitrain.data.shards import iter_shard, read_manifest
 from omnitrain.tokenizer import bundle
 from omnitrain.tokenizer.bundle import TokenizerPaths
+from omnitrain.tokenizer.image import save_png
 from omnitrain.tokenizer.layout import AudioSegment, ImageSegment, SpecialSegment, TextSegment, TokenLayout
 
 
@@ -33,8 +34,6 @@ def decode_sample(ids: Any, layout: TokenLayout, text_tok: Any, media: MediaToke
         elif isinstance(seg, ImageSegment):
             h, w = seg.codes.shape
             if media is not None and media.image is not None:
-                from omnitrain.tokenizer.image import save_png
-
                 path = save_png(media.decode_image(seg.codes)[None], out, prefix=f"{key}-{k}")[0]
                 parts.append(f"[image {h}x{w} codes -> {path}]")
             else:
@@ -42,6 +41,7 @@ def decode_sample(ids: Any, layout: TokenLayout, text_tok: Any, media: MediaToke
         elif isinstance(seg, AudioSegment):
             t, lv = seg.codes.shape
             if media is not None and media.audio is not None:
+                # audio_io imports scipy.signal (~0.6 s): audio only
                 from omnitrain.tokenizer.audio_io import write_wav
 
                 path = write_wav(out / f"{key}-{k}.wav", media.decode_audio(seg.codes), media.audio.sample_rate)

@@ -20,6 +20,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from omnitrain.data.pipeline.templates import SkipSample
+from omnitrain.tokenizer.image import pil_to_tensor, to_rgb
 from omnitrain.tokenizer.layout import AudioSegment, ImageSegment, Segment
 
 
@@ -62,8 +63,6 @@ class MediaTokenizers:
 
     def prepare_image(self, img: Image.Image) -> torch.Tensor:
         """PIL image -> [3, H, W] in [-1, 1], H and W multiples of the downsample factor."""
-        from omnitrain.tokenizer.image import pil_to_tensor, to_rgb
-
         img, d, s = to_rgb(img), self.image.downsample, self.cfg.image_size
         w, h = img.size
         if self.cfg.image_policy == "center_crop":
@@ -91,6 +90,7 @@ class MediaTokenizers:
 
     # ------------------------------------------------------------------ audio
     def read_audio(self, value: Any) -> np.ndarray:
+        # imports scipy.signal (~0.6 s): audio only (eval imports this module)
         from omnitrain.tokenizer import audio_io
 
         rate = self.audio.sample_rate
@@ -122,7 +122,7 @@ class MediaTokenizers:
     def video_segments(self, value: Any) -> list[Segment]:
         """A clip -> [frame 0, audio of [0, 1/fps), frame 1, audio of [1/fps, 2/fps), ...]."""
         try:
-            import av
+            import av  # PyAV: optional (the video extra)
         except ImportError as e:
             raise ImportError("video sources need PyAV: pip install 'omnitrain[video]' (bash setup.sh does)") from e
         if self.image is None:
@@ -165,7 +165,7 @@ class MediaTokenizers:
 
     def _video_audio(self, path: Path) -> np.ndarray | None:
         """The clip's first audio track as mono float32 at the codec's rate (None: no audio)."""
-        import av
+        import av  # PyAV: optional (the video extra)
 
         with av.open(str(path)) as box:
             if not box.streams.audio:

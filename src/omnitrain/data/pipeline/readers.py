@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import pyarrow.parquet as pq
+
 from omnitrain.sources import text as sources
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -82,8 +84,6 @@ def _rows(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
             for rowno, row in enumerate(csv.DictReader(f), 2):
                 yield f"{path}:{rowno}", dict(row)
     elif suffix == ".parquet":
-        import pyarrow.parquet as pq
-
         for i, row in enumerate(pq.read_table(path).to_pylist()):
             yield f"{path}#row{i}", row
     else:
