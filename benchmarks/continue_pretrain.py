@@ -18,6 +18,9 @@ import json
 import sys
 from pathlib import Path
 
+# tests.synthetic (the learnable shard sets the tests train on) lives in the checkout, not the package
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 TEXT_BOUND = 0.25  # nats: the most the held-out text loss may rise
 ROOT = Path("runs/continue_pretrain")
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
