@@ -58,6 +58,16 @@ def sources(tmp_path_factory) -> dict[str, Path]:
     }
 
 
+
+def assert_resumes_exactly(cfg: LoaderConfig, state: dict, full: list[dict], cut: int, stop: int) -> None:
+    """A rank-1 loader restored from ``state`` (taken after batch ``cut``) gives batches ``cut..stop-1`` of ``full``."""
+    resumed = OmniLoader(cfg, rank=1, world_size=2)
+    resumed.load_state_dict(state)
+    for k in range(cut, stop):
+        b = next(resumed)
+        for key in b:
+            assert torch.equal(b[key], full[k][key]), (cut, k, key)
+
 def test_every_sample_of_an_epoch_is_read_exactly_once_over_2_ranks_x_2_workers(sources):
     cfg = LoaderConfig(sources={"text": SourceSpec(str(sources["text"]))}, workers=2, seq_len=64, batch_size=2)
     seen = []
@@ -184,12 +194,7 @@ def test_resume_mid_packing_buffer_gives_identical_batches_from_a_small_plain_st
         stream = first.make_stream(slot)
         stream.load(state["states"][slot])
         assert 0 < stream.buffer["rows_out"] < len(stream.rows)  # it stopped inside a packing buffer
-        resumed = OmniLoader(cfg, rank=1, world_size=2)
-        resumed.load_state_dict(state)
-        for k in range(cut, 16):
-            b = next(resumed)
-            for key in b:
-                assert torch.equal(b[key], full[k][key]), (cut, k, key)
+        assert_resumes_exactly(cfg, state, full, cut, 16)
 
 
 def test_a_version_1_state_resumes_exactly(sources):
@@ -229,12 +234,7 @@ def test_resume_at_random_points_gives_identical_batches(sources, workers, split
         for _ in range(cut):
             next(first)
         state = first.state_dict()
-        resumed = OmniLoader(cfg, rank=1, world_size=2)
-        resumed.load_state_dict(state)
-        for k in range(cut, 14):
-            b = next(resumed)
-            for key in b:
-                assert torch.equal(b[key], full[k][key]), (cut, k, key)
+        assert_resumes_exactly(cfg, state, full, cut, 14)
 
 
 def test_bad_shards_and_states_fail_clearly(sources, tmp_path):
