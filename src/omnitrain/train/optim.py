@@ -34,7 +34,7 @@ class OptimConfig:
     min_lr_ratio: float = 0.1  # final rate as a fraction of lr (cosine, wsd)
     decay_fraction: float = 0.2  # wsd: share of the steps spent decaying, at the end
     grad_clip: float = 1.0  # max global gradient norm (0: no clipping)
-    fused: bool | None = None  # torch's fused AdamW (None: on CUDA only)
+    fused: bool | None = None  # torch's fused AdamW (None: when the parameters live on CUDA)
 
     def __post_init__(self) -> None:
         if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1 or not 0 < self.decay_fraction <= 1:
@@ -76,9 +76,24 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
+def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device | str | None = None,
+                    cpu_offload: bool = False) -> torch.optim.Optimizer:  # fmt: skip
+    """AdamW over ``param_groups(model)``.
+
+    ``device``: where the parameters will be when the optimizer steps (default: where they are now). Torch's
+    fused AdamW (one kernel for every tensor; ``cfg.fused=None`` picks it on CUDA) is chosen from it, so a
+    strategy that builds the optimizer before moving the model (DeepSpeed takes both at once) still gets it.
+    ``cpu_offload``: DeepSpeed ZeRO-Offload keeps the optimizer state in CPU memory and steps it there; DeepSpeed
+    refuses a torch optimizer for that (``zero_force_ds_cpu_optimizer``), so it is ``DeepSpeedCPUAdam`` (AdamW
+    mode, the same update; its C++ op is compiled on first use and cached in ``TORCH_EXTENSIONS_DIR``)."""
+    groups = param_groups(model, cfg.weight_decay)
+    if cpu_offload:
+        # deepspeed logs on import: offloaded DeepSpeed runs only
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay,
+                                adamw_mode=True)  # fmt: skip
     fused = cfg.fused
     if fused is None:
-        fused = all(p.is_cuda for p in model.parameters())
-    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
-                             fused=fused or None)  # fmt: skip
+        fused = torch.device(device).type == "cuda" if device is not None else all(p.is_cuda for p in model.parameters())
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=fused or None)
