@@ -16,6 +16,13 @@ Objectives. What a step optimises is an objective (``omnitrain.train.objectives`
 (pretraining, continued pretraining from a Hugging Face LLM, SFT) or DPO (``omnitrain.train.dpo``, with
 its frozen reference model); the loop is the same. ``count`` gives what the loss is normalised by.
 
+Host syncs. On a GPU the host runs ahead of the device until it reads a tensor. A step's stats stay on the
+device (``StepResult.sums``, token counts summed by ``runlog.Throughput``) and are read at log steps, checkpoint
+steps and a skipped step only. A non-log step keeps one read: whether the loss and gradient norm are finite,
+which decides on the host whether the optimizer steps (``on_nonfinite``; the optimizer step belongs to the
+strategy); with several ranks, also the preemption flag they agree on (below). Throughput is timed over the
+interval between log steps, not per step.
+
 Preemption. SIGUSR1 or SIGTERM sets a flag; at the end of the current step every rank learns of it
 (a max all-reduce), the loop saves a checkpoint and exits. Under Slurm, SIGUSR1 (``--signal=USR1@120``)
 also requeues the job (``scontrol requeue``) and the requeued job resumes from that checkpoint
@@ -56,7 +63,7 @@ from omnitrain.train.objectives import (
     pretrained_rows_kept,
 )
 from omnitrain.train.optim import OptimConfig, lr_at
-from omnitrain.train.runlog import RunLog, WandbConfig, truncate_metrics
+from omnitrain.train.runlog import RunLog, Throughput, WandbConfig, flops_per_token, truncate_metrics
 from omnitrain.train.strategy import Strategy, StrategyConfig, peak_flops
 
 
@@ -119,9 +126,11 @@ class Preemption:
         self.signal = signum
 
     def requested(self, fabric: Any) -> int:
-        """The signal any rank received (0: none), agreed on by all ranks."""
+        """The signal any rank received (0: none), agreed on by all ranks (one process: no tensor, no sync)."""
+        if fabric.world_size == 1:
+            return self.signal or 0
         flag = torch.tensor([self.signal or 0], device=fabric.device)
-        return int(fabric.all_reduce(flag, reduce_op="max").item()) if fabric.world_size > 1 else int(flag.item())
+        return int(fabric.all_reduce(flag, reduce_op="max").item())
 
 
 @dataclass
@@ -139,7 +148,7 @@ class Run:
     resume_from: Path | None  # the checkpoint this attempt continues (None: a fresh start)
     new_rows_from: int  # hf_init: the first embedding row the layout added (the freeze warm-up trains rows >= it)
     n_params: int
-    flops_per_token: float  # of the whole model (counted before sharding)
+    flops_per_token: float  # per processed token, of the whole model (counted before sharding; runlog.flops_per_token)
     peak_flops: float | None  # of one device, for MFU (None: unknown)
 
     @property
@@ -147,16 +156,27 @@ class Run:
         return self.strategy.fabric
 
 
+# per step, summed on the device by runlog.Throughput: processed = non-padding input positions (what the model
+# computes on, what FLOPs and MFU count), learned = positions with loss weight > 0 (an ASR or captioning prompt,
+# an SFT user turn: processed, not learned), then the objective's target tokens per modality
+COUNTS = ["processed", "learned"] + [f"tokens/{m}" for m in MODALITIES]
+
+
 @dataclass
 class StepResult:
-    """What one optimizer step reports."""
+    """What one optimizer step reports. Tensors stay on the device until a log step reads them."""
 
-    row: dict[str, float]  # the objective's summary: loss, loss/<modality>, ...
-    tokens: dict[str, int]  # weighted target tokens per modality
+    sums: torch.Tensor  # [len(objective.keys)] additive metrics of the step (all micro-batches, all ranks)
+    count: torch.Tensor  # what the loss is normalised by (objective.count)
+    counts: torch.Tensor  # [len(COUNTS)] token counts of the step (all ranks)
     lr: float
-    grad_norm: float
+    grad_norm: float | torch.Tensor
     finite: bool  # False: the update was skipped (on_nonfinite=skip)
     frozen: bool  # a freeze warm-up step: only the new embedding rows learned
+
+    def summary(self, objective: Any) -> dict[str, float]:
+        """The objective's row (loss, loss/<modality>, ...): a host read."""
+        return objective.summary(self.sums, self.count)[0]
 
 
 def train(cfg: TrainConfig, plain_config: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -179,23 +199,31 @@ def train(cfg: TrainConfig, plain_config: dict[str, Any] | None = None) -> dict[
     # --- the loop
     if run.validation.due(start_step, False) and start_step == 0:
         log.log(0, run.validation.run(fabric, run.model, run.objective))  # the held-out losses before any training
+    meter = Throughput(COUNTS, fabric.device)  # token counts since the last log step, on the device
     t_start = time.perf_counter()
     while state["step"] < cfg.steps:
-        t0 = time.perf_counter()
         out = train_step(run, state["step"], skipped)
         skipped = 0 if out.finite else skipped + 1
         state["step"] = step = state["step"] + 1
-        state["tokens"] += sum(out.tokens.values())
-        dt = time.perf_counter() - t0
+        meter.add(out.counts)
 
+        t_val = time.perf_counter()
         val_row = run.validation.run(fabric, run.model, run.objective) if run.validation.due(step, step == cfg.steps) else {}
-        if every(step, cfg.log_every) or step == cfg.steps or val_row:
-            log.log(step, metrics_row(run, out, state["tokens"], dt, time.perf_counter() - t_start, val_row))
+        meter.exclude(time.perf_counter() - t_val)  # throughput counts training time only
+        stopped_by = preempt.requested(fabric)
+        logged = every(step, cfg.log_every) or step == cfg.steps or bool(val_row) or not out.finite
+        ckpt = every(step, cfg.ckpt_every) or step == cfg.steps or stopped_by
+        if logged or ckpt:  # the host reads of a step's stats and token counts: log and checkpoint steps only
+            counts, seconds, steps = meter.read()
+            state["tokens"] += round(sum(counts[f"tokens/{m}"] for m in MODALITIES))
+            if logged:
+                log.log(step, metrics_row(run, out, state["tokens"], counts, seconds, steps, time.perf_counter() - t_start, val_row))
         log.advance()
 
-        stopped_by = preempt.requested(fabric)
-        if every(step, cfg.ckpt_every) or step == cfg.steps or stopped_by:
-            path = save_checkpoint(run, state, out.row["loss"])
+        if ckpt:
+            t_save = time.perf_counter()
+            path = save_checkpoint(run, state, out.summary(run.objective)["loss"])
+            meter.exclude(time.perf_counter() - t_save)
             log.print(f"checkpoint {path}")
         if stopped_by:
             break
@@ -228,7 +256,7 @@ def build_run(cfg: TrainConfig, layout: TokenLayout, strategy: Strategy) -> Run:
     model, new_rows_from = build_model(cfg, layout, resume_from)
     cfg = replace(cfg, model=model.cfg)  # hf_init: the run records the imported architecture
     objective, make_loader = build_objective(cfg, model, layout, fabric)
-    flops_per_token = model.flops_per_token(cfg.data.seq_len)  # before sharding: from the full parameter counts
+    flops = flops_per_token(model, cfg.data.seq_len)  # before sharding: from the full parameter counts
     n_params = sum(p.numel() for p in model.parameters())
     if cfg.compile:
         model = torch.compile(model)
@@ -237,7 +265,7 @@ def build_run(cfg: TrainConfig, layout: TokenLayout, strategy: Strategy) -> Run:
     loader: OmniLoader = make_loader(cfg.data, rank, world)
     validation = Validation(cfg.val, cfg.data, make_loader, rank, world, layout.hash)
     return Run(cfg, layout, strategy, model, optimizer, objective, loader, validation, resume_from, new_rows_from, n_params,
-               flops_per_token, peak_flops(fabric.device, cfg.strategy.precision))  # fmt: skip
+               flops, peak_flops(fabric.device, cfg.strategy.precision))  # fmt: skip
 
 
 def build_model(cfg: TrainConfig, layout: TokenLayout, resume_from: Path | None) -> tuple[Transformer, int]:
@@ -303,31 +331,48 @@ def train_step(run: Run, step: int, skipped: int) -> StepResult:
     micro = [fabric.to_device(next(run.loader)) for _ in range(cfg.grad_accum)]
     count = sum(objective.count(b) for b in micro)  # weighted target tokens (LM) or pairs (DPO) of the step
     count = (fabric.all_reduce(count, reduce_op="sum") if fabric.world_size > 1 else count).clamp(min=1.0)
-    sums = torch.zeros(len(objective.keys), device=fabric.device)  # additive metrics, named by objective.keys
+    n_keys = len(objective.keys)
+    sums = torch.zeros(n_keys + 2, device=fabric.device)  # additive metrics named by objective.keys, processed, learned
     for i, batch in enumerate(micro):
         with strategy.accumulating(last=i == len(micro) - 1):
             loss, s = objective.loss(run.model, batch, denom=count / strategy.loss_scale)
             strategy.backward(loss)
-        sums += s
+        sums[:n_keys] += s
+        sums[n_keys] += (batch["doc_ids"] >= 0).sum()  # processed: every non-padding input position
+        sums[n_keys + 1] += (batch["loss_weights"] > 0).sum()  # learned: the positions that carry loss
     if fabric.world_size > 1:
-        sums = fabric.all_reduce(sums, reduce_op="sum")
-    row, tokens = objective.summary(sums, count)
+        sums = fabric.all_reduce(sums, reduce_op="sum")  # one collective for the metrics and the token counts
+    sums, counts = sums[:n_keys], sums[n_keys:]
+    counts = torch.cat([counts, torch.stack([sums[objective.keys.index(f"tokens/{m}")] for m in MODALITIES])])  # COUNTS
 
     frozen = step < cfg.freeze_warmup_steps
     if frozen:  # warm-up of continued pretraining: only the new embedding rows learn
         freeze_old_weights(strategy.unwrap(), run.new_rows_from)
-    grad_norm = strategy.clip_gradients()
-    finite = math.isfinite(row["loss"]) and math.isfinite(grad_norm)
+    grad_norm = strategy.clip_gradients()  # a float read inside strategy.py today (a tensor would stay on the device)
+    finite = all_finite(sums, grad_norm)  # the one host read of a non-log step: skip or stop must be decided on the host
     if not finite and (cfg.on_nonfinite == "stop" or not strategy.can_skip or skipped + 1 >= cfg.max_skipped):
+        row, _ = objective.summary(sums, count)
         raise FloatingPointError(
-            f"non-finite loss {row['loss']} / gradient norm {grad_norm} at step {step}: stopped before the update, nothing "
+            f"non-finite loss {row['loss']} / gradient norm {float(grad_norm)} at step {step}: stopped before the update, nothing "
             f"was trained on it. Resume from the last checkpoint ({checkpoint.resolve_resume(Path(cfg.run_dir), 'auto')}) with a "
             "lower optim.lr, longer optim.warmup_steps, model.qk_norm=true or model.z_loss=1e-5"
             + ("" if strategy.can_skip else f" (on_nonfinite=skip is not supported with strategy={cfg.strategy.name})")
         )
     with pretrained_rows_kept(strategy.unwrap(), run.new_rows_from) if frozen else nullcontext():
         strategy.optimizer_step(apply=finite)
-    return StepResult(row, tokens, lr, grad_norm, finite, frozen)
+    return StepResult(sums, count, counts, lr, grad_norm, finite, frozen)
+
+
+def all_finite(sums: torch.Tensor, grad_norm: float | torch.Tensor) -> bool:
+    """Whether the step's stats (its loss) and gradient norm are finite, in one host read.
+
+    Why a read at all: skipping (``on_nonfinite=skip``) or stopping before the update is a host decision,
+    since ``Strategy.optimizer_step`` either calls ``optimizer.step()`` or not. Doing it on the device would
+    need the optimizer to take a found-inf flag (as fused AdamW does for GradScaler), i.e. a change in
+    ``strategy.py``. Every stat is checked, not only the loss: a NaN in any per-modality sum is a NaN loss too."""
+    if torch.is_tensor(grad_norm):
+        return bool(torch.isfinite(sums).all() & torch.isfinite(grad_norm))
+    return math.isfinite(grad_norm) and bool(torch.isfinite(sums).all())
 
 
 # ----------------------------------------------------------------------------- logging, checkpoints, the end
@@ -344,15 +389,25 @@ def open_log(run: Run, start_step: int, plain_config: dict[str, Any] | None) -> 
     return log
 
 
-def metrics_row(run: Run, out: StepResult, tokens: int, dt: float, elapsed: float, val_row: dict[str, float]) -> dict[str, float]:
-    """The metrics.jsonl / W&B row of a step that took ``dt`` seconds (``tokens``: trained so far)."""
-    step_tokens = sum(out.tokens.values())
-    row = {**out.row, "lr": out.lr, "grad_norm": out.grad_norm, "skipped": int(not out.finite), "tokens": tokens,
-           "tokens_per_s": step_tokens / dt, "flops_per_s": run.flops_per_token * step_tokens / dt, "step_time": dt,
+def metrics_row(run: Run, out: StepResult, tokens: int, counts: dict[str, float], seconds: float, steps: int, elapsed: float,
+                val_row: dict[str, float]) -> dict[str, float]:  # fmt: skip
+    """The metrics.jsonl / W&B row of a log step (this is where the step's stats are read on the host).
+
+    ``tokens``: trained so far; ``counts`` (``COUNTS``, summed over all ranks), ``seconds``, ``steps``: the
+    interval since the previous read, which the rates are taken over. ``processed_tokens`` and
+    ``learned_tokens`` are the log step's own; ``tokens_per_s`` is the objective's target tokens per second
+    (as before); FLOP/s and MFU count processed tokens, since the model computes on every one of them."""
+    dt = max(seconds, 1e-9)
+    step_counts = dict(zip(COUNTS, out.counts.tolist(), strict=True))
+    row = {**out.summary(run.objective), "lr": out.lr, "grad_norm": float(out.grad_norm), "skipped": int(not out.finite),
+           "tokens": tokens, "processed_tokens": int(step_counts["processed"]), "learned_tokens": int(step_counts["learned"]),
+           "tokens_per_s": sum(counts[f"tokens/{m}"] for m in MODALITIES) / dt,
+           "processed_tokens_per_s": counts["processed"] / dt, "learned_tokens_per_s": counts["learned"] / dt,
+           "flops_per_s": run.flops_per_token * counts["processed"] / dt, "step_time": dt / max(steps, 1),
            "elapsed": elapsed}  # fmt: skip
     if run.peak_flops:
         row["mfu"] = row["flops_per_s"] / (run.peak_flops * run.fabric.world_size)
-    row.update({f"tokens_per_s/{mod}": out.tokens[mod] / dt for mod in MODALITIES})
+    row.update({f"tokens_per_s/{mod}": counts[f"tokens/{mod}"] / dt for mod in MODALITIES})
     if run.cfg.freeze_warmup_steps:
         row["frozen"] = int(out.frozen)
     row.update(val_row)

@@ -1,5 +1,9 @@
 """What a run writes besides checkpoints: the resolved config, run.json (git commit, attempts),
-metrics.jsonl, Weights & Biases, and the progress bar. Rank 0 only; every other rank gets no-ops."""
+metrics.jsonl, Weights & Biases, and the progress bar. Rank 0 only; every other rank gets no-ops.
+
+Also the throughput accounting those metrics report: :func:`flops_per_token` and :class:`Throughput`,
+which sums token counts on the device and reads them at log steps only (DESIGN.md "Scale": no host
+synchronisation inside a step except at log steps)."""
 
 from __future__ import annotations
 
@@ -15,7 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
 import yaml
+from torch import nn
 from tqdm.auto import tqdm
 
 REPO = Path(__file__).resolve().parents[3]
@@ -128,3 +134,51 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
             row = json.loads(line)
             rows[row["step"]] = row
     return [rows[k] for k in sorted(rows)]
+
+
+# ----------------------------------------------------------------------------- throughput accounting
+def flops_per_token(model: nn.Module, seq_len: int) -> float:
+    """Training FLOPs per processed token of a ``Transformer``: 6 N + 12 L D T (PaLM appendix B, as torchtitan).
+
+    N counts every weight a token's matmuls use: the blocks and norms, and the output projection V x D
+    whether or not it is tied to the embedding (a tied matrix is stored once but still multiplied in
+    every forward and backward; leaving it out undercounted the tied 150m model by 24 % at V = 64k, T = 4096). The embedding
+    lookup is a gather, not a matmul, and is not counted. 12 L D T is the attention scores and their
+    weighted sum (forward + backward) at full causal length T, as PaLM and torchtitan count it.
+    """
+    cfg = model.cfg
+    matmul = sum(p.numel() for name, p in model.named_parameters() if name not in ("tok_embeddings.weight", "output.weight"))
+    matmul += cfg.vocab_size * cfg.dim  # the output projection, tied or not
+    return 6.0 * matmul + 12.0 * cfg.n_layers * cfg.dim * seq_len
+
+
+class Throughput:
+    """Token counts of the steps since the last read, summed on the device (no host read per step).
+
+    ``add(counts)`` per step (a 1-d tensor, the same names every step); ``read()`` at a log step: the
+    sums since the previous read as Python numbers, the seconds since then and the number of steps
+    (one host sync). Timing an interval rather than a step is what makes the figure right on a GPU,
+    where the host runs ahead of the device between syncs."""
+
+    def __init__(self, names: list[str], device: torch.device | str) -> None:
+        self.names, self.device = names, device
+        self._start()
+
+    def _start(self) -> None:
+        self.sums = torch.zeros(len(self.names), dtype=torch.float64, device=self.device)
+        self.steps, self.t0 = 0, time.perf_counter()
+
+    def add(self, counts: torch.Tensor) -> None:
+        self.sums += counts.to(self.sums.dtype)
+        self.steps += 1
+
+    def exclude(self, seconds: float) -> None:
+        """Leave ``seconds`` (validation, a checkpoint save) out of the interval's time."""
+        self.t0 += seconds
+
+    def read(self) -> tuple[dict[str, float], float, int]:
+        """(sums since the last read by name, seconds, steps); restarts the interval."""
+        values = self.sums.tolist()  # the host sync of a log step
+        out = (dict(zip(self.names, values, strict=True)), time.perf_counter() - self.t0, self.steps)
+        self._start()
+        return out
