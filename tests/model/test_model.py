@@ -56,9 +56,112 @@ def test_packed_documents_see_exactly_what_they_would_alone():
             alone = model(d[None])
             assert (packed[0, start : start + len(d)] - alone[0]).abs().max() < 1e-5
             start += len(d)
-        # one document per row takes the is_causal fast path and agrees with the masked path
+        # one document per row (no doc_ids) takes the is_causal fast path and agrees with the masked path
         one = torch.zeros(1, 12, dtype=torch.long)
         assert torch.allclose(model(docs[1][None], one), model(docs[1][None]), atol=1e-6)
+        assert torch.allclose(model(ids[:, :7], doc_ids[:, :7]), model(ids[:, :7]), atol=1e-6)
+
+
+def _packed_rows(T: int = 150, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """input_ids, doc_ids [3, T]: several documents per row, padding (-1) at the end of two rows, one
+    row a single document; T not a multiple of FlexAttention's 128-token blocks."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = [[T * 4 // 15, T * 7 // 15, T // 6], [T - 9], [T]]  # the rest of each row is padding (40, 70, 25 at T=150)
+    doc_ids = torch.full((3, T), -1)
+    for r, row in enumerate(lengths):
+        doc_ids[r, : sum(row)] = torch.repeat_interleave(torch.arange(len(row)), torch.tensor(row))
+    return torch.randint(0, 200, (3, T), generator=g), doc_ids
+
+
+def _old_bool_mask(doc_ids: torch.Tensor) -> torch.Tensor:
+    """The mask of the code before issue 19: bool [B, 1, T, T], causal & same document, | identity."""
+    T = doc_ids.shape[1]
+    mask = (doc_ids[:, :, None] == doc_ids[:, None, :]) & torch.ones(T, T, dtype=torch.bool).tril()
+    return (mask | torch.eye(T, dtype=torch.bool))[:, None]
+
+
+@pytest.fixture(scope="module")
+def compiled_flex():
+    """torch.compile(flex_attention) on a trivial input, or a skip naming why it cannot run here."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    from omnitrain.model.transformer import compiled_flex_attention
+
+    q = torch.randn(1, 1, 16, 8)
+    try:
+        compiled_flex_attention()(q, q, q, block_mask=create_block_mask(lambda b, h, i, j: i >= j, 1, None, 16, 16, device="cpu"))
+    except Exception as e:  # no C++ compiler for inductor, an unsupported platform
+        pytest.skip(f"torch.compile(flex_attention) is unavailable on this machine: {type(e).__name__}: {e}")
+
+
+def test_flex_and_sdpa_give_the_same_logits_on_packed_rows_with_padding(compiled_flex):
+    """The CUDA default (a FlexAttention BlockMask) equals the CPU path (an additive mask, the CPU flash kernel
+    with is_causal) and the old bool mask, on CPU in the forward (FlexAttention has no backward on CPU in torch 2.13)."""
+    from omnitrain.model.transformer import document_positions
+
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=200, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, qk_norm=True, init_std=0.2)).eval()
+    ids, doc_ids = _packed_rows()
+    with torch.no_grad():
+        model.cfg.attention = "sdpa"
+        dense = model(ids, doc_ids)  # [3, T, V]
+        model.cfg.attention = "flex"
+        flex = model(ids, doc_ids)
+        old = model.output(model.norm(model.hidden(ids, document_positions(doc_ids), _old_bool_mask(doc_ids))))
+    assert torch.isfinite(flex).all() and float(dense.abs().max()) > 0.1
+    assert (flex - dense).abs().max() <= 1e-5
+    assert (dense - old).abs().max() <= 1e-5
+
+
+def test_the_packed_training_path_gives_the_gradients_of_the_old_bool_mask():
+    """The dense path trains: loss and gradients through the additive mask and the CPU flash kernel
+    (is_causal + mask) equal those through SDPA with the old bool mask."""
+    from omnitrain.model.transformer import document_positions
+
+    ids, doc_ids = _packed_rows(T=70)
+    grads = []
+    for old in (False, True):
+        torch.manual_seed(0)
+        model = Transformer(ModelConfig(vocab_size=200, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, attention="sdpa"))
+        if old:
+            logits = model.output(model.norm(model.hidden(ids, document_positions(doc_ids), _old_bool_mask(doc_ids))))
+        else:
+            logits = model(ids, doc_ids)
+        (logits.square().mean() * (doc_ids >= 0)[..., None]).sum().backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*grads, strict=True):
+        assert torch.allclose(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_the_mask_is_built_once_per_forward_and_shared_by_every_layer(monkeypatch):
+    from omnitrain.model import transformer
+
+    calls, seen = [], []
+    build = transformer.document_mask
+    monkeypatch.setattr(transformer, "document_mask", lambda *a: calls.append(a[1]) or build(*a))
+    model = Transformer(ModelConfig(vocab_size=200, dim=32, n_layers=3, n_heads=4, n_kv_heads=2))
+    for layer in model.layers:
+        layer.attention.register_forward_pre_hook(lambda mod, args: seen.append(args[3]))
+    ids, doc_ids = _packed_rows(T=40)
+    model(ids, doc_ids).sum().backward()
+    assert calls == ["sdpa"] and len(seen) == 3  # auto on CPU: sdpa
+    assert all(m is seen[0] for m in seen) and seen[0].dtype == torch.float32 and seen[0].shape == (3, 1, 40, 40)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # built in the dtype of q, not converted in every layer
+        seen.clear()
+        model(ids, doc_ids)
+    assert seen[0].dtype == torch.bfloat16
+
+
+def test_the_forward_has_no_host_sync_nor_graph_break():
+    """No data-dependent branch (a bool() or .item() of a tensor) in the forward: dynamo captures it whole,
+    packed rows and one-document rows (doc_ids None: plain causal attention) alike."""
+    model = Transformer(ModelConfig(vocab_size=200, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, attention="sdpa"))
+    ids, doc_ids = _packed_rows(T=40)
+    for args in ((ids, doc_ids), (ids,)):
+        torch._dynamo.reset()
+        explained = torch._dynamo.explain(model)(*args)
+        assert explained.graph_break_count == 0, explained.break_reasons
+        assert explained.graph_count == 1
 
 
 def test_the_cached_decoding_path_equals_the_plain_forward():
@@ -216,6 +319,8 @@ def test_flops_and_config_errors():
     assert model.flops_per_token(128) == 6 * model.num_params() + 12 * 2 * 64 * 128
     with pytest.raises(ValueError, match="multiple of n_heads"):
         ModelConfig(dim=30, n_heads=4)
+    with pytest.raises(ValueError, match="model.attention='xla': choose one of auto, sdpa, flex"):
+        ModelConfig(attention="xla")
 
 
 @pytest.mark.parametrize(("name", "low", "high"), [("tiny", 1e6, 6e6), ("150m", 8e7, 1.6e8), ("1b", 0.8e9, 1.4e9), ("7b", 5.5e9, 8.5e9)])
