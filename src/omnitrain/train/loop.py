@@ -90,7 +90,7 @@ class TrainConfig:
     val: ValConfig = field(default_factory=ValConfig)  # held-out shard sets scored during training
     on_nonfinite: Literal["skip", "stop"] = "stop"  # a NaN/inf loss or gradient: skip the step, or stop
     max_skipped: int = 10  # on_nonfinite=skip: stop after this many skipped steps in a row
-    compile: bool = False  # torch.compile the model
+    compile: bool = False  # torch.compile each transformer block, fullgraph (Strategy.setup: before FSDP shards it)
     threads: int = 0  # torch intra-op threads per process (0: torch's default)
     requeue: bool = True  # under Slurm, SIGUSR1 requeues the job after the checkpoint
     export: bool = True  # write the consolidated model/ folder at the end
@@ -258,9 +258,7 @@ def build_run(cfg: TrainConfig, layout: TokenLayout, strategy: Strategy) -> Run:
     objective, make_loader = build_objective(cfg, model, layout, fabric)
     flops = flops_per_token(model, cfg.data.seq_len)  # before sharding: from the full parameter counts
     n_params = sum(p.numel() for p in model.parameters())
-    if cfg.compile:
-        model = torch.compile(model)
-    model, optimizer = strategy.setup(model, cfg.optim)
+    model, optimizer = strategy.setup(model, cfg.optim, compile=cfg.compile)  # compile: per block, before sharding
     rank, world = fabric.global_rank, fabric.world_size
     loader: OmniLoader = make_loader(cfg.data, rank, world)
     validation = Validation(cfg.val, cfg.data, make_loader, rank, world, layout.hash)

@@ -5,9 +5,15 @@ Parallelism is applied from outside the model (torchtitan's rule): ``model.py`` 
 ``train.py`` calls :class:`Strategy` the same way for every strategy.
 
 * ``ddp``: Fabric's DDPStrategy (NCCL on GPUs, gloo on CPU).
-* ``fsdp``: Fabric's ModelParallelStrategy with a ``parallelize_fn`` that shards every
-  transformer block and then the root with FSDP2 ``fully_shard`` (the current FSDP; Fabric's
-  FSDPStrategy is FSDP1 and refuses CPU). Checkpoints are distributed (one file per rank).
+* ``fsdp``: Fabric's ModelParallelStrategy with a ``parallelize_fn`` (``fsdp_parallelize``) that shards with
+  FSDP2 ``fully_shard`` in torchtitan's units: every transformer block, the embedding, the head (norm +
+  output), then the root; bf16 parameters with fp32 gradient reduction under bf16 precision (the current FSDP;
+  Fabric's FSDPStrategy is FSDP1 and refuses CPU). Checkpoints are distributed (one file per rank).
+
+``compile=True`` (``Strategy.setup``) compiles each transformer block in place (``compile_blocks``), in
+torchtitan's order: the activation-checkpoint wrapper (the model's ``checkpoint`` around each block call),
+then ``torch.compile`` per block with ``fullgraph=True``, then ``fully_shard``. Compiling the whole model
+before Fabric shards it (the former way) captured none of the blocks under FSDP2 + checkpointing (issue 19).
 * ``deepspeed``: Fabric's DeepSpeedStrategy with ``zero_stage`` 1, 2 or 3 on GPUs, with one fix:
   ``optimizer.step()`` steps the DeepSpeedEngine, which owns gradient accumulation, clipping and the
   gradient norm (see ``EngineStepDeepSpeedStrategy``). On CPU it is ``CPUDeepSpeedStrategy``, which
@@ -96,14 +102,17 @@ class Strategy:
         """Start (or join) the processes; every rank returns from here."""
         self.fabric.launch()
 
-    def setup(self, model: torch.nn.Module, optim_cfg: OptimConfig) -> tuple[Any, Any]:
-        """(model, optimizer) wrapped by Fabric, the model sharded (FSDP) or inside a DeepSpeedEngine.
+    def setup(self, model: torch.nn.Module, optim_cfg: OptimConfig, compile: bool = False) -> tuple[Any, Any]:
+        """(model, optimizer) wrapped by Fabric, the model sharded (FSDP) or inside a DeepSpeedEngine; with
+        ``compile``, every transformer block compiled first (``compile_blocks``, so before ``fully_shard``).
 
         The optimizer is built from the parameters where they will step, so that AdamW is torch's fused one on
         CUDA: single / DDP / FSDP set the model up first (moved to its device; FSDP2 also shards it, and the
         optimizer must hold the shards), DeepSpeed takes model and optimizer at once, so the device is told."""
         if self.fabric.device.type == "cuda":
             allow_tf32()
+        if compile:
+            compile_blocks(model)
         if self.cfg.name == "deepspeed":
             optimizer = build_optimizer(model, optim_cfg, device=self.fabric.device, cpu_offload=self.cfg.offload_optimizer)
             self.model, self.optimizer = self.fabric.setup(model, optimizer)
@@ -216,21 +225,50 @@ def make_fabric(cfg: StrategyConfig, grad_clip: float = 0.0, grad_accum: int = 1
 
         # every process is one data-parallel shard ("auto" would mean one per node, the rest tensor parallel)
         world = (cfg.devices if cfg.devices > 0 else torch.cuda.device_count()) * cfg.num_nodes
-        strategy = ModelParallelStrategy(parallelize_fn=_fsdp_parallelize(cfg), data_parallel_size=world, tensor_parallel_size=1,
+        strategy = ModelParallelStrategy(parallelize_fn=fsdp_parallelize(cfg), data_parallel_size=world, tensor_parallel_size=1,
                                          process_group_backend=backend)  # fmt: skip
     else:
         strategy = _deepspeed(cfg, gpu, grad_clip, grad_accum)
     return Fabric(accelerator=accelerator, devices=cfg.devices, num_nodes=cfg.num_nodes, strategy=strategy, precision=cfg.precision)
 
 
-def _fsdp_parallelize(cfg: StrategyConfig) -> Any:
-    def parallelize(model: torch.nn.Module, device_mesh: Any) -> torch.nn.Module:
-        from torch.distributed.fsdp import fully_shard  # ~0.4 s: FSDP only
+def compile_blocks(model: torch.nn.Module) -> None:
+    """``torch.compile`` each transformer block in place (``nn.Module.compile``: the parameter names keep no
+    ``_orig_mod.`` prefix, so checkpoints and exports are unchanged), with ``fullgraph=True``: a graph break
+    inside a block is an error, not a silent slowdown. The blocks share their code, so one graph serves them
+    all. Everything outside the blocks (embedding, mask, norm, fused loss) stays eager, as in torchtitan."""
+    for layer in model.layers:
+        layer.compile(fullgraph=True)
 
-        mesh = device_mesh["data_parallel"]
-        for layer in model.layers:  # one FSDP unit per block: gather one block's weights at a time
-            fully_shard(layer, mesh=mesh, reshard_after_forward=cfg.reshard_after_forward)
-        fully_shard(model, mesh=mesh, reshard_after_forward=cfg.reshard_after_forward)
+
+def fsdp_parallelize(cfg: StrategyConfig) -> Any:
+    """The ``parallelize_fn`` of Fabric's ModelParallelStrategy: ``(model, device_mesh) -> model`` sharded with
+    FSDP2 in torchtitan's units (``torchtitan/models/llama3/infra/parallelize.py``, ``apply_fsdp``):
+
+    * each transformer block: only one block's weights are gathered at a time;
+    * the embedding (``tok_embeddings``), then the head (``norm`` + ``output``, one unit, not resharded after
+      forward: backward needs it at once), then the root, which holds what is left (the buffers);
+    * tied embeddings (``tok_embeddings.weight is output.weight``): one parameter can belong to one unit only,
+      so embedding and head stay in the root unit, gathered once per step (the root is not resharded after
+      forward either). torchtitan's Llama is untied; its Qwen3 / MuP parallelisers tie the weights after
+      sharding instead (their docstrings), which a model that ties in ``__init__`` cannot do.
+
+    Mixed precision: under ``bf16-mixed`` / ``bf16-true`` the units all-gather bf16 parameters and
+    reduce-scatter gradients in fp32 (``MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)``, as
+    torchtitan); the sharded parameters and the optimizer stay in the module's dtype. Otherwise all fp32."""
+
+    def parallelize(model: torch.nn.Module, device_mesh: Any) -> torch.nn.Module:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard  # ~0.4 s: FSDP only
+
+        bf16 = cfg.precision.startswith("bf16")
+        mp_policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
+        mesh, reshard = device_mesh["data_parallel"], cfg.reshard_after_forward
+        for layer in model.layers:
+            fully_shard(layer, mesh=mesh, reshard_after_forward=reshard, mp_policy=mp_policy)
+        if model.output.weight is not model.tok_embeddings.weight:
+            fully_shard(model.tok_embeddings, mesh=mesh, reshard_after_forward=reshard, mp_policy=mp_policy)
+            fully_shard([model.norm, model.output], mesh=mesh, reshard_after_forward=False, mp_policy=mp_policy)
+        fully_shard(model, mesh=mesh, reshard_after_forward=reshard, mp_policy=mp_policy)
         return model
 
     return parallelize
