@@ -198,7 +198,7 @@ def test_zero_offload_steps_with_cpu_adam_and_gives_the_loss_curve_of_zero2(shar
 # averaged gradient of the shards is then the single-process gradient of that batch.
 
 
-def _fsdp_rank(rank: int, port: int, out: str, tie: bool, precision: str, compile: bool) -> None:
+def _fsdp_rank(rank: int, port: int, out: str, tie: bool, precision: str, compile: bool, hsdp: int) -> None:
     import torch._dynamo.utils
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
@@ -218,13 +218,14 @@ def _fsdp_rank(rank: int, port: int, out: str, tie: bool, precision: str, compil
     if compile:
         compile_blocks(model)  # before fully_shard, as Strategy.setup does
     mesh = init_device_mesh("cpu", (2,), mesh_dim_names=("data_parallel",))
-    fsdp_parallelize(StrategyConfig(name="fsdp", devices=2, precision=precision))(model, mesh)
+    fsdp_parallelize(StrategyConfig(name="fsdp", devices=2, precision=precision, hsdp_replicas=hsdp))(model, mesh)
     states = {id(m._get_fsdp_state()): m._get_fsdp_state() for m in model.modules() if isinstance(m, FSDPModule)}
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, 97, (2, 32), generator=g)  # [B, T], the same on both ranks
     doc_ids = torch.cat([torch.zeros(2, 20, dtype=torch.long), torch.ones(2, 12, dtype=torch.long)], dim=1)  # two documents a row
     result: dict = {"units": len(states), "dtypes": sorted({str(s._mp_policy.param_dtype) for s in states.values()}),
-                    "reduce": sorted({str(s._mp_policy.reduce_dtype) for s in states.values()})}  # fmt: skip
+                    "reduce": sorted({str(s._mp_policy.reduce_dtype) for s in states.values()}),
+                    "mesh": list(model.layers[0].attention.wq.weight.device_mesh.mesh_dim_names or ())}  # fmt: skip
     if precision == "32-true":
         losses, worst = [], 0.0
         for m in (reference, model):
@@ -241,7 +242,7 @@ def _fsdp_rank(rank: int, port: int, out: str, tie: bool, precision: str, compil
     dist.destroy_process_group()
 
 
-def spawn_fsdp(tmp_path: Path, tie: bool, precision: str = "32-true", compile: bool = False) -> dict:
+def spawn_fsdp(tmp_path: Path, tie: bool, precision: str = "32-true", compile: bool = False, hsdp: int = 1) -> dict:
     import socket
 
     import torch.multiprocessing as mp
@@ -250,7 +251,7 @@ def spawn_fsdp(tmp_path: Path, tie: bool, precision: str = "32-true", compile: b
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     out = tmp_path / "result.json"
-    mp.spawn(_fsdp_rank, args=(port, str(out), tie, precision, compile), nprocs=2)
+    mp.spawn(_fsdp_rank, args=(port, str(out), tie, precision, compile, hsdp), nprocs=2)
     return json.loads(out.read_text())
 
 
@@ -291,3 +292,44 @@ def test_fsdp_training_with_compiled_checkpointed_blocks_or_bf16_gives_the_loss_
     for a, b, c in zip(ref, read_metrics(compiled), read_metrics(bf16), strict=True):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-4), f"compiled, step {a['step']}"
         assert c["loss"] == pytest.approx(a["loss"], rel=2e-2), f"bf16-mixed, step {a['step']}"
+
+
+def test_hsdp_shards_within_a_replica_and_matches_one_process(tmp_path):
+    """``hsdp_replicas=2`` on 2 ranks: a (replicate, shard) mesh of 2 x 1, so gradients are all-reduced across the
+    replicas; the same loss and gradients as one process."""
+    got = spawn_fsdp(tmp_path, tie=False, hsdp=2)
+    assert got["mesh"] == ["replicate", "shard"] and got["units"] == 5
+    assert got["loss"] == pytest.approx(got["eager_loss"], rel=LOSS_RTOL)
+    assert got["grad_rel"] <= 1e-5
+
+
+@pytest.mark.parametrize(("name", "each", "skips_sync"), [("fsdp", True, False), ("fsdp", False, True), ("ddp", True, True)])
+def test_fsdp_accumulation_reduce_scatters_every_micro_batch_by_default(name, each, skips_sync):
+    """FSDP keeps gradient sync on for every micro-batch (sharded accumulation) unless fsdp_sync_each_microbatch is
+    false; DDP still skips the all-reduce but at the last micro-batch."""
+    from unittest import mock
+
+    from omnitrain.train.strategy import Strategy, StrategyConfig
+
+    strategy = object.__new__(Strategy)  # no Fabric: only accumulating() is under test
+    strategy.cfg, strategy.engine_steps, strategy.model = StrategyConfig(name=name, devices=2, fsdp_sync_each_microbatch=each), False, None
+    strategy.fabric = mock.MagicMock()
+    for last in (False, True):
+        with strategy.accumulating(last=last):
+            pass
+    calls = strategy.fabric.no_backward_sync.call_args_list
+    assert [c.kwargs["enabled"] for c in calls] == ([True, False] if skips_sync else [])
+
+
+@pytest.mark.parametrize("option", ["strategy.fsdp_sync_each_microbatch=false", "strategy.hsdp_replicas=2"])
+def test_fsdp_options_give_the_loss_curve_of_one(option, shards, reference, tmp_path_factory):
+    """The former accumulation (no reduce-scatter but at the last micro-batch) and HSDP (2 replicas of 1 shard, with
+    distributed checkpoints and the export) through the whole loop; the default (reduce-scatter every micro-batch)
+    is the ``fsdp`` case of test_two_processes_give_the_loss_curve_of_one."""
+    run = two_rank_run("fsdp-" + option.split(".")[1].split("=")[0], shards, tmp_path_factory, "strategy=fsdp", option)
+    want, _ = model_io.load_model(reference)
+    got, _ = model_io.load_model(run)
+    assert max((want.state_dict()[k] - v).abs().max().item() for k, v in got.state_dict().items()) <= WEIGHT_ATOL
+    for a, b in zip(read_metrics(reference), read_metrics(run), strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], rel=LOSS_RTOL), f"step {a['step']}"
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4), f"step {a['step']}"

@@ -53,12 +53,16 @@ class StrategyConfig:
     overlap_comm: bool = True  # deepspeed ZeRO 2/3: reduce gradient buckets while backward runs (see deepspeed_config)
     bucket_size: int = 200_000_000  # deepspeed: elements per gradient-reduce / parameter all-gather bucket
     reshard_after_forward: bool = True  # fsdp: ZeRO-3 style (True) or keep parameters gathered until backward (ZeRO-2 style)
+    fsdp_sync_each_microbatch: bool = True  # fsdp: reduce-scatter every micro-batch's gradients (False: hold them unsharded until the last)
+    hsdp_replicas: int = 1  # fsdp: > 1 is HSDP: ranks split into this many replicas, each sharding within itself (a node)
 
     def __post_init__(self) -> None:
         if self.zero_stage not in (1, 2, 3):
             raise ValueError(f"strategy.zero_stage must be 1, 2 or 3, got {self.zero_stage}")
         if self.bucket_size <= 0:
             raise ValueError(f"strategy.bucket_size must be a positive number of elements, got {self.bucket_size}")
+        if self.hsdp_replicas < 1:
+            raise ValueError(f"strategy.hsdp_replicas must be >= 1 (1: plain FSDP), got {self.hsdp_replicas}")
         if self.name == "single" and (self.devices != 1 or self.num_nodes != 1):
             raise ValueError("strategy=single runs one process: set strategy=ddp (or fsdp, deepspeed) for devices/num_nodes > 1")
 
@@ -81,8 +85,10 @@ class Strategy:
     =========  ===================================  ============================  =============================
     single     plain backward                       Fabric's (norm before clip)   step, zero_grad
     ddp        no gradient all-reduce but the last  Fabric's                      step, zero_grad
-    fsdp       no reduce-scatter but the last;      Fabric's (a DTensor norm)     step, zero_grad
-               the optimizer holds the shards
+    fsdp       reduce-scatter every micro-batch     Fabric's (a DTensor norm)     step, zero_grad
+               (``fsdp_sync_each_microbatch``; off:
+               no reduce-scatter but the last); the
+               optimizer holds the shards
     deepspeed  the engine accumulates; every        the engine's norm (it         nothing: the engine stepped at
                backward is an engine micro-step     clipped inside its step)      the last micro-batch, so a
                                                                                   non-finite step cannot be skipped
@@ -131,8 +137,11 @@ class Strategy:
     @contextmanager
     def accumulating(self, last: bool) -> Iterator[None]:
         """Around one micro-batch's forward and backward: gradients are synchronised on the ``last`` only."""
-        # DeepSpeed accumulates by itself (and Fabric warns on every no_backward_sync call for it, even a disabled one)
-        sync = nullcontext() if self.engine_steps else self.fabric.no_backward_sync(self.model, enabled=not last)
+        # DeepSpeed accumulates by itself (and Fabric warns on every no_backward_sync call for it, even a disabled one).
+        # FSDP2 by default reduce-scatters every micro-batch into the sharded gradients: skipping the sync would hold
+        # every unsharded fp32 gradient until the last micro-batch (~4 bytes x all parameters per rank: +28 GB at 7B)
+        sync_anyway = self.engine_steps or (self.cfg.name == "fsdp" and self.cfg.fsdp_sync_each_microbatch)
+        sync = nullcontext() if sync_anyway else self.fabric.no_backward_sync(self.model, enabled=not last)
         with sync:
             yield
 
@@ -253,6 +262,8 @@ def fsdp_parallelize(cfg: StrategyConfig) -> Any:
       forward either). torchtitan's Llama is untied; its Qwen3 / MuP parallelisers tie the weights after
       sharding instead (their docstrings), which a model that ties in ``__init__`` cannot do.
 
+    HSDP (``hsdp_replicas`` > 1): a 2D mesh (replicate, shard), see ``hsdp_mesh``.
+
     Mixed precision: under ``bf16-mixed`` / ``bf16-true`` the units all-gather bf16 parameters and
     reduce-scatter gradients in fp32 (``MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)``, as
     torchtitan); the sharded parameters and the optimizer stay in the module's dtype. Otherwise all fp32."""
@@ -262,7 +273,7 @@ def fsdp_parallelize(cfg: StrategyConfig) -> Any:
 
         bf16 = cfg.precision.startswith("bf16")
         mp_policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
-        mesh, reshard = device_mesh["data_parallel"], cfg.reshard_after_forward
+        mesh, reshard = hsdp_mesh(device_mesh["data_parallel"], cfg.hsdp_replicas), cfg.reshard_after_forward
         for layer in model.layers:
             fully_shard(layer, mesh=mesh, reshard_after_forward=reshard, mp_policy=mp_policy)
         if model.output.weight is not model.tok_embeddings.weight:
@@ -272,6 +283,22 @@ def fsdp_parallelize(cfg: StrategyConfig) -> Any:
         return model
 
     return parallelize
+
+
+def hsdp_mesh(data_parallel: Any, replicas: int) -> Any:
+    """The FSDP2 mesh: ``data_parallel`` itself (1D: shard over every rank) for ``replicas`` 1; otherwise a 2D mesh
+    (replicate, shard) of shape (replicas, world / replicas), so ``fully_shard`` runs HSDP: parameters sharded
+    within groups of consecutive ranks (a node when world / replicas is the node's GPU count: launchers number
+    a node's ranks consecutively), gradients reduce-scattered there and all-reduced across the replicas."""
+    if replicas == 1:
+        return data_parallel
+    from torch.distributed.device_mesh import init_device_mesh  # FSDP only, like fully_shard
+
+    world = data_parallel.size()
+    if world % replicas:
+        raise ValueError(f"strategy.hsdp_replicas={replicas} does not divide the {world} data-parallel ranks: "
+                         "use a divisor, typically num_nodes (one replica per node)")  # fmt: skip
+    return init_device_mesh(data_parallel.device_type, (replicas, world // replicas), mesh_dim_names=("replicate", "shard"))
 
 
 def deepspeed_config(cfg: StrategyConfig, grad_clip: float, grad_accum: int) -> dict[str, Any]:
