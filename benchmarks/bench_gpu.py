@@ -11,9 +11,9 @@ is what ``strategy.precision=bf16-mixed`` (recipes/experiment/pretrain.yaml) run
 one GPU; not bf16 weights (bf16-true). TF32 on for what stays fp32, as ``Strategy.setup`` does on CUDA.
 
 The grid, per size: attention ``sdpa`` (an additive [B, 1, T, T] mask) vs ``flex`` (a BlockMask),
-each with torch.compile off and on. On: per block, as torchtitan (``model.layers[i] =
-torch.compile(layer)``); ``omnitrain train compile=true`` compiles the whole model instead, which is
-``--compile-scope model``. Per configuration: warm-up steps (compilation included) are excluded, then
+each with torch.compile off and on. On: per block with ``fullgraph=True``, as torchtitan and as
+``omnitrain train compile=true`` do (``omnitrain.train.strategy.compile_blocks``, the same function);
+``--compile-scope model`` compiles the whole model instead, for comparison. Per configuration: warm-up steps (compilation included) are excluded, then
 each step is timed with CUDA events and the median taken. tokens/s/GPU = B T / median step;
 MFU = tokens/s x ``runlog.flops_per_token(model, T)`` / the GPU's dense bf16 peak (PEAK_BF16, by
 ``torch.cuda.get_device_name()``; an unknown GPU gets no MFU, and says so); peak memory =
@@ -155,15 +155,15 @@ def build(setup: Setup, device: str, model_fields: dict, vocab: int, compile_sco
 
     from omnitrain.model.transformer import ModelConfig, Transformer
     from omnitrain.train.optim import OptimConfig, build_optimizer
+    from omnitrain.train.strategy import compile_blocks
 
     torch.manual_seed(0)
     model = Transformer(ModelConfig(**{**model_fields, "vocab_size": vocab, "attention": setup.backend})).to(device)
     optimizer = build_optimizer(model, OptimConfig(), device)  # torch's fused AdamW on CUDA
     forward = model
-    if setup.compile and compile_scope == "blocks":  # torchtitan: one compiled graph per block, reused by every layer
-        for i, layer in enumerate(model.layers):
-            model.layers[i] = torch.compile(layer)
-    elif setup.compile:  # what `omnitrain train compile=true` does
+    if setup.compile and compile_scope == "blocks":  # what `omnitrain train compile=true` does: one graph per block
+        compile_blocks(model)
+    elif setup.compile:  # the whole model, for comparison
         forward = torch.compile(model)
     data = packed_batch(setup.batch, setup.seq_len, vocab, device=device)
     denom = data["loss_weights"].sum().clamp(min=1.0)  # on the device: no host read
@@ -327,7 +327,7 @@ def main() -> None:
     ap.add_argument("--sizes", nargs="+", default=list(SIZES), choices=SIZES)
     ap.add_argument("--batch", type=int, default=BATCH, help=f"rows of {SEQ_LEN} tokens per step (default {BATCH})")
     ap.add_argument("--compile-scope", choices=("blocks", "model"), default="blocks",
-                    help="compile on: each block (torchtitan) or the whole model (omnitrain train compile=true)")
+                    help="compile on: each block (torchtitan, omnitrain train compile=true) or the whole model")
     ap.add_argument("--cpu-smoke", action="store_true", help="run the code path on CPU: a tiny fp32 model, 2 timed steps")
     args = ap.parse_args()
     run(args.quick, args.sizes, args.batch, args.compile_scope, args.cpu_smoke)
