@@ -33,6 +33,20 @@ def _id_range(layout: TokenLayout, modality: str) -> tuple[int, int]:
     return int(ids[0]) + (10 if modality == "text" else 0), int(ids[-1]) + 1
 
 
+def write_shard_set(folder: Path, name: str, layout: TokenLayout, shards: list[list[Sample]], template: str) -> Path:
+    """Write ``shards`` (the samples of each shard, metas already made) as a complete one-partition shard
+    set, as ``omnitrain data build`` leaves it: the shards, the partition's done marker and manifest.json."""
+    for s, samples in enumerate(shards):
+        tokens = dict.fromkeys(("text", "image", "audio"), 0)
+        for sample in samples:
+            for start, end, modality in sample.meta["segments"]:
+                tokens[modality] += end - start
+        write_shard(folder / shard_name(0, s), samples, ShardInfo(shard_name(0, s), len(samples), tokens, 0, 0))
+    (folder / "done-p000.json").write_text("{}")
+    write_manifest(folder, {"layout_hash": layout.hash, "source": name, "template": template, "partitions": 1, "complete": True}, 1)
+    return folder
+
+
 def make_shard_set(folder: Path, name: str, layout: TokenLayout, n_shards: int = 4, per_shard: int = 16,
                    mix: dict[str, float] | None = None, lengths: tuple[int, int] = (40, 300), seed: int = 0) -> Path:  # fmt: skip
     """Write ``n_shards`` x ``per_shard`` samples (+ manifest.json, layout.json) into ``folder``."""
@@ -41,9 +55,9 @@ def make_shard_set(folder: Path, name: str, layout: TokenLayout, n_shards: int =
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     layout.save(folder)
-    k = 0
-    for s in range(n_shards):
-        samples, tokens = [], dict.fromkeys(("text", "image", "audio"), 0)
+    k, shards = 0, []
+    for _ in range(n_shards):
+        samples = []
         for _ in range(per_shard):
             n = int(rng.integers(*lengths))
             ids, segs, pos = [layout.specials["bos"]], [], 1
@@ -56,17 +70,14 @@ def make_shard_set(folder: Path, name: str, layout: TokenLayout, n_shards: int =
                 start, stride = int(rng.integers(span)), int(rng.integers(1, 7))
                 ids += [lo + (start + i * stride) % span for i in range(m_n)]
                 segs.append([pos, pos + m_n, m])
-                tokens[m] += m_n
                 pos += m_n
             arr = np.asarray(ids, dtype=np.uint32)
             meta = {"schema_version": SCHEMA_VERSION, "layout_hash": layout.hash, "source": name, "template": "synthetic",
                     "segments": segs, "learn": [[1, len(arr)]], "origin": f"{name}:{k}"}  # fmt: skip
             samples.append(Sample(f"p000-{k:09d}", arr, meta))
             k += 1
-        write_shard(folder / shard_name(0, s), samples, ShardInfo(shard_name(0, s), per_shard, tokens, 0, 0))
-    (folder / "done-p000.json").write_text("{}")
-    write_manifest(folder, {"layout_hash": layout.hash, "source": name, "template": "synthetic", "partitions": 1, "complete": True}, 1)
-    return folder
+        shards.append(samples)
+    return write_shard_set(folder, name, layout, shards, "synthetic")
 
 
 def make_omni_sources(root: Path, seed: int = 0, n_shards: int = 4, per_shard: int = 16) -> dict[str, Path]:

@@ -11,8 +11,9 @@ import torch
 
 from omnitrain.data.loader import LoaderConfig, OmniLoader, SourceSpec, attention_mask, read_shard_samples
 from omnitrain.data.packing import best_fit
-from omnitrain.data.shards import SCHEMA_VERSION, Sample, ShardInfo, shard_name, write_manifest, write_shard
+from omnitrain.data.shards import SCHEMA_VERSION, Sample, ShardInfo, shard_name, write_shard
 from omnitrain.tokenizer.layout import LayoutMismatchError, TokenLayout
+from tests.synthetic import write_shard_set
 
 LAYOUT = TokenLayout.build(1000, "t", {"bos": 1, "eos": 2, "pad": 3}, image_codebook_size=64, audio_codebook_size=32, audio_levels=2)
 
@@ -25,9 +26,9 @@ def make_source(folder: Path, name: str, n_shards: int, per_shard: int, mix: dic
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True)
     LAYOUT.save(folder)
-    k = 0
-    for s in range(n_shards):
-        samples, tokens = [], dict.fromkeys(("text", "image", "audio"), 0)
+    k, shards = 0, []
+    for _ in range(n_shards):
+        samples = []
         for _ in range(per_shard):
             n = int(rng.integers(*lengths)) if sizes is None else sizes[k % len(sizes)]
             segs, pos = [], 0
@@ -35,17 +36,14 @@ def make_source(folder: Path, name: str, n_shards: int, per_shard: int, mix: dic
                 m_n = n - pos if m == list(mix)[-1] else int(round(n * share))
                 if m_n > 0:
                     segs.append([pos, pos + m_n, m])
-                    tokens[m] += m_n
                     pos += m_n
             ids = np.full(n, 10 + k % 900, dtype=np.uint32)  # every token names its sample
             meta = {"schema_version": SCHEMA_VERSION, "layout_hash": LAYOUT.hash, "source": name, "template": "t",
                     "segments": segs, "learn": [[learn_from, n]], "origin": f"{name}:{k}"}  # fmt: skip
             samples.append(Sample(f"p000-{k:09d}", ids, meta))
             k += 1
-        write_shard(folder / shard_name(0, s), samples, ShardInfo(shard_name(0, s), per_shard, tokens, 0, 0))
-    (folder / "done-p000.json").write_text("{}")
-    write_manifest(folder, {"layout_hash": LAYOUT.hash, "source": name, "template": "t", "partitions": 1, "complete": True}, 1)
-    return folder
+        shards.append(samples)
+    return write_shard_set(folder, name, LAYOUT, shards, "t")
 
 
 @pytest.fixture(scope="module")

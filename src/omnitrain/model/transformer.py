@@ -211,8 +211,8 @@ def cpu_causal_masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
 
     SDPA refuses ``attn_mask`` with ``is_causal``; the CPU flash kernel it dispatches to takes both,
     skips the key blocks above the diagonal and adds the mask to the rest. A training step at T=2048, B=4,
-    dim 256, 4 layers with ~5 documents per row: 1.33x a one-document step (+263 MB) with SDPA and the
-    old bool mask, 1.09x (+119 MB) this way (benchmarks/bench_attention.py, 2 CPU threads)."""
+    dim 256, 4 layers with ~5 documents per row: 1.34x a one-document step (+241 MB) with SDPA and the
+    old bool mask, 1.10x (+60 MB) this way (benchmarks/bench_attention.py, 2 CPU threads, quiet machine)."""
     op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
     if op is None or q.dtype not in (torch.float32, torch.bfloat16, torch.float16):  # a private op: fall back if it goes
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=k.shape[1] != q.shape[1])
