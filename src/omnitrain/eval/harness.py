@@ -288,7 +288,8 @@ class OmniModel(TextLM):
     def media(self) -> Any:
         """The image tokenizer / audio codec, checked against the model's layout (loaded on first use)."""
         if self._media is None:
-            tok = bundle.load(self.tok_paths, expect_layout=self.layout, device=self.spec.device, what=f"the model {self.spec.path}")
+            tok = bundle.load(self.tok_paths, expect_layout=self.layout, device=self.spec.device, what=f"the model {self.spec.path}",
+                              text=self.text_tok)  # fmt: skip
             image, audio = tok.image, tok.audio
             self._media = (
                 MediaTokenizers(image, audio, self.spec.media, self.layout.max_grid)

@@ -90,6 +90,7 @@ def load(
     expect_layout: TokenLayout | str | None = None,
     device: str = "cpu",
     what: str = "the caller",
+    text: Any = None,
 ) -> TokenizerBundle:
     """Load the tokenizers of ``paths`` and the layout they make; check it against ``expect_layout``.
 
@@ -100,6 +101,7 @@ def load(
             ids must agree.
         device: where the image tokenizer and audio codec run.
         what: how the error message names the side that expects the layout (e.g. "the model", "shards X").
+        text: the text tokenizer of ``paths.text`` when the caller has it loaded already (not read again).
 
     Raises:
         ValueError: when ``paths.text`` is missing.
@@ -107,7 +109,7 @@ def load(
     """
     if not paths.text:
         raise ValueError(f"no text tokenizer given: {PATHS_HINT}")
-    text = load_text_tokenizer(paths.text)
+    text = text if text is not None else load_text_tokenizer(paths.text)
     image, audio = load_media_tokenizers(paths.image, paths.audio, device)
     chat = expect_layout.chat_template if isinstance(expect_layout, TokenLayout) else ChatTemplate()
     layout = TokenLayout.from_tokenizers(text, image, audio, max_grid=paths.max_grid, chat_template=chat)
