@@ -238,6 +238,10 @@ def main(argv: list[str] | None = None) -> int:
     if cmd is None:
         parser.print_help()
         return 2
+    if cmd.name == "train":  # before torch is imported: a Slurm USR1 during start-up is kept, not fatal (issue 20)
+        from omnitrain.train.preemption import Preemption
+
+        Preemption.install()
     try:
         recipes = recipes_dir(args.recipes)
         jobs = sweep(args.overrides) if args.multirun else [args.overrides]

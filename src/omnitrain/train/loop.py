@@ -23,10 +23,12 @@ which decides on the host whether the optimizer steps (``on_nonfinite``; the opt
 strategy); with several ranks, also the preemption flag they agree on (below). Throughput is timed over the
 interval between log steps, not per step.
 
-Preemption. SIGUSR1 or SIGTERM sets a flag; at the end of the current step every rank learns of it
-(a max all-reduce), the loop saves a checkpoint and exits. Under Slurm, SIGUSR1 (``--signal=USR1@120``)
-also requeues the job (``scontrol requeue``) and the requeued job resumes from that checkpoint
-(``resume=auto``); SIGTERM (``scancel``, the time limit) only saves.
+Preemption (``omnitrain.train.preemption``). SIGUSR1 or SIGTERM sets a flag, from the very start of
+``train()`` (``omnitrain train`` even before its imports); at the end of the current step every rank learns
+of it (a max all-reduce of a priority: USR1 on any rank wins over TERM), the loop saves a checkpoint and
+exits; a signal received during start-up stops the run before its first step (nothing new to save).
+Under Slurm, SIGUSR1 (``--signal=USR1@120``) also requeues the job (``scontrol requeue``) and the
+requeued job resumes from that checkpoint (``resume=auto``); SIGTERM (``scancel``, the time limit) only saves.
 """
 
 from __future__ import annotations
@@ -63,6 +65,7 @@ from omnitrain.train.objectives import (
     pretrained_rows_kept,
 )
 from omnitrain.train.optim import OptimConfig, lr_at
+from omnitrain.train.preemption import Preemption
 from omnitrain.train.runlog import RunLog, Throughput, WandbConfig, flops_per_token, truncate_metrics
 from omnitrain.train.strategy import Strategy, StrategyConfig, peak_flops
 
@@ -109,28 +112,6 @@ class TrainConfig:
 
 def every(step: int, n: int) -> bool:
     return n > 0 and step % n == 0
-
-
-class Preemption:
-    """SIGUSR1 / SIGTERM -> a flag the loop checks at the end of each step."""
-
-    def __init__(self) -> None:
-        self.signal: int | None = None
-        self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGUSR1, signal.SIGTERM)}
-
-    def restore(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        self.signal = signum
-
-    def requested(self, fabric: Any) -> int:
-        """The signal any rank received (0: none), agreed on by all ranks (one process: no tensor, no sync)."""
-        if fabric.world_size == 1:
-            return self.signal or 0
-        flag = torch.tensor([self.signal or 0], device=fabric.device)
-        return int(fabric.all_reduce(flag, reduce_op="max").item())
 
 
 @dataclass
@@ -181,6 +162,14 @@ class StepResult:
 
 def train(cfg: TrainConfig, plain_config: dict[str, Any] | None = None) -> dict[str, Any]:
     """Train; returns a summary (run_dir, final step, tokens, preempted, seconds, steps/s)."""
+    preempt = Preemption.install()  # first: a USR1 / TERM during start-up (launch, build, resume) stops before step 1
+    try:
+        return _train(cfg, plain_config, preempt)
+    finally:
+        preempt.restore()
+
+
+def _train(cfg: TrainConfig, plain_config: dict[str, Any] | None, preempt: Preemption) -> dict[str, Any]:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     cfg, layout = resolve(cfg)
@@ -193,15 +182,14 @@ def train(cfg: TrainConfig, plain_config: dict[str, Any] | None = None) -> dict[
         resume(run, state)
     start_step = state["step"]
     log = open_log(run, start_step, plain_config)
-    preempt = Preemption()
-    stopped_by, skipped = 0, 0
+    stopped_by, skipped = preempt.requested(fabric), 0  # a signal during start-up: no step, nothing new to save
 
     # --- the loop
-    if run.validation.due(start_step, False) and start_step == 0:
+    if run.validation.due(start_step, False) and start_step == 0 and not stopped_by:
         log.log(0, run.validation.run(fabric, run.model, run.objective))  # the held-out losses before any training
     meter = Throughput(COUNTS, fabric.device)  # token counts since the last log step, on the device
     t_start = time.perf_counter()
-    while state["step"] < cfg.steps:
+    while state["step"] < cfg.steps and not stopped_by:
         out = train_step(run, state["step"], skipped)
         skipped = 0 if out.finite else skipped + 1
         state["step"] = step = state["step"] + 1
@@ -228,7 +216,6 @@ def train(cfg: TrainConfig, plain_config: dict[str, Any] | None = None) -> dict[
         if stopped_by:
             break
 
-    preempt.restore()
     return finish(run, state, log, start_step, t_start, stopped_by)
 
 
@@ -439,7 +426,9 @@ def finish(run: Run, state: dict[str, Any], log: RunLog, start_step: int, t_star
     if stopped_by:
         name = signal.Signals(stopped_by).name
         if fabric.global_rank == 0:
-            print(f"{name}: saved step {state['step']} and stopped", flush=True)
+            saved = state["step"] > start_step  # else: stopped during start-up, the last checkpoint holds everything
+            done = f"saved step {state['step']}" if saved else f"during start-up, before step {start_step + 1} (nothing new to save)"
+            print(f"{name}: {done} and stopped", flush=True)
         if stopped_by == signal.SIGUSR1 and cfg.requeue and os.environ.get("SLURM_JOB_ID") and fabric.global_rank == 0:
             job = os.environ.get("SLURM_ARRAY_JOB_ID", os.environ["SLURM_JOB_ID"])
             res = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)

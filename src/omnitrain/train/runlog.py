@@ -122,7 +122,11 @@ class RunLog:
             self._bar.close()
         self.metrics.close()
         if self._wandb is not None:
+            offline = self._wandb.settings.mode == "offline"
+            run_folder = Path(self._wandb.dir).parent  # <run_dir>/wandb/offline-run-<time>-<id>
             self._wandb.finish()
+            if offline:  # compute nodes often have no internet: upload from a machine that has
+                print(f"wandb: offline run in {run_folder}; upload it with `wandb sync {run_folder}`", flush=True)
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:

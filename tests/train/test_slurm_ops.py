@@ -1,0 +1,129 @@
+"""Cluster operations (issue 20): preemption signals during start-up and across ranks, wandb offline on
+compute nodes, ``slurm/train.sbatch``'s defaults, and ``omnitrain slurm submit``'s dry run and failures.
+The Slurm points also run on the real one-node local Slurm (``tests/train/slurm_cluster.py``, root only)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from omnitrain.cli import COMMANDS, compose, main, recipes_dir
+from omnitrain.train import loop
+from omnitrain.train.preemption import Preemption
+from omnitrain.train.runlog import RunLog, WandbConfig, read_metrics
+from tests.conftest import REPO
+from tests.synthetic import make_omni_sources
+from tests.train.slurm_cluster import SlurmCluster, unavailable_reason
+
+TRAIN = next(c for c in COMMANDS if c.name == "train")
+OMNITRAIN = [sys.executable, "-m", "omnitrain.cli"]
+
+
+def tiny(sources: str, steps: int) -> list[str]:
+    """A tiny CPU run on the synthetic sources under ``sources`` (relative paths: the job runs in the submit dir)."""
+    return [f"steps={steps}", "ckpt_every=1000", "threads=1", "wandb.mode=disabled", "export=false", "strategy.accelerator=cpu",
+            "model.dim=64", "model.n_layers=2", "data.seq_len=128", "data.batch_size=2", "~data.sources",
+            f"+data.sources={{text:{{path:{sources}/text}},caption:{{path:{sources}/caption}},speech:{{path:{sources}/speech}}}}"]  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- preemption
+class _Fabric:
+    """What Preemption.requested needs of Fabric, on a gloo process group."""
+
+    def __init__(self, world_size: int) -> None:
+        import torch
+
+        self.world_size, self.device = world_size, torch.device("cpu")
+
+    def all_reduce(self, t, reduce_op: str):  # noqa: ANN001, ANN201
+        import torch.distributed as dist
+
+        assert reduce_op == "max"
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return t
+
+
+def _signal_rank(rank: int, port: int, signals: list[int], out: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    preempt = Preemption()
+    try:
+        if signals[rank]:
+            os.kill(os.getpid(), signals[rank])  # delivered before the next bytecode: the handler has run on return
+        agreed = preempt.requested(_Fabric(2))
+    finally:
+        preempt.restore()
+    Path(f"{out}.{rank}").write_text(str(agreed))
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("signals, want", [((signal.SIGUSR1, signal.SIGTERM), signal.SIGUSR1),
+                                           ((signal.SIGTERM, 0), signal.SIGTERM), ((0, 0), 0)],
+                         ids=["usr1+term->requeue", "term->stop", "none"])  # fmt: skip
+def test_ranks_agree_on_one_signal_and_usr1_on_any_rank_means_requeue(signals, want, tmp_path):
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_signal_rank, args=(port, [int(s) for s in signals], str(tmp_path / "agreed")), nprocs=2)
+    assert [int((tmp_path / f"agreed.{r}").read_text()) for r in (0, 1)] == [want, want]
+
+
+def test_a_term_after_a_usr1_keeps_the_requeue_and_restore_gives_the_signals_back():
+    before = signal.getsignal(signal.SIGUSR1)
+    preempt = Preemption.install()
+    assert Preemption.install() is preempt  # train() takes over what `omnitrain train` installed before its imports
+    try:
+        os.kill(os.getpid(), signal.SIGUSR1)
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert preempt.signal == signal.SIGUSR1
+    finally:
+        preempt.restore()
+    assert signal.getsignal(signal.SIGUSR1) == before and Preemption.install() is not preempt
+    Preemption.install().restore()
+
+
+def test_a_usr1_during_start_up_stops_before_the_first_step_and_requeues(tmp_path, monkeypatch, capsys):
+    sources = make_omni_sources(tmp_path / "src")
+    bin_dir = tmp_path / "bin"  # a fake scontrol that records the requeue
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text(f'#!/usr/bin/env bash\necho "$@" > "{bin_dir}/requeued"\n')
+    (bin_dir / "scontrol").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("SLURM_JOB_ID", "777")
+    build_run = loop.build_run
+
+    def build_run_signalled(*args):  # noqa: ANN002, ANN202
+        os.kill(os.getpid(), signal.SIGUSR1)  # what Slurm's --signal=USR1@120 does to a job still starting up
+        return build_run(*args)
+
+    monkeypatch.setattr(loop, "build_run", build_run_signalled)
+    cfg, plain = compose(TRAIN, [f"run_dir={tmp_path / 'run'}", *tiny(str(tmp_path / "src"), 5)], recipes_dir())
+    summary = loop.train(cfg, plain)
+    assert summary["preempted"] and summary["step"] == 0
+    assert "SIGUSR1: during start-up, before step 1 (nothing new to save) and stopped" in capsys.readouterr().out
+    assert (bin_dir / "requeued").read_text().split() == ["requeue", "777"]
+    assert not (tmp_path / "run" / "checkpoints").exists() and read_metrics(tmp_path / "run") == []
+    assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL  # restored
+    assert sources
+
+
+# ----------------------------------------------------------------------------- wandb offline on compute nodes
+def test_pretrain_logs_wandb_offline_and_the_run_prints_the_sync_command(tmp_path, capsys):
+    cfg, _ = compose(TRAIN, ["experiment=pretrain"], recipes_dir())
+    assert cfg.wandb.mode == "offline"
+    log = RunLog(tmp_path, True, {"a": 1}, WandbConfig(mode="offline"), 1, 0, 1, None)
+    log.close()
+    out = capsys.readouterr().out
+    folder = next((tmp_path / "wandb").glob("offline-run-*"))
+    assert f"upload it with `wandb sync {folder}`" in out
