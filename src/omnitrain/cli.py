@@ -68,6 +68,8 @@ COMMANDS = [
             "train", _lazy("omnitrain.train.loop", "TrainConfig"), _lazy("omnitrain.train.loop", "train")),
     Command("slurm submit", "Snapshot the code and resolved config into the run directory and sbatch slurm/train.sbatch.",
             "train", _lazy("omnitrain.train.loop", "TrainConfig"), _lazy("omnitrain.train.slurm", "submit")),
+    Command("plan", "Will a training job start and fit? Memory per GPU, FLOPs, step time, tokens/s, data readiness.",
+            "plan", _lazy("omnitrain.train.plan", "PlanConfig"), _lazy("omnitrain.train.plan", "plan")),
     Command("generate", "Generate text, images (PNG) or speech (WAV) from a prompt of text, image and audio files.",
             "generate", _lazy("omnitrain.model.generate_command", "GenerateConfig"), _lazy("omnitrain.model.generate_command", "run_generate")),
     Command("eval run", "Evaluate a model (omnitrain run, HF/GGUF Llama, or a baseline) on MMLU, HumanEval, DocVQA, speech WER.",

@@ -139,8 +139,9 @@ def test_a_preempted_slurm_job_requeues_resumes_and_matches_an_uninterrupted_run
     assert first["slurm_job_id"] == second["slurm_job_id"] == job
     assert (first["slurm_restart_count"], second["slurm_restart_count"]) == (None, "1")
     assert cluster.job(job)["Restarts"] == "1"
-    text = log.read_text()
+    text = (run / "logs" / job / "rank-0.out").read_text()  # each rank's own log, both attempts appended
     assert f"SIGUSR1: saved step {k} and stopped" in text and f"scontrol requeue {job}: ok" in text
+    assert "srun finished (exit 0)" in log.read_text() and f"rank logs: {run}/logs/{job}/rank-<r>.out" in log.read_text()
     assert [p.name for p in checkpoint.complete_checkpoints(run)] == [f"step_{k:09d}", f"step_{STEPS:09d}"]
     # the job ran the snapshot, not the checkout
     assert second["argv"][0] == str(run / "code" / "src" / "omnitrain" / "cli.py")

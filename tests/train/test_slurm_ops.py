@@ -127,3 +127,59 @@ def test_pretrain_logs_wandb_offline_and_the_run_prints_the_sync_command(tmp_pat
     out = capsys.readouterr().out
     folder = next((tmp_path / "wandb").glob("offline-run-*"))
     assert f"upload it with `wandb sync {folder}`" in out
+
+
+# ----------------------------------------------------------------------------- on the real local Slurm
+@pytest.fixture(scope="module")
+def cluster():
+    reason = unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    with SlurmCluster() as c:
+        yield c
+
+
+def _wait(what: str, ready, timeout: float, logs: list[Path]) -> None:  # noqa: ANN001
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if ready():
+            return
+        time.sleep(0.1)
+    text = "\n".join(f"--- {p}\n{p.read_text()[-3000:]}" for p in logs if p.is_file())
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}\n{text}")
+
+
+def _catches_usr1(run: Path) -> bool:
+    """Whether a task of the job (``omnitrain.cli ... run_dir=<run>``) has its SIGUSR1 handler installed."""
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            cmdline = (proc / "cmdline").read_bytes().decode(errors="replace")
+            status = (proc / "status").read_text()
+        except OSError:
+            continue
+        if "omnitrain.cli" in cmdline and str(run) in cmdline:
+            caught = int(next(line.split()[1] for line in status.splitlines() if line.startswith("SigCgt:")), 16)
+            if caught >> (signal.SIGUSR1 - 1) & 1:
+                return True
+    return False
+
+
+@pytest.mark.slow
+def test_on_slurm_a_usr1_while_the_job_starts_up_requeues_it_and_the_requeued_job_completes(cluster, tmp_path):
+    make_omni_sources(tmp_path / "src")
+    sub = subprocess.run([*OMNITRAIN, "slurm", "submit", "run_dir=job", *tiny("src", 6)], cwd=tmp_path, env=cluster.env,
+                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert sub.returncode == 0, sub.stderr
+    run = tmp_path / "job"
+    job = (run / "slurm_job_id").read_text().strip()
+    logs = [run / f"slurm-{job}.out", run / "logs" / job / "rank-0.out"]
+    # the task's handler is in place right after `python -m omnitrain.cli` starts: it is still importing torch
+    _wait("the job's task to start", lambda: _catches_usr1(run), 60, logs)
+    cluster.run("scancel", "--signal=USR1", job)
+    ended = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY")
+    _wait("the requeued job to end", lambda: cluster.job(job).get("JobState") in ended, 150, logs)
+    assert cluster.job(job)["JobState"] == "COMPLETED" and cluster.job(job)["Restarts"] == "1", logs[1].read_text()[-3000:]
+    text = logs[1].read_text()
+    assert "SIGUSR1: during start-up, before step 1 (nothing new to save) and stopped" in text and f"scontrol requeue {job}: ok" in text
+    attempts = json.loads((run / "run.json").read_text())["attempts"]
+    assert [a["start_step"] for a in attempts] == [0, 0] and [r["step"] for r in read_metrics(run)] == list(range(1, 7))
