@@ -111,3 +111,17 @@ def make_text_shard_set(folder: Path, name: str, layout: TokenLayout, docs: list
     (folder / "done-p000.json").write_text("{}")
     write_manifest(folder, {"layout_hash": layout.hash, "source": name, "template": "text_lm", "partitions": 1, "complete": True}, 1)
     return folder
+
+
+def cut_shard(path: Path, keep: int) -> int:
+    """Cut a shard's tar at a member boundary, after its first ``keep`` samples (as a copy stopped
+    between files leaves it: the rest parses cleanly). Returns the new size in bytes."""
+    import tarfile
+
+    with tarfile.open(path) as tar:
+        starts = {}  # sample key -> offset of its first member's header
+        for m in tar.getmembers():
+            starts.setdefault(m.name.partition(".")[0], m.offset)
+    cut = list(starts.values())[keep]
+    path.write_bytes(path.read_bytes()[:cut])
+    return cut

@@ -3,10 +3,11 @@
 Legend: B rows per batch, T = seq_len tokens per row.
 
 Streams. Every (rank, dataloader worker) pair is one *stream*; there are ``world_size * workers``
-of them. For each source and epoch, the shard list is shuffled with ``(seed, source, epoch)`` and
-stream ``i`` of ``N`` reads shards ``i, i+N, i+2N, ...``; within a shard, samples are read in an
-order shuffled with ``(seed, source, epoch, shard)``. So every sample of an epoch is read exactly
-once over all streams, and the order is a pure function of the seed.
+of them. What each reads of a source is ``omnitrain.data.reading``'s: for each epoch, shards in an
+order shuffled with ``(seed, source, epoch)`` split over the streams, and a shard's samples shared by
+striding when a source has fewer shards than streams. So every sample of an epoch is read exactly
+once over all streams, and the order is a pure function of the seed. Start-up reads the manifests
+only (no shard is opened or stat'ed); each shard is checked against its manifest entry when read.
 
 Mixture. Weights are token shares per source, given directly or derived from a target share of
 tokens per modality (solved from the manifests' per-modality counts). Each stream picks the next
@@ -37,10 +38,6 @@ are re-split by :func:`reshard`: no sample twice within an epoch, a bounded numb
 from __future__ import annotations
 
 import copy
-import hashlib
-import io
-import json
-import tarfile
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -48,9 +45,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import webdataset as wds
 
 from omnitrain.data.packing import Doc, best_fit, doc_runs, write_doc
+from omnitrain.data.reading import (  # noqa: F401  (read_shard_samples, ShardReadError: part of this module's API)
+    ON_CORRUPT,
+    ReadOptions,
+    ShardReadError,
+    SourceStream,
+    _rng,
+    read_shard_samples,
+    reshard_sources,
+)
 from omnitrain.data.shards import read_manifest
 from omnitrain.tokenizer.layout import MODALITIES, TokenLayout, check_layout_hash
 
@@ -81,137 +86,38 @@ class LoaderConfig:
     pack_buffer: int = 512
     pad_id: int | None = None  # None: the layout's <pad> (layout.json beside the first source's shards)
     layout_hash: str | None = None  # every shard must carry it (None: take the first source's)
+    on_corrupt: str = "error"  # a shard that does not match its manifest: "error" stops, "skip" skips and counts it
+    read_retries: int = 3  # attempts after a failed shard read (remote stores), before ShardReadError
+    retry_wait: float = 2.0  # seconds before the first retry, doubled before each next one
 
     def __post_init__(self) -> None:
         if self.seq_len < 2 or self.batch_size < 1 or self.workers < 0 or self.pack_buffer < 1:
             raise ValueError("seq_len must be >= 2, batch_size >= 1, workers >= 0 and pack_buffer >= 1")
+        if self.on_corrupt not in ON_CORRUPT:
+            raise ValueError(f"data.on_corrupt={self.on_corrupt!r} is not one of {list(ON_CORRUPT)}")
+        if self.read_retries < 0 or self.retry_wait < 0:
+            raise ValueError(f"data.read_retries ({self.read_retries}) and data.retry_wait ({self.retry_wait}) must be >= 0")
+
+    def read_options(self) -> ReadOptions:
+        return ReadOptions(self.on_corrupt, self.read_retries, self.retry_wait)
         if self.modality_shares is not None:
             bad = set(self.modality_shares) - set(MODALITIES)
             if bad:
                 raise ValueError(f"modality_shares has unknown modalities {sorted(bad)}; use {MODALITIES}")
 
 
-# ----------------------------------------------------------------------------- reading shards
-def read_shard_samples(url: str, expect_hash: str | None) -> list[tuple[np.ndarray, dict]]:
-    """All samples of one shard (a path, ``pipe:`` command or http url) through webdataset."""
-    out = []
-    try:
-        for sample in wds.DataPipeline(wds.SimpleShardList([url]), wds.tarfile_to_samples()):
-            meta = json.loads(sample["meta.json"])
-            if expect_hash is not None and meta.get("layout_hash") != expect_hash:
-                check_layout_hash(expect_hash, meta.get("layout_hash", "?"), f"shard {url}")
-            out.append((decode_ids(sample["ids.npy"]), meta))
-    except (ValueError, OSError, EOFError, KeyError, tarfile.TarError) as e:
-        if e.__class__.__name__ == "LayoutMismatchError":
-            raise
-        raise ValueError(f"shard {url} is corrupt or truncated ({e}); rebuild it with `omnitrain data build`") from e
-    if not out:
-        raise ValueError(f"shard {url} holds no samples; rebuild it with `omnitrain data build`")
-    return out
-
-
-def decode_ids(data: bytes) -> np.ndarray:
-    """ids.npy -> array. Our own 1-D uint32 files are read straight from the buffer: np.load parses
-    every header with ast.literal_eval, a third of the loader's time per sample."""
-    if data[:6] == b"\x93NUMPY" and data[6] == 1:
-        header_len = int.from_bytes(data[8:10], "little")
-        header = data[10 : 10 + header_len]
-        if b"'descr': '<u4'" in header and b"'fortran_order': False" in header and b"'shape': (" in header:
-            return np.frombuffer(data, dtype="<u4", offset=10 + header_len)
-    return np.load(io.BytesIO(data), allow_pickle=False)
-
-
-def _rng(*keys: int | str) -> np.random.Generator:
-    """A generator seeded by all of ``keys`` (strings hashed whole, so similar names differ)."""
-    seq = [k if isinstance(k, int) else int.from_bytes(hashlib.sha256(k.encode()).digest()[:8], "little") for k in keys]
-    return np.random.default_rng(seq)
-
-
-class SourceStream:
-    """One source as seen by one stream: its shards for each epoch, in a seeded order."""
-
-    def __init__(self, name: str, urls: list[str], stream: int, n_streams: int, seed: int, expect_hash: str | None):
-        if len(urls) < n_streams:
-            raise ValueError(f"source '{name}' has {len(urls)} shards for {n_streams} readers (ranks x workers); "
-                             "rebuild it with smaller shard_samples so every reader gets at least one shard")  # fmt: skip
-        self.name, self.urls, self.stream, self.n_streams, self.seed, self.hash = name, urls, stream, n_streams, seed, expect_hash
-        self.epoch, self.shard, self.sample = 0, 0, 0  # position: next sample to read
-        self.exclude: dict[int, list[str]] = {}  # epoch -> shards read (or begun) before a change of readers
-        self._cache: tuple[tuple[int, int], list] | None = None
-        self._mine: tuple[int, list[str]] | None = None
-
-    def my_shards(self, epoch: int) -> list[str]:
-        if self._mine is None or self._mine[0] != epoch:  # computed once per epoch, not per sample
-            order = [self.urls[i] for i in _rng(self.seed, self.name, epoch).permutation(len(self.urls))]
-            skip = set(self.exclude.get(epoch, ()))
-            self._mine = (epoch, [u for u in order if u not in skip][self.stream :: self.n_streams])
-        return self._mine[1]
-
-    def _samples(self) -> list:
-        key = (self.epoch, self.shard)
-        if self._cache is None or self._cache[0] != key:
-            url = self.my_shards(self.epoch)[self.shard]
-            samples = read_shard_samples(url, self.hash)
-            shard_name = url.rstrip("/").rsplit("/", 1)[-1]  # the same order wherever the file lives
-            shard_name = next((part for part in url.split() if part.endswith(".tar")), shard_name).rsplit("/", 1)[-1]
-            order = _rng(self.seed, self.name, self.epoch, shard_name).permutation(len(samples))
-            self._cache = (key, [samples[i] for i in order])
-        return self._cache[1]
-
-    def next(self) -> tuple[np.ndarray, dict]:
-        while not self.my_shards(self.epoch):  # after a change of readers an epoch may have nothing left here
-            self.epoch, self.shard, self.sample = self.epoch + 1, 0, 0
-        samples = self._samples()
-        item = samples[self.sample]
-        self.sample += 1
-        if self.sample == len(samples):
-            self.sample, self.shard = 0, self.shard + 1
-            if self.shard == len(self.my_shards(self.epoch)):
-                self.shard, self.epoch = 0, self.epoch + 1
-        return item
-
-    def state(self) -> dict:
-        return {"epoch": self.epoch, "shard": self.shard, "sample": self.sample,
-                "exclude": {str(e): u for e, u in self.exclude.items() if e >= self.epoch}}  # fmt: skip
-
-    def load(self, s: dict) -> None:
-        self.epoch, self.shard, self.sample = s["epoch"], s["shard"], s["sample"]
-        self.exclude = {int(e): list(u) for e, u in s.get("exclude", {}).items()}
-        self._mine = self._cache = None
-
-    def begun(self, epoch: int) -> list[str]:
-        """The shards of ``epoch`` this stream has read or started."""
-        if epoch > self.epoch:
-            return []
-        mine = self.my_shards(epoch)
-        return mine if epoch < self.epoch else mine[: self.shard + (1 if self.sample else 0)]
-
-
+# ----------------------------------------------------------------------------- readers
 def reshard(old: list[dict], n_new: int, urls: dict[str, list[str]], seed: int) -> list[dict]:
     """Stream states saved with one number of readers -> states for ``n_new`` readers.
 
-    Defined behaviour on a change of world size or worker count: per source, every shard that an
-    old reader had read or begun in the current epoch (and later ones) is left out of that epoch
-    for the new readers, which split the remaining shards. So no sample is read twice within an
-    epoch; what is skipped is bounded by the unread rest of the shards that were in progress (at
-    most one per old reader), the partly packed document and the packing buffer of each old reader.
+    Defined behaviour on a change of world size or worker count: per source, every shard (or part of
+    one) that an old reader had read or begun in the current epoch (and later ones) is left out of
+    that epoch for the new readers, which split the rest (:func:`reshard_sources`). So no sample is
+    read twice within an epoch; what is skipped is bounded by the unread rest of the parts that were
+    in progress (at most one per old reader), the partly packed document and the packing buffer of
+    each old reader.
     """
-    n_old = len(old)
-    new_sources = {}
-    for name, source_urls in urls.items():
-        views = []
-        for i, st in enumerate(old):
-            view = SourceStream(name, source_urls, i, n_old, seed, None)
-            view.load(st["sources"][name])
-            views.append(view)
-        e0 = min(v.epoch for v in views)
-        last = max(v.epoch for v in views)
-        exclude = {}
-        for e in range(e0, last + 1):
-            done = set().union(*(v.begun(e) for v in views), *(v.exclude.get(e, []) for v in views))
-            if done:
-                exclude[str(e)] = sorted(done)
-        new_sources[name] = {"epoch": e0, "shard": 0, "sample": 0, "exclude": exclude}
+    sources = reshard_sources(old, n_new, urls, seed)
 
     def spread(key: str) -> dict:
         total: dict[str, float] = {}
@@ -221,8 +127,8 @@ def reshard(old: list[dict], n_new: int, urls: dict[str, list[str]], seed: int) 
         return {k: v // n_new for k, v in total.items()}
 
     packing = {k: sum(_packing(st)[k] for st in old) // n_new for k in PACKING_KEYS}
-    return [{"sources": new_sources, "drawn": spread("drawn"), "modality_tokens": spread("modality_tokens"),
-             "pending": None, "packing": packing, "buffer": None} for _ in range(n_new)]  # fmt: skip
+    return [{"sources": sources[i], "drawn": spread("drawn"), "modality_tokens": spread("modality_tokens"),
+             "pending": None, "packing": packing, "buffer": None} for i in range(n_new)]  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- mixture
@@ -253,9 +159,11 @@ class Stream:
     """Mixture + packing for one (rank, worker); yields batches and carries its own state."""
 
     def __init__(self, cfg: LoaderConfig, sources: dict[str, list[str]], shares: dict[str, float], stream: int,
-                 n_streams: int, layout_hash: str | None, pad_id: int) -> None:  # fmt: skip
+                 n_streams: int, layout_hash: str | None, pad_id: int, entries: dict[str, list[dict]] | None = None) -> None:  # fmt: skip
         self.cfg, self.shares, self.pad_id, self.stream = cfg, shares, pad_id, stream
-        self.sources = {n: SourceStream(n, urls, stream, n_streams, cfg.seed, layout_hash) for n, urls in sources.items()}
+        entries, opts = entries or {}, cfg.read_options()
+        self.sources = {n: SourceStream(n, urls, stream, n_streams, cfg.seed, layout_hash, entries.get(n), opts)
+                        for n, urls in sources.items()}  # fmt: skip
         self.drawn = dict.fromkeys(sources, 0)  # tokens drawn per source
         self.counts = [0] * len(MODALITIES)  # target tokens placed in rows, per modality
         self.pending: Doc | None = None  # split mode: the rest of the last document read, cut at a row's end
@@ -279,8 +187,8 @@ class Stream:
     def _next_doc(self) -> Doc:
         name = self._pick()
         src = self.sources[name]
-        origin = (name, src.epoch, src.shard, src.sample)
         ids, meta = src.next()
+        origin = (name, *src.last)  # where it was read (after any part with nothing to read)
         self.docs += 1
         self.drawn[name] += len(ids)
         return Doc(ids, doc_runs(len(ids), meta, self._weights), 0, origin)
@@ -416,7 +324,11 @@ class _WorkerDataset(torch.utils.data.IterableDataset):
         if self.start_states[w] is not None:
             stream.load(self.start_states[w])
         while True:
-            batch = stream.next_batch()
+            try:
+                batch = stream.next_batch()
+            except (ValueError, OSError) as e:  # to the training process as itself, one line (not torch's wrapped traceback)
+                yield None, e, w
+                return
             yield batch, stream.state(), w
 
 
@@ -427,24 +339,34 @@ class OmniLoader:
         if not cfg.sources:
             raise ValueError("the loader has no sources: give data.sources")
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
-        self.manifests = {n: _manifest(s, cfg.layout_hash) for n, s in cfg.sources.items()}
+        self.n_slots = max(cfg.workers, 1)
+        self.manifests = {n: _manifest(s, cfg.layout_hash) for n, s in cfg.sources.items()}  # no shard stat'ed
         self.layout_hash = cfg.layout_hash or next(iter(self.manifests.values()))["layout_hash"]
+        readers = world_size * self.n_slots
         for n, m in self.manifests.items():
             check_layout_hash(self.layout_hash, m["layout_hash"], f"source '{n}' ({cfg.sources[n].path})")
+            if sum(sh["samples"] for sh in m["shards"]) < readers:
+                raise ValueError(f"source '{n}' ({cfg.sources[n].path}) has {sum(sh['samples'] for sh in m['shards'])} "
+                                 f"samples for {readers} readers (ranks x workers): use fewer data.workers")  # fmt: skip
+            if rank == 0 and any("crc32" not in sh for sh in m["shards"]):
+                warnings.warn(f"{cfg.sources[n].path}/manifest.json records no shard sizes and checksums (built before "
+                              "they were): its shards are checked by sample count only; rebuild with `omnitrain data build` "
+                              "to check them fully", stacklevel=2)  # fmt: skip
         self.urls = {n: [_url(cfg.sources[n], sh["name"]) for sh in m["shards"]] for n, m in self.manifests.items()}
+        self.entries = {n: m["shards"] for n, m in self.manifests.items()}
         self.shares = source_shares(cfg, self.manifests)
         if cfg.pad_id is not None:
             self.pad_id = cfg.pad_id
         else:
             self.pad_id = TokenLayout.load(next(iter(cfg.sources.values())).path).specials["pad"]
-        self.n_slots = max(cfg.workers, 1)
         self.states: list[dict | None] = [None] * self.n_slots  # after the last batch handed out, per slot
         self.next_slot = 0  # the slot (worker) whose batch comes next
         self._it: Iterator | None = None
 
     def make_stream(self, slot: int) -> Stream:
         stream_id = self.rank * self.n_slots + slot
-        return Stream(self.cfg, self.urls, self.shares, stream_id, self.world_size * self.n_slots, self.layout_hash, self.pad_id)
+        return Stream(self.cfg, self.urls, self.shares, stream_id, self.world_size * self.n_slots, self.layout_hash,
+                      self.pad_id, self.entries)  # fmt: skip
 
     def _start(self) -> Iterator:
         # DataLoader serves workers round-robin from worker 0: rotate the slots so that the
@@ -476,9 +398,19 @@ class OmniLoader:
         return self
 
     def __next__(self) -> dict[str, torch.Tensor]:
+        """The next batch. On an error (a corrupt shard, ``ShardReadError`` after the retries) the
+        readers stop and the state stays after the last batch handed out: ``state_dict()`` then
+        resumes exactly there, and calling ``next`` again starts the readers from there."""
         if self._it is None:
             self._it = self._start()
-        batch, state, worker = next(self._it)
+        try:
+            batch, state, worker = next(self._it)
+        except BaseException:
+            self.close()
+            raise
+        if isinstance(state, BaseException):  # a worker's error, sent as a value
+            self.close()
+            raise state
         slot = self._order[worker] if self.cfg.workers else 0
         self.states[slot] = state
         self.next_slot = (slot + 1) % self.n_slots
@@ -537,6 +469,15 @@ class OmniLoader:
         st = self.packing_stats()
         return st["placed"] / st["capacity"] if st["capacity"] else 0.0
 
+    def skipped_shards(self) -> int:
+        """Corrupt shard parts skipped so far by this rank's readers (``data.on_corrupt=skip``), over
+        all epochs: a shard is counted each epoch it is met, by each reader sharing it."""
+        return sum(st["skipped"][0] for s in self.states if s for st in s["sources"].values() if "skipped" in st)
+
+    def skipped_samples(self) -> int:
+        """Samples (as the manifests count them) in the corrupt shard parts skipped by this rank's readers."""
+        return sum(st["skipped"][1] for s in self.states if s for st in s["sources"].values() if "skipped" in st)
+
     def realised_shares(self) -> dict[str, float]:
         """Share of tokens per modality placed in rows so far (this rank, all its workers)."""
         tot = dict.fromkeys(MODALITIES, 0)
@@ -556,14 +497,38 @@ def _url(spec: SourceSpec, name: str) -> str:
 
 
 def _manifest(spec: SourceSpec, layout_hash: str | None) -> dict:
-    if spec.url is None:  # local shards: check that every one listed is there
-        return read_manifest(spec.path, expect_hash=layout_hash)
-    manifest = json.loads((Path(spec.path) / "manifest.json").read_text()) if (Path(spec.path) / "manifest.json").is_file() else None
-    if manifest is None:
+    """A source's manifest, read and checked without touching its shards (a missing one is named when read)."""
+    if spec.url is not None and not (Path(spec.path) / "manifest.json").is_file():
         raise FileNotFoundError(f"no manifest.json in {spec.path}: keep a local copy of the shard set's manifest and layout.json there")
-    if layout_hash is not None:
-        check_layout_hash(layout_hash, manifest.get("layout_hash", "?"), f"shard set {spec.url}")
-    return manifest
+    return read_manifest(spec.path, expect_hash=layout_hash, check_files=False)
+
+
+def readers_report(cfg: LoaderConfig, world_size: int) -> list[dict]:
+    """Per source, from its manifest only (no shard is opened): how its shards split over the
+    ``world_size x max(workers, 1)`` readers, for ``omnitrain plan``.
+
+    Each row: ``source``, ``path``, ``ok`` and ``problem`` (None, or why the loader would refuse
+    it: no or a bad manifest, fewer samples than readers), and when the manifest reads: ``shards``,
+    ``samples``, ``bytes`` (None if the manifest predates sizes), ``checksums`` (every shard has
+    one), ``readers``, ``readers_per_shard`` (P > 1: readers share shards by sample striding),
+    ``parts_per_reader`` ([min, max] per epoch) and ``samples_per_reader`` (mean per epoch)."""
+    readers, rows = world_size * max(cfg.workers, 1), []
+    for name, spec in cfg.sources.items():
+        row: dict = {"source": name, "path": spec.path, "readers": readers, "ok": True, "problem": None}
+        rows.append(row)
+        try:
+            shards = _manifest(spec, cfg.layout_hash)["shards"]
+        except (FileNotFoundError, ValueError) as e:
+            row.update(ok=False, problem=str(e))
+            continue
+        n_samples, parts = sum(sh["samples"] for sh in shards), -(-readers // max(len(shards), 1))
+        row.update(shards=len(shards), samples=n_samples, readers_per_shard=parts,
+                   bytes=sum(sh["bytes"] for sh in shards) if all("bytes" in sh for sh in shards) else None,
+                   checksums=all("crc32" in sh for sh in shards), samples_per_reader=n_samples / readers,
+                   parts_per_reader=[len(shards) * parts // readers, -(-len(shards) * parts // readers)])  # fmt: skip
+        if not shards or n_samples < readers:
+            row.update(ok=False, problem=f"{n_samples} samples in {len(shards)} shards for {readers} readers: use fewer data.workers")
+    return rows
 
 
 def attention_mask(doc_ids: torch.Tensor) -> torch.Tensor:

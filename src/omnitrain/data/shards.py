@@ -8,9 +8,16 @@ A shard ``shard-000042.tar`` holds samples, each two members:
   where ``learn`` lists the spans whose tokens are trained on (SFT prompts are left out).
 
 Beside each finished shard a sidecar ``shard-000042.json`` records what it holds (samples, tokens
-per modality, the next input position, the content hashes used for de-duplication); builds resume
-from the sidecars, so a shard only exists once complete (written to ``.tmp``, then renamed).
-``manifest.json`` sums the sidecars once a build (or a partition of it) is done.
+per modality, the next input position, the content hashes used for de-duplication, the tar's size
+in bytes and CRC-32); builds resume from the sidecars, so a shard only exists once complete
+(written to ``.tmp``, then renamed). ``manifest.json`` sums the sidecars once a build (or a
+partition of it) is done, and lists per shard ``name``, ``samples``, ``tokens``, ``bytes``, ``crc32``.
+
+Integrity (issue 22). Readers check a shard against its manifest entry when they open it
+(:func:`check_shard`): it parses, holds samples, as many as listed, and has the listed size and
+CRC-32 (zlib's, several GB/s: cheap beside the reading itself). A tar cut at a member boundary
+parses cleanly, so only the count or the size catches it. Manifests written before sizes and
+checksums were recorded still load; their shards are checked by sample count only.
 
 Tar members carry a fixed mtime so that the same input gives byte-identical shards.
 """
@@ -20,6 +27,7 @@ from __future__ import annotations
 import io
 import json
 import tarfile
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +40,11 @@ from omnitrain.tokenizer.layout import MODALITIES, check_layout_hash
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
+REBUILD = "rebuild it with `omnitrain data build`"
+
+
+class CorruptShardError(ValueError):
+    """A shard that does not match its manifest entry (or does not parse): one line naming it."""
 
 
 @dataclass
@@ -55,6 +68,8 @@ class ShardInfo:
     first_item: int  # input positions covered: [first_item, next_item)
     next_item: int
     hashes: list[str] = field(default_factory=list)  # content hashes of its samples (de-duplication)
+    bytes: int | None = None  # the tar's size and CRC-32 (None: a sidecar written before they were recorded)
+    crc32: str | None = None
 
 
 def shard_name(partition: int, index: int) -> str:
@@ -70,6 +85,8 @@ def write_shard(path: Path, samples: list[Sample], info: ShardInfo) -> None:
             buf = io.BytesIO()
             np.save(buf, np.asarray(s.ids, dtype=np.uint32), allow_pickle=False)
             sink.write({"__key__": s.key, "ids.npy": buf.getvalue(), "meta.json": json.dumps(s.meta, sort_keys=True).encode()})
+    data = tmp.read_bytes()
+    info.bytes, info.crc32 = len(data), shard_checksum(data)
     sidecar = path.with_suffix(".json")
     sidecar_tmp = sidecar.with_suffix(".json.tmp")
     sidecar_tmp.write_text(json.dumps(info.__dict__, sort_keys=True) + "\n")
@@ -122,7 +139,10 @@ def write_manifest(out_dir: Path, extra: dict[str, Any], partitions: int) -> dic
     shards, tokens, samples = [], dict.fromkeys(MODALITIES, 0), 0
     for p in range(partitions):
         for info in read_sidecars(out_dir, p):
-            shards.append({"name": info.name, "samples": info.samples, "tokens": info.tokens})
+            entry = {"name": info.name, "samples": info.samples, "tokens": info.tokens}
+            if info.bytes is not None:
+                entry.update(bytes=info.bytes, crc32=info.crc32)
+            shards.append(entry)
             samples += info.samples
             for m, n in info.tokens.items():
                 tokens[m] += n
@@ -133,17 +153,83 @@ def write_manifest(out_dir: Path, extra: dict[str, Any], partitions: int) -> dic
     return manifest
 
 
-def read_manifest(out_dir: Path, expect_hash: str | None = None) -> dict[str, Any]:
-    """Load and check a shard folder's manifest: schema, layout hash, every listed shard present."""
+def read_manifest(out_dir: Path, expect_hash: str | None = None, check_files: bool = True) -> dict[str, Any]:
+    """Load and check a shard folder's manifest: schema, layout hash, per-shard sample counts, and
+    (``check_files``) every listed shard present. The loader passes ``check_files=False``: each of
+    its ranks would otherwise stat every shard at start-up; a missing shard is named when opened."""
     path = Path(out_dir) / MANIFEST
     if not path.is_file():
         raise FileNotFoundError(f"no {MANIFEST} in {out_dir}: build the shards with `omnitrain data build`")
-    manifest = json.loads(path.read_text())
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); rebuild the shard set with `omnitrain data build`") from e
     if manifest.get("schema_version") != SCHEMA_VERSION:
         raise ValueError(f"{path}: shard schema_version {manifest.get('schema_version')}, expected {SCHEMA_VERSION}")
     if expect_hash is not None:
         check_layout_hash(expect_hash, manifest.get("layout_hash", "?"), f"shard set {out_dir}")
+    if not all(isinstance(s, dict) and "name" in s and "samples" in s for s in manifest.get("shards", [None])):
+        raise ValueError(f"{path} lists no shards, or shards without a name and sample count; "
+                         "rebuild the shard set with `omnitrain data build`")  # fmt: skip
+    if not check_files:
+        return manifest
     missing = [s["name"] for s in manifest["shards"] if not (Path(out_dir) / s["name"]).is_file()]
     if missing:
         raise FileNotFoundError(f"{out_dir}: {len(missing)} shard(s) listed in the manifest are missing, e.g. {missing[0]}")
     return manifest
+
+
+def shard_checksum(data: bytes) -> str:
+    """CRC-32 of a shard's bytes, as 8 hex digits."""
+    return f"{zlib.crc32(data):08x}"
+
+
+def tar_samples(data: bytes, where: str) -> list[tuple[str, dict[str, bytes]]]:
+    """A shard's bytes -> its samples as (key, {extension: member bytes}), in tar order."""
+    out: list[tuple[str, dict[str, bytes]]] = []
+    try:
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+            for m in tar:
+                if not m.isfile():
+                    continue
+                key, _, ext = m.name.partition(".")  # as iter_shard and webdataset group members
+                if not out or out[-1][0] != key:
+                    out.append((key, {}))
+                if m.offset_data + m.size > len(data):
+                    raise tarfile.ReadError(f"member {m.name} runs past the end of the file")
+                out[-1][1][ext] = data[m.offset_data : m.offset_data + m.size]
+    except (tarfile.TarError, EOFError, OSError) as e:
+        raise CorruptShardError(f"shard {where} is corrupt or truncated ({e}); {REBUILD}") from e
+    return out
+
+
+def check_shard(data: bytes, entry: dict[str, Any] | None, where: str) -> list[tuple[str, dict[str, bytes]]]:
+    """Parse a shard's bytes and check them against its manifest ``entry`` (None: parse only).
+
+    Raises :class:`CorruptShardError` naming the shard and what differs."""
+    samples = tar_samples(data, where)
+    if not samples:
+        raise CorruptShardError(f"shard {where} holds no samples; {REBUILD}")
+    if entry is None:
+        return samples
+    problem = None
+    if len(samples) != entry["samples"]:
+        problem = f"{len(samples)} samples, the manifest lists {entry['samples']}"
+    elif entry.get("bytes") is not None and len(data) != entry["bytes"]:
+        problem = f"{len(data):,} bytes, the manifest lists {entry['bytes']:,}"
+    elif entry.get("crc32") is not None and shard_checksum(data) != entry["crc32"]:
+        problem = f"CRC-32 {shard_checksum(data)}, the manifest lists {entry['crc32']}"
+    if problem:
+        raise CorruptShardError(f"shard {where} is corrupt or truncated ({problem}); {REBUILD}")
+    return samples
+
+
+def verify_shard_file(path: Path, entry: dict[str, Any]) -> str | None:
+    """What is wrong with one local shard file against its manifest entry, or None."""
+    try:
+        check_shard(Path(path).read_bytes(), entry, str(path))
+    except FileNotFoundError:
+        return f"shard {path} is listed in the manifest but missing; {REBUILD}"
+    except CorruptShardError as e:
+        return str(e)
+    return None

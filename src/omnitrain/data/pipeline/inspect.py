@@ -1,4 +1,6 @@
-"""``omnitrain data inspect``: what is in a shard set, decoded back to text, PNG and WAV."""
+"""``omnitrain data inspect``: what is in a shard set, decoded back to text, PNG and WAV, and
+whether every shard matches its manifest entry (sample count, size, CRC-32): a bad shard is
+listed, and the command ends with an error naming it."""
 
 from __future__ import annotations
 
@@ -8,7 +10,7 @@ from typing import Any
 
 from omnitrain.config import from_dict
 from omnitrain.data.pipeline.media import MediaConfig, MediaTokenizers
-from omnitrain.data.shards import iter_shard, read_manifest
+from omnitrain.data.shards import iter_shard, read_manifest, verify_shard_file
 from omnitrain.tokenizer import bundle
 from omnitrain.tokenizer.bundle import TokenizerPaths
 from omnitrain.tokenizer.image import save_png
@@ -21,6 +23,7 @@ class InspectConfig:
     samples: int = 3
     out_dir: Path | None = None
     tokenizers: TokenizerPaths | None = None  # None: the ones recorded in the manifest
+    verify: bool = True  # read every shard and check it against the manifest (false: show samples only)
 
 
 def decode_sample(ids: Any, layout: TokenLayout, text_tok: Any, media: MediaTokenizers | None, out: Path, key: str) -> list[str]:
@@ -53,7 +56,7 @@ def decode_sample(ids: Any, layout: TokenLayout, text_tok: Any, media: MediaToke
 
 def inspect_shards(cfg: InspectConfig) -> dict[str, Any]:
     folder = Path(cfg.shards)
-    manifest = read_manifest(folder)
+    manifest = read_manifest(folder, check_files=not cfg.verify)  # (verify names a missing shard among the bad)
     paths = cfg.tokenizers or from_dict(TokenizerPaths, manifest["config"]["tokenizers"])
     tok = bundle.load(paths, expect_layout=manifest["layout_hash"], what=f"shards {folder}")  # the ones used, or an error
     text, image, audio, layout = tok.text, tok.image, tok.audio, tok.layout
@@ -64,9 +67,18 @@ def inspect_shards(cfg: InspectConfig) -> dict[str, Any]:
           f"complete={manifest['complete']}")  # fmt: skip
     for mod, n in manifest["tokens"].items():
         print(f"  {mod:5s} tokens {n:>12,}  ({n / max(total, 1):.1%})")
+    bad: dict[str, str] = {}
+    if cfg.verify:
+        for shard in manifest["shards"]:
+            problem = verify_shard_file(folder / shard["name"], shard)
+            if problem:
+                bad[shard["name"]] = problem
+                print(f"  BAD {problem}")
+        checks = "sample counts, sizes, CRC-32" if all("crc32" in sh for sh in manifest["shards"]) else "sample counts only: an old manifest"
+        print(f"  {len(manifest['shards']) - len(bad)} of {len(manifest['shards'])} shard(s) match the manifest ({checks})")
     out = Path(cfg.out_dir or folder / "inspect")
     shown = []
-    for shard in manifest["shards"]:
+    for shard in (sh for sh in manifest["shards"] if sh["name"] not in bad):
         for s in iter_shard(folder / shard["name"], expect_hash=layout.hash):
             if len(shown) >= cfg.samples:
                 break
@@ -78,4 +90,7 @@ def inspect_shards(cfg: InspectConfig) -> dict[str, Any]:
             shown.append({"key": s.key, "parts": parts})
         if len(shown) >= cfg.samples:
             break
+    if bad:
+        raise ValueError(f"{folder}: {len(bad)} of {len(manifest['shards'])} shard(s) do not match manifest.json, "
+                         f"e.g. {next(iter(bad.values()))}")  # fmt: skip
     return {"manifest": manifest, "samples": shown}
