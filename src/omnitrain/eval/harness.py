@@ -400,6 +400,10 @@ def load_system(spec: ModelSpec, batch_size: int = 16) -> Any:
     kind = spec.kind
     if kind == "auto":
         kind = "omnitrain" if find_model_dir(path) is not None else "hf"
+    if kind != "omnitrain" and ((path / "run.json").is_file() or (path / "checkpoints").is_dir()):  # a run, not a HF folder
+        raise FileNotFoundError(f"model.path={spec.path} is an omnitrain run directory without its model/ export (the run "
+                                f"has not finished, was stopped, or ran with export=false): start `omnitrain train` again "
+                                f"with its overrides and run_dir={spec.path} (it resumes, then exports model/), or pass another run")  # fmt: skip
     if kind == "omnitrain" or path.exists():
         if not path.exists():
             raise FileNotFoundError(

@@ -52,7 +52,7 @@ from omnitrain.data.loader import LoaderConfig, OmniLoader
 from omnitrain.model.io import load_model, save_model
 from omnitrain.model.transformer import ModelConfig, Transformer
 from omnitrain.tokenizer.layout import MODALITIES, TokenLayout
-from omnitrain.train import checkpoint
+from omnitrain.train import checkpoint, lock
 from omnitrain.train.dpo import DPOConfig, DPOObjective, make_preference_loader, precompute_reference
 from omnitrain.train.objectives import (
     HFInitConfig,
@@ -66,7 +66,7 @@ from omnitrain.train.objectives import (
 )
 from omnitrain.train.optim import OptimConfig, lr_at
 from omnitrain.train.preemption import Preemption
-from omnitrain.train.runlog import RunLog, Throughput, WandbConfig, flops_per_token, truncate_metrics
+from omnitrain.train.runlog import RunLog, StorageError, Throughput, WandbConfig, flops_per_token, truncate_metrics, writing
 from omnitrain.train.strategy import Strategy, StrategyConfig, peak_flops
 
 
@@ -83,7 +83,7 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 1
     ckpt_every: int = 50  # also at the end and on preemption
-    keep_last: int = 3  # complete checkpoints kept
+    keep_last: int = 3  # the newest N complete checkpoints are kept; 0 keeps every one (negative values are refused)
     resume: str = "auto"  # auto (latest in run_dir, if any) | never | a checkpoint folder
     init_from: str | None = None  # start from a consolidated omnitrain model folder (ignored when resuming)
     hf_init: HFInitConfig = field(default_factory=HFInitConfig)  # start from a Hugging Face Llama (continued pretraining)
@@ -108,6 +108,8 @@ class TrainConfig:
                              f"not {self.strategy.name}")
         if self.hf_init.path and self.init_from:
             raise ValueError("give one of init_from (an omnitrain model) and hf_init.path (a Hugging Face model), not both")
+        if self.keep_last < 0:
+            raise ValueError(f"keep_last={self.keep_last}: give the number of newest checkpoints to keep (>= 1), or 0 to keep all")
 
 
 def every(step: int, n: int) -> bool:
@@ -131,6 +133,7 @@ class Run:
     n_params: int
     flops_per_token: float  # per processed token, of the whole model (counted before sharding; runlog.flops_per_token)
     peak_flops: float | None  # of one device, for MFU (None: unknown)
+    notes: dict[str, Any] = field(default_factory=dict)  # set by resume(): more keys for this attempt in run.json
 
     @property
     def fabric(self) -> Any:
@@ -175,7 +178,12 @@ def _train(cfg: TrainConfig, plain_config: dict[str, Any] | None, preempt: Preem
     cfg, layout = resolve(cfg)
     strategy = Strategy(cfg.strategy, grad_clip=cfg.optim.grad_clip, grad_accum=cfg.grad_accum)
     strategy.launch()
-    run = build_run(cfg, layout, strategy)
+    lock_file = lock.take(strategy.fabric, Path(cfg.run_dir))  # one live run per run_dir; every rank learns of a refusal
+    try:
+        run = build_run(cfg, layout, strategy)
+    except BaseException:
+        lock.release(lock_file, remove_empty_dir=True)  # a start that fails here leaves no empty run_dir behind
+        raise
     cfg, fabric = run.cfg, run.fabric
     state: dict[str, Any] = {"model": run.model, "optimizer": run.optimizer, "step": 0, "tokens": 0}  # what checkpoints hold
     if run.resume_from is not None:
@@ -225,7 +233,10 @@ def resolve(cfg: TrainConfig) -> tuple[TrainConfig, TokenLayout]:
     source's shards): the layout decides the vocabulary size, and every shard must carry its hash."""
     if not cfg.data.sources:
         raise ValueError("no training data: set data.sources (see recipes/data/) to shard folders made by `omnitrain data build`")
-    first = next(iter(cfg.data.sources.values())).path
+    name, first = next((k, v.path) for k, v in cfg.data.sources.items())
+    if not (Path(first) / "layout.json").is_file():  # (TokenLayout.load's advice is for tokenizer folders)
+        raise FileNotFoundError(f"data.sources.{name}.path={first} is not a shard folder (no layout.json there): build the "
+                                "shards with `omnitrain data build`, or fix the path")  # fmt: skip
     layout = TokenLayout.load(first, expect_hash=cfg.data.layout_hash)
     if cfg.model.vocab_size not in (0, layout.vocab_size):
         raise ValueError(f"model.vocab_size={cfg.model.vocab_size}, but the token layout of the data ({first}/layout.json) has "
@@ -239,7 +250,7 @@ def build_run(cfg: TrainConfig, layout: TokenLayout, strategy: Strategy) -> Run:
     """The model (fresh, imported from Hugging Face, or loaded), its objective, the optimizer and the loaders."""
     fabric = strategy.fabric
     fabric.seed_everything(cfg.seed)  # the same initial weights on every rank
-    resume_from = checkpoint.resolve_resume(Path(cfg.run_dir), cfg.resume)
+    resume_from = checkpoint.choose(fabric, Path(cfg.run_dir), cfg.resume)  # verified; auto falls back past damaged ones
     model, new_rows_from = build_model(cfg, layout, resume_from)
     cfg = replace(cfg, model=model.cfg)  # hf_init: the run records the imported architecture
     objective, make_loader = build_objective(cfg, model, layout, fabric)
@@ -292,17 +303,30 @@ def build_objective(cfg: TrainConfig, model: Transformer, layout: TokenLayout, f
 def resume(run: Run, state: dict[str, Any]) -> None:
     """Restore ``state`` (model, optimizer, step, tokens), this rank's loader position and RNG from ``run.resume_from``."""
     fabric, path = run.fabric, run.resume_from
-    meta, ranks = checkpoint.load(fabric, path, state)
-    if meta["layout_hash"] != run.layout.hash:
-        raise ValueError(f"checkpoint {path} was trained with layout {meta['layout_hash']}, the data has {run.layout.hash}: "
-                         "resume with the shards it was trained on, or start a new run_dir")  # fmt: skip
+    meta, ranks = checkpoint.load(fabric, path, state, layout_hash=run.layout.hash)  # the layout is checked first
     if meta["world_size"] == fabric.world_size:
         run.loader.load_state_dict(ranks[fabric.global_rank]["loader"])
         checkpoint.set_rng_state(ranks[fabric.global_rank]["rng"])
     else:  # another world size: the loader re-splits every old rank's position (data.reshard)
         run.loader.load_state_dict([r["loader"] for r in ranks])
+        run.notes["world_size_changed"] = world_size_change(run, meta)
     if fabric.global_rank == 0:
         truncate_metrics(Path(run.cfg.run_dir) / "metrics.jsonl", state["step"])
+
+
+def world_size_change(run: Run, meta: dict[str, Any]) -> dict[str, Any]:
+    """Resuming on another number of ranks changes the global batch: say so (rank 0) and return it for run.json."""
+    cfg, world = run.cfg, run.fabric.world_size
+    old = {"batch_size": cfg.data.batch_size, "grad_accum": cfg.grad_accum, "seq_len": cfg.data.seq_len, **meta.get("batch", {})}
+    before = old["batch_size"] * old["grad_accum"] * meta["world_size"] * old["seq_len"]
+    after = cfg.data.batch_size * cfg.grad_accum * world * cfg.data.seq_len
+    note = {"from": meta["world_size"], "to": world, "step": meta["step"], "global_batch_tokens": after, "was": before}
+    if run.fabric.global_rank == 0:
+        print(f"world size changed on resume: step {meta['step']} was saved by {meta['world_size']} ranks, this run has {world}; "
+              f"the global batch is now {cfg.data.batch_size} x {cfg.grad_accum} x {world} x {cfg.data.seq_len} = {after:,} tokens "
+              f"per step (batch_size x grad_accum x world_size x seq_len; was {before:,}). The loader re-splits the data "
+              "positions; keep the global batch with grad_accum or data.batch_size", flush=True)  # fmt: skip
+    return note
 
 
 # ----------------------------------------------------------------------------- the step
@@ -365,9 +389,10 @@ def open_log(run: Run, start_step: int, plain_config: dict[str, Any] | None) -> 
     """The run's files (rank 0): config, run.json, layout.json, metrics; and the one-line header."""
     cfg, fabric, run_dir = run.cfg, run.fabric, Path(run.cfg.run_dir)
     log = RunLog(run_dir, fabric.global_rank == 0, plain_config or to_dict(cfg), cfg.wandb, cfg.steps, start_step, fabric.world_size,
-                 run.resume_from)  # fmt: skip
+                 run.resume_from, run.notes)  # fmt: skip
     if fabric.global_rank == 0:
-        run.layout.save(run_dir / "layout.json")
+        with writing("layout.json", run_dir / "layout.json"):
+            run.layout.save(run_dir / "layout.json")
         log.print(f"omnitrain train: {run.n_params / 1e6:.1f}M params, strategy {cfg.strategy.name} x {fabric.world_size}, "
                   f"precision {cfg.strategy.precision}, {cfg.steps} steps of {cfg.grad_accum} x {cfg.data.batch_size} x "
                   f"{cfg.data.seq_len} tokens per rank" + (f", resumed from {run.resume_from}" if run.resume_from else ""))  # fmt: skip
@@ -404,7 +429,8 @@ def metrics_row(run: Run, out: StepResult, tokens: int, counts: dict[str, float]
 def save_checkpoint(run: Run, state: dict[str, Any], loss: float) -> Path:
     """Checkpoint ``state`` and every rank's loader position and RNG (a collective)."""
     rank_state = {"loader": run.loader.state_dict(), "rng": checkpoint.rng_state()}
-    meta = {"tokens": state["tokens"], "layout_hash": run.layout.hash, "loss": loss}
+    meta = {"tokens": state["tokens"], "layout_hash": run.layout.hash, "loss": loss,
+            "batch": {"batch_size": run.cfg.data.batch_size, "grad_accum": run.cfg.grad_accum, "seq_len": run.cfg.data.seq_len}}
     return checkpoint.save(run.fabric, Path(run.cfg.run_dir), state["step"], state, rank_state, meta, run.cfg.keep_last)
 
 
@@ -412,17 +438,26 @@ def finish(run: Run, state: dict[str, Any], log: RunLog, start_step: int, t_star
     """The consolidated export (unless preempted), the summary (timed from ``t_start``); under Slurm, a requeue after SIGUSR1."""
     cfg, fabric, run_dir = run.cfg, run.fabric, Path(run.cfg.run_dir)
     run.loader.close()
+    export_error = None
     if cfg.export and not stopped_by:
         sd = run.strategy.full_state_dict()  # a collective: every rank takes part
         if fabric.global_rank == 0:
             extra = {"step": state["step"], "tokens": state["tokens"]}
-            save_model(run.strategy.unwrap(), run_dir / "model", run_dir, extra, sd)
-    fabric.barrier()
+            try:
+                with writing("the model export", run_dir / "model", cleanup=run_dir / "model.tmp"):
+                    save_model(run.strategy.unwrap(), run_dir / "model", run_dir, extra, sd)
+            except StorageError as e:  # disk full, read-only: every rank stops with this line (none waits for rank 0)
+                export_error = str(e)
+    export_error = fabric.broadcast(export_error, src=0)  # (also the barrier after the export)
+    if export_error:
+        raise StorageError(f"{export_error} (the checkpoints are complete: start again once fixed to export)")
     elapsed = time.perf_counter() - t_start
     done_steps = state["step"] - start_step
     summary = {"run_dir": str(run_dir), "step": state["step"], "tokens": state["tokens"], "preempted": bool(stopped_by),
                "seconds": round(elapsed, 1), "steps_per_s": done_steps / elapsed if elapsed else 0.0}  # fmt: skip
     log.close()
+    if fabric.global_rank == 0:
+        lock.release(run_dir / lock.LOCK_NAME)
     if stopped_by:
         name = signal.Signals(stopped_by).name
         if fabric.global_rank == 0:

@@ -7,14 +7,18 @@ synchronisation inside a step except at log steps)."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import platform
 import secrets
+import shutil
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -36,6 +40,61 @@ class WandbConfig:
     tags: list[str] | None = None
 
 
+class StorageError(ValueError):
+    """A write the file system refused for a reason the user can fix (disk full, read-only, no permission, a file
+    where a folder should be): one line naming the path and what to do. A ValueError, so the CLI prints that line."""
+
+
+# errno -> what to do. Anything else (EIO, a bug such as EBADF) keeps its traceback.
+_FIXES = {
+    errno.ENOSPC: "the disk is full: free space there (or set run_dir elsewhere), then start again: resume=auto continues from "
+                  "the last checkpoint",
+    errno.EDQUOT: "the disk quota is used up: free space there (or set run_dir elsewhere), then start again: resume=auto "
+                  "continues from the last checkpoint",
+    errno.EROFS: "the file system is read-only: set run_dir (or out_dir) to a writable folder",
+    errno.EACCES: "no permission to write there: fix the folder's permissions or set run_dir (or out_dir) elsewhere",
+    errno.EPERM: "no permission to write there: fix the folder's permissions or set run_dir (or out_dir) elsewhere",
+    errno.ENOTDIR: "a part of that path is a file, not a folder: set run_dir (or out_dir) to a folder path",
+    errno.EEXIST: "a file is in the way of a folder: move it, or set run_dir (or out_dir) elsewhere",
+}  # fmt: skip
+
+
+def storage_error(e: OSError, what: str, path: Path | str) -> StorageError | None:
+    """The one-line error for ``e`` (raised while writing ``what`` at ``path``), or None when the user cannot fix it."""
+    fix = _FIXES.get(e.errno or 0)
+    if fix is None:
+        return None
+    where = e.filename or path
+    return StorageError(f"cannot write {what} at {where}: {e.strerror or errno.errorcode.get(e.errno or 0)}. {fix}")
+
+
+def remove_quietly(path: Path) -> None:
+    """Remove a file or folder that a failed write left behind (a ``.tmp``); errors are ignored (the disk may be full)."""
+    path = Path(path)
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        try:
+            path.unlink()
+        except OSError:
+            pass
+
+
+@contextmanager
+def writing(what: str, path: Path | str, cleanup: Path | None = None) -> Iterator[None]:
+    """Turn a user-fixable OSError inside the block into a one-line :class:`StorageError` naming ``path``; first remove
+    ``cleanup`` (the ``.tmp`` being written), so that the next start finds no half-written leftovers."""
+    try:
+        yield
+    except OSError as e:
+        err = storage_error(e, what, path)
+        if cleanup is not None:
+            remove_quietly(cleanup)
+        if err is None:
+            raise
+        raise err from e
+
+
 def git_commit(where: Path = REPO) -> dict[str, Any]:
     """The commit the code comes from: a snapshot's COMMIT file (``omnitrain slurm submit``), else git."""
     snap = where / "COMMIT"
@@ -55,31 +114,47 @@ def truncate_metrics(path: Path, last_step: int) -> None:
     resumed run will log again)."""
     if not path.is_file():
         return
-    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= last_step]
-    path.write_text("".join(line + "\n" for line in keep))
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    if lines and not _parses(lines[-1]):  # the last line, cut short by a full disk or a kill
+        lines.pop()
+    keep = [line for line in lines if json.loads(line).get("step", 0) <= last_step]
+    tmp = path.with_name(path.name + ".tmp")
+    with writing("metrics", tmp, cleanup=tmp):  # a rewrite in place cut short (disk full) would lose the kept lines too
+        tmp.write_text("".join(line + "\n" for line in keep))
+        os.replace(tmp, path)
+
+
+def _parses(line: str) -> bool:
+    try:
+        json.loads(line)
+        return True
+    except json.JSONDecodeError:
+        return False
 
 
 class RunLog:
     """Rank-0 writer of a run's files; ``enabled=False`` on other ranks makes every call a no-op."""
 
     def __init__(self, run_dir: Path, enabled: bool, config: dict[str, Any], wandb_cfg: WandbConfig, total_steps: int, start_step: int,
-                 world_size: int, resumed_from: Path | None) -> None:  # fmt: skip
+                 world_size: int, resumed_from: Path | None, notes: dict[str, Any] | None = None) -> None:  # fmt: skip
+        """``notes``: more keys for this attempt's run.json entry (e.g. ``world_size_changed``)."""
         self.run_dir, self.enabled = Path(run_dir), enabled
         self._bar = self._wandb = None
         if not enabled:
             return
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False, allow_unicode=True))
-        info_path = self.run_dir / "run.json"
-        info = json.loads(info_path.read_text()) if info_path.is_file() else {"attempts": []}
-        info["attempts"].append({
-            "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "argv": sys.argv, "host": socket.gethostname(),
-            "slurm_job_id": os.environ.get("SLURM_JOB_ID"), "slurm_restart_count": os.environ.get("SLURM_RESTART_COUNT"),
-            "world_size": world_size, "resumed_from": str(resumed_from) if resumed_from else None, "start_step": start_step,
-            "python": platform.python_version(), **git_commit(),
-        })  # fmt: skip
-        info_path.write_text(json.dumps(info, indent=2) + "\n")
-        self.metrics = open(self.run_dir / "metrics.jsonl", "a")
+        with writing("the run files", self.run_dir):
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False, allow_unicode=True))
+            info_path = self.run_dir / "run.json"
+            info = json.loads(info_path.read_text()) if info_path.is_file() else {"attempts": []}
+            info["attempts"].append({
+                "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "argv": sys.argv, "host": socket.gethostname(),
+                "slurm_job_id": os.environ.get("SLURM_JOB_ID"), "slurm_restart_count": os.environ.get("SLURM_RESTART_COUNT"),
+                "world_size": world_size, "resumed_from": str(resumed_from) if resumed_from else None, "start_step": start_step,
+                "python": platform.python_version(), **git_commit(), **(notes or {}),
+            })  # fmt: skip
+            info_path.write_text(json.dumps(info, indent=2) + "\n")
+            self.metrics = open(self.run_dir / "metrics.jsonl", "a")
         self._start_wandb(wandb_cfg, config)
         self._bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
                          mininterval=0.5 if sys.stderr.isatty() else 10.0)  # fmt: skip
@@ -100,8 +175,9 @@ class RunLog:
         if not self.enabled:
             return
         row = {"step": step, **row}
-        self.metrics.write(json.dumps(row) + "\n")
-        self.metrics.flush()
+        with writing("metrics", self.run_dir / "metrics.jsonl"):
+            self.metrics.write(json.dumps(row) + "\n")
+            self.metrics.flush()
         if self._wandb is not None:
             self._wandb.log(row, step=step)
         if self._bar is not None and "loss" in row:  # (a row of held-out losses before training has no step loss)
@@ -120,7 +196,8 @@ class RunLog:
             return
         if self._bar is not None:
             self._bar.close()
-        self.metrics.close()
+        with writing("metrics", self.run_dir / "metrics.jsonl"):
+            self.metrics.close()
         if self._wandb is not None:
             offline = self._wandb.settings.mode == "offline"
             run_folder = Path(self._wandb.dir).parent  # <run_dir>/wandb/offline-run-<time>-<id>
