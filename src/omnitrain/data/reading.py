@@ -88,7 +88,7 @@ def read_bytes(url: str) -> bytes:
     """A whole shard. A ``pipe:`` command's failure is an ``OSError`` with its exit status and last
     line of stderr; other urls go through webdataset's ``gopen`` (files, http, ...)."""
     if url.startswith("pipe:"):
-        proc = subprocess.run(url[5:], shell=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        proc = subprocess.run(url[5:], shell=True, capture_output=True)  # a pipe: url is a shell command by design
         if proc.returncode != 0:
             said = proc.stderr.decode(errors="replace").strip().splitlines()[-1:]
             raise OSError(f"the command exited with status {proc.returncode}" + (f": {said[0][:200]}" if said else ""))
