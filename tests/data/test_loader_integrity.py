@@ -270,3 +270,25 @@ def test_data_inspect_reports_a_short_shard(tmp_path, text_tokenizer_dir, capsys
         inspect_shards(InspectConfig(shards=cfg.out_dir, samples=1))
     out = capsys.readouterr().out
     assert f"BAD shard {short} is corrupt or truncated (2 samples, the manifest lists 4)" in out and "1 of 2 shard(s) match" in out
+
+
+# ----------------------------------------------------------------------------- end to end
+@pytest.mark.slow
+def test_two_ddp_ranks_train_on_a_one_shard_source(tmp_path):
+    """Issue 21 item 8: `omnitrain train ... strategy=ddp strategy.devices=2` on a 1-shard source (as the
+    demo's text_lm) stopped with "source 'text_lm' has 1 shards for 2 readers"."""
+    import os
+    import subprocess
+    import sys
+
+    src = make_shard_set(tmp_path / "text_lm", "text_lm", LAYOUT, n_shards=1, per_shard=24)
+    launcher_vars = ("SLURM_", "LOCAL_RANK", "RANK", "WORLD_SIZE", "NODE_RANK", "GROUP_RANK", "MASTER_", "TORCHELASTIC_")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(launcher_vars)}
+    args = [f"run_dir={tmp_path / 'run'}", "steps=3", "ckpt_every=3", "threads=1", "wandb.mode=disabled", "model=tiny",
+            "model.dim=32", "model.n_layers=1", "model.n_heads=2", "model.n_kv_heads=1", "data.seq_len=64", "data.batch_size=2",
+            "strategy=ddp", "strategy.devices=2", "strategy.accelerator=cpu", "~data.sources",
+            f"+data.sources={{text_lm:{{path:'{src}'}}}}"]  # fmt: skip
+    proc = subprocess.run([sys.executable, "-m", "omnitrain.cli", "train", *args], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3]
