@@ -22,7 +22,15 @@ import pytest
 
 from omnitrain.cli import main
 from omnitrain.model.transformer import ModelConfig, Transformer
-from omnitrain.train.plan import GPUS, ClusterConfig, flops_per_token, gpu_of, memory, param_counts, peak_flops
+from omnitrain.train.plan import (
+    GPUS,
+    ClusterConfig,
+    flops_per_token,
+    gpu_of,
+    memory,
+    param_counts,
+    peak_flops,
+)
 from omnitrain.train.runlog import flops_per_token as model_flops_per_token
 from omnitrain.train.strategy import StrategyConfig
 from tests.synthetic import make_omni_sources
@@ -87,7 +95,7 @@ def test_plan_passes_on_ready_data_and_fails_when_the_job_will_not_fit(tmp_path)
     srcs = ["~data.sources", "+data.sources={text:{path:src/text},caption:{path:src/caption},speech:{path:src/speech}}"]
     ok = _plan(*srcs, "strategy=fsdp", "cluster.nodes=1", "cluster.gpus_per_node=2", "data.workers=2", cwd=tmp_path)
     assert ok.returncode == 0, ok.stdout + ok.stderr
-    assert "plan ok" in ok.stdout and "text                 4 shards / 4 readers" in ok.stdout and "fits" in ok.stdout
+    assert "plan ok" in ok.stdout and "text                 4 shards / 4 readers" in ok.stdout and "samples  ok" in ok.stdout and "fits" in ok.stdout
     big = _plan(*srcs, "model=7b", "strategy=ddp", "strategy.devices=8", "cluster.gpu=a100", cwd=tmp_path)
     assert big.returncode == 1 and "DOES NOT FIT" in big.stdout
     assert "CANNOT START: needs" in big.stdout and "a a100 has 74.5 GiB" in big.stdout

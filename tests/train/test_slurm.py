@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from omnitrain.cli import main
+from omnitrain.data.loader import LoaderConfig, SourceSpec
 from omnitrain.train import checkpoint
 from omnitrain.train.loop import TrainConfig
 from omnitrain.train.runlog import git_commit, read_metrics
@@ -59,7 +60,9 @@ def test_submit_snapshots_code_config_and_overrides_and_shapes_the_job(tmp_path,
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
     monkeypatch.delenv("OMNITRAIN_SBATCH_ARGS", raising=False)
     monkeypatch.chdir(tmp_path)
-    cfg = TrainConfig(run_dir=Path("runs/big"), strategy=StrategyConfig(name="ddp", devices=2, num_nodes=3, accelerator="cpu"), threads=2)
+    sources = {name: SourceSpec(path=str(path.relative_to(tmp_path))) for name, path in make_omni_sources(tmp_path / "src").items()}
+    cfg = TrainConfig(run_dir=Path("runs/big"), strategy=StrategyConfig(name="ddp", devices=2, num_nodes=3, accelerator="cpu"), threads=2,
+                      data=LoaderConfig(sources=sources, seq_len=128))  # fmt: skip
     assert submit(cfg, ["run_dir=runs/big", "strategy=ddp", "strategy.devices=2"]) == "4242"
     run = tmp_path / "runs" / "big"
     argv = (bin_dir / "argv").read_text().splitlines()

@@ -15,11 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from omnitrain.cli import COMMANDS, compose, main, recipes_dir
+from omnitrain.cli import COMMANDS, compose, recipes_dir
 from omnitrain.train import loop
 from omnitrain.train.preemption import Preemption
 from omnitrain.train.runlog import RunLog, WandbConfig, read_metrics
-from tests.conftest import REPO
 from tests.synthetic import make_omni_sources
 from tests.train.slurm_cluster import SlurmCluster, unavailable_reason
 
@@ -129,6 +128,72 @@ def test_pretrain_logs_wandb_offline_and_the_run_prints_the_sync_command(tmp_pat
     assert f"upload it with `wandb sync {folder}`" in out
 
 
+# ----------------------------------------------------------------------------- slurm submit: dry run, refusals
+def _fake_sbatch(folder: Path, script: str) -> Path:
+    """An ``sbatch`` that records that it ran (``folder/called``) and runs ``script``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "sbatch").write_text(f'#!/usr/bin/env bash\ntouch "{folder}/called"\n{script}\n')
+    (folder / "sbatch").chmod(0o755)
+    return folder
+
+
+def _submit(cwd: Path, *overrides: str, path: str | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PATH": path or os.environ["PATH"]}
+    env.pop("OMNITRAIN_SBATCH_ARGS", None)
+    return subprocess.run([*OMNITRAIN, "slurm", "submit", *overrides], cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_dry_run_prints_the_plan_the_script_and_the_command_and_submits_nothing(tmp_path):
+    make_omni_sources(tmp_path / "src")
+    bin_dir = _fake_sbatch(tmp_path / "bin", "echo 1")
+    res = _submit(tmp_path, "run_dir=job", "dry_run=true", "cluster.gpu=a100", *tiny("src", 5), path=f"{bin_dir}:{os.environ['PATH']}")
+    assert res.returncode == 0, res.stderr
+    out = res.stdout
+    assert "omnitrain plan: 1 node(s) x 1 a100" in out and "plan ok" in out  # the same checks as omnitrain plan
+    assert "#SBATCH --exclusive" in out and "TORCH_NCCL_ASYNC_ERROR_HANDLING" in out  # the script it would submit
+    assert f"--ntasks-per-node=1 --gpus-per-node=0 --cpus-per-task=1 {tmp_path}/job/code/slurm/train.sbatch {tmp_path}/job" in out
+    assert "steps=5\n" in out and "dry_run" not in out.split("--- command")[0].split("overrides.txt")[1]  # the job's overrides
+    assert "dry run: nothing written, nothing submitted" in out
+    assert not (tmp_path / "job").exists() and not (bin_dir / "called").exists()
+
+
+def test_submit_refuses_a_job_that_cannot_start_before_writing_or_calling_sbatch(tmp_path):
+    bin_dir = _fake_sbatch(tmp_path / "bin", "echo 1")
+    res = _submit(tmp_path, "run_dir=job", *tiny("nowhere", 5), path=f"{bin_dir}:{os.environ['PATH']}")
+    assert res.returncode == 1 and "CANNOT START: source 'text': nowhere/text does not exist" in res.stdout
+    assert not (tmp_path / "job").exists() and not (bin_dir / "called").exists()
+
+
+@pytest.mark.parametrize("stderr, hint", [
+    ("sbatch: error: Unable to contact slurm controller (connect failure)", "the Slurm controller is unreachable from this host"),
+    ('sbatch: error: slurm_set_addr: Unable to resolve "ctl.cluster"', "the Slurm controller is unreachable from this host"),
+    ("sbatch: error: invalid partition specified: gpu", "fix the partition: SBATCH_PARTITION"),
+    ("sbatch: error: Batch job submission failed: Invalid account or account/partition combination specified", "fix the account"),
+    ("sbatch: error: Batch job submission failed: Requested time limit is invalid (missing or exceeds some limit)", "fix the time limit"),
+], ids=["controller", "dns", "partition", "account", "time"])  # fmt: skip
+def test_a_refused_submit_names_the_cause_and_leaves_nothing_behind(stderr, hint, tmp_path):
+    make_omni_sources(tmp_path / "src")
+    bin_dir = _fake_sbatch(tmp_path / "bin", f"echo '{stderr}' >&2; exit 1")
+    res = _submit(tmp_path, "run_dir=job", *tiny("src", 5), path=f"{bin_dir}:{os.environ['PATH']}")
+    assert res.returncode == 1 and (bin_dir / "called").exists()
+    assert "sbatch failed (exit 1)" in res.stderr and hint in res.stderr and "Nothing was submitted" in res.stderr
+    assert not (tmp_path / "job").exists()  # no half-written run folder, no script
+
+
+def test_a_refused_resubmit_puts_the_previous_snapshot_back(tmp_path):
+    make_omni_sources(tmp_path / "src")
+    run = tmp_path / "job"
+    (run / "code").mkdir(parents=True)
+    (run / "code" / "COMMIT").write_text("old\n")
+    (run / "overrides.txt").write_text("steps=3\n")
+    (run / "checkpoints").mkdir()
+    bin_dir = _fake_sbatch(tmp_path / "bin", "echo 'sbatch: error: invalid partition specified: x' >&2; exit 1")
+    res = _submit(tmp_path, "run_dir=job", *tiny("src", 5), path=f"{bin_dir}:{os.environ['PATH']}")
+    assert res.returncode == 1 and "fix the partition" in res.stderr
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "code", "overrides.txt"]
+    assert (run / "code" / "COMMIT").read_text() == "old\n" and (run / "overrides.txt").read_text() == "steps=3\n"
+
+
 # ----------------------------------------------------------------------------- on the real local Slurm
 @pytest.fixture(scope="module")
 def cluster():
@@ -183,3 +248,25 @@ def test_on_slurm_a_usr1_while_the_job_starts_up_requeues_it_and_the_requeued_jo
     assert "SIGUSR1: during start-up, before step 1 (nothing new to save) and stopped" in text and f"scontrol requeue {job}: ok" in text
     attempts = json.loads((run / "run.json").read_text())["attempts"]
     assert [a["start_step"] for a in attempts] == [0, 0] and [r["step"] for r in read_metrics(run)] == list(range(1, 7))
+
+
+@pytest.mark.slow
+def test_on_slurm_dry_run_submits_nothing_and_refusals_name_the_real_cause(cluster, tmp_path):
+    make_omni_sources(tmp_path / "src")
+    env = {k: v for k, v in cluster.env.items() if k != "OMNITRAIN_SBATCH_ARGS"}
+
+    def submit(*extra: str, env: dict = env) -> subprocess.CompletedProcess:
+        return subprocess.run([*OMNITRAIN, "slurm", "submit", "run_dir=job", *tiny("src", 5), *extra], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=120)  # fmt: skip
+
+    dry = submit("dry_run=true")
+    assert dry.returncode == 0 and "dry run: nothing written" in dry.stdout, dry.stderr
+    assert cluster.run("squeue", "-h").stdout.strip() == "" and not (tmp_path / "job").exists()
+    partition = submit(env={**env, "OMNITRAIN_SBATCH_ARGS": "--partition=nope"})  # the real sbatch refuses it
+    assert partition.returncode == 1 and "invalid partition specified: nope" in partition.stderr and "fix the partition" in partition.stderr
+    bad_conf = tmp_path / "slurm.conf"  # a controller whose name does not resolve (a login node with a stale config)
+    bad_conf.write_text(cluster.conf.read_text().replace(f"SlurmctldHost={cluster.host}", "SlurmctldHost=nosuchhost.invalid"))
+    dns = submit(env={**env, "SLURM_CONF": str(bad_conf)})
+    assert dns.returncode == 1 and 'Unable to resolve "nosuchhost.invalid"' in dns.stderr
+    assert "the Slurm controller is unreachable from this host" in dns.stderr
+    assert not (tmp_path / "job").exists() and cluster.run("squeue", "-h").stdout.strip() == ""

@@ -36,7 +36,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from omnitrain.data.shards import MANIFEST
 from omnitrain.model.loss import chunk_rows
 from omnitrain.model.transformer import ModelConfig
 from omnitrain.train.loop import TrainConfig
@@ -195,61 +194,44 @@ def memory(model: ModelConfig, strategy: StrategyConfig, world: int, batch: int,
 
 
 # ----------------------------------------------------------------------------- data
-def _loader_needs_a_shard_per_reader() -> bool:
-    """Whether the loader refuses a source with fewer shards than readers (ranks x workers). Asked of the
-    loader itself, since readers sharing shards is being added (issue 20, item 1)."""
-    from omnitrain.data.loader import SourceStream
-
-    try:
-        SourceStream("plan", ["a.tar"], 0, 2, 0, None)
-    except ValueError:
-        return True
-    except Exception:  # another signature: the loader changed, assume it no longer needs them
-        return False
-    return False
-
-
-def check_data(cfg: TrainConfig, readers: int) -> tuple[list[str], list[str], int | None]:
-    """(report lines, problems, the layout's vocabulary or None): every source's manifest, shards and layout."""
-    import json
-
+def check_data(cfg: TrainConfig, world: int) -> tuple[list[str], list[str], int | None]:
+    """(report lines, problems, the layout's vocabulary or None): the token layout, and per source its manifest
+    and how its shards split over the readers (``omnitrain.data.loader.readers_report``), and its shard files."""
+    from omnitrain.data.loader import readers_report
+    from omnitrain.data.shards import read_manifest
     from omnitrain.tokenizer.layout import TokenLayout
 
-    lines, problems, vocab, layout_hash = [], [], None, cfg.data.layout_hash
+    lines, problems, vocab = [], [], None
     if not cfg.data.sources:
         return lines, ["no training data: set data.sources (see recipes/data/)"], None
     first = Path(next(iter(cfg.data.sources.values())).path)
     try:
-        layout = TokenLayout.load(first, expect_hash=layout_hash)
-        vocab, layout_hash = layout.vocab_size, layout.hash
+        vocab = TokenLayout.load(first, expect_hash=cfg.data.layout_hash).vocab_size
         if cfg.model.vocab_size not in (0, vocab):
             problems.append(f"model.vocab_size={cfg.model.vocab_size} but the data's layout ({first}/layout.json) has {vocab} ids: "
                             "drop model.vocab_size")  # fmt: skip
     except (OSError, ValueError) as e:
         problems.append(f"token layout: {e}")
-    strict = _loader_needs_a_shard_per_reader()
-    for name, spec in cfg.data.sources.items():
-        path = Path(spec.path)
-        manifest_file = path / MANIFEST
-        if not manifest_file.is_file():
-            what = "does not exist" if not path.exists() else f"has no {MANIFEST}"
-            problems.append(f"source '{name}': {path} {what} (build it with `omnitrain data build`, or fix data.sources.{name}.path)")
+    for row in readers_report(cfg.data, world):
+        name, path, spec = row["source"], Path(row["path"]), cfg.data.sources[row["source"]]
+        if "shards" not in row:  # no readable manifest
+            what = "does not exist" if not path.exists() else row["problem"]
+            problems.append(f"source '{name}': {path} {what}" + (" (build it with `omnitrain data build`, or fix "
+                            f"data.sources.{name}.path)" if not path.exists() else ""))  # fmt: skip
             lines.append(f"  {name:<20} MISSING  {path} {what}")
             continue
-        m = json.loads(manifest_file.read_text())
-        shards = m.get("shards", [])
-        tokens = sum(m.get("tokens", {}).values())
-        if layout_hash and m.get("layout_hash") != layout_hash:
-            problems.append(f"source '{name}': layout {m.get('layout_hash')} differs from {layout_hash}: rebuild it with the same layout")
-        missing = [s["name"] for s in shards if not (path / s["name"]).is_file()] if spec.url is None else []
-        if missing:
-            problems.append(f"source '{name}': {len(missing)} of {len(shards)} shards listed in {manifest_file} are missing, e.g. {missing[0]}")
-        if len(shards) < readers and strict:
-            problems.append(f"source '{name}': {len(shards)} shards for {readers} readers (ranks x workers): rebuild with smaller "
-                            "shard_samples, or lower data.workers")  # fmt: skip
-        share = f"{len(shards)} shards / {readers} readers" + (" (readers share shards)" if len(shards) < readers and not strict else "")
-        where = "remote, not checked" if spec.url else ("ok" if not missing else f"{len(missing)} missing")
-        lines.append(f"  {name:<20} {share:<38} {tokens / 1e9:8.2f}B tokens  {where}")
+        where = "remote, not checked"
+        if spec.url is None:
+            try:
+                read_manifest(path, check_files=True)
+                where = "ok"
+            except (FileNotFoundError, ValueError) as e:
+                where = "shards missing"
+                problems.append(f"source '{name}': {e}")
+        if not row["ok"]:
+            problems.append(f"source '{name}': {row['problem']}")
+        share = f"{row['shards']} shards / {row['readers']} readers" + (f" ({row['readers_per_shard']} per shard)" if row["readers_per_shard"] > 1 else "")
+        lines.append(f"  {name:<20} {share:<38} {row['samples']:>12,} samples  {where}")
     return lines, problems, vocab
 
 
@@ -271,7 +253,7 @@ def plan(cfg: PlanConfig) -> dict[str, Any]:
     if st.name == "fsdp" and world % st.hsdp_replicas:
         raise ValueError(f"strategy.hsdp_replicas={st.hsdp_replicas} does not divide {world} GPUs")
     readers = world * max(cfg.data.workers, 1)
-    data_lines, problems, vocab = check_data(cfg, readers)
+    data_lines, problems, vocab = check_data(cfg, world)
     model = cfg.model
     assumed = ""
     if not model.vocab_size:
