@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -398,3 +399,45 @@ def test_the_hash_of_a_file_is_sha256sum(tmp_path):
     import hashlib
 
     assert checkpoint.sha256_file(f) == hashlib.sha256(f.read_bytes()).hexdigest()
+
+
+# ----------------------------------------------------------------------------- a second stop signal (item 5)
+LONG_STEP = """
+import sys, torch
+from omnitrain.train.preemption import Preemption
+from omnitrain.train.hardstop import watch_second_signal
+torch.set_num_threads(1)
+Preemption.install()  # the first TERM only asks for a save at the end of the step
+watch_second_signal()
+a = torch.randn(6000, 6000)
+print("in the step", flush=True)
+for _ in range(1000):
+    a @ a  # ~10 s each on one core: a step that does not end soon
+"""
+
+
+def test_a_second_sigterm_ends_a_long_step_at_once():
+    proc = subprocess.Popen([sys.executable, "-c", LONG_STEP], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "in the step"
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(1.0)
+        assert proc.poll() is None  # the first one waits for the end of the step (to save there)
+        t = time.perf_counter()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 128 + signal.SIGTERM
+        assert time.perf_counter() - t < 5  # inside one matmul: not after it
+        assert "second stop signal (SIGTERM): exiting at once" in proc.stderr.read()
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_the_second_signal_watch_is_undone_after_training(shards, tmp_path):
+    before = signal.set_wakeup_fd(-1)
+    signal.set_wakeup_fd(before)
+    run(shards, tmp_path / "run", "steps=1", "ckpt_every=1")
+    after = signal.set_wakeup_fd(-1)
+    signal.set_wakeup_fd(after)
+    assert after == before

@@ -54,6 +54,7 @@ from omnitrain.model.transformer import ModelConfig, Transformer
 from omnitrain.tokenizer.layout import MODALITIES, TokenLayout
 from omnitrain.train import checkpoint, lock
 from omnitrain.train.dpo import DPOConfig, DPOObjective, make_preference_loader, precompute_reference
+from omnitrain.train.hardstop import watch_second_signal
 from omnitrain.train.objectives import (
     HFInitConfig,
     LMObjective,
@@ -166,9 +167,12 @@ class StepResult:
 def train(cfg: TrainConfig, plain_config: dict[str, Any] | None = None) -> dict[str, Any]:
     """Train; returns a summary (run_dir, final step, tokens, preempted, seconds, steps/s)."""
     preempt = Preemption.install()  # first: a USR1 / TERM during start-up (launch, build, resume) stops before step 1
+    second = watch_second_signal()  # a second TERM / INT exits at once, even inside a long step (hardstop.py)
     try:
         return _train(cfg, plain_config, preempt)
     finally:
+        if second is not None:
+            second.stop()
         preempt.restore()
 
 
