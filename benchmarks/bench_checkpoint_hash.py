@@ -77,7 +77,7 @@ def main() -> None:
             rows["save"].append(timed(lambda: (torch.save(state, folder / "state"), torch.save({"rng": 0}, folder / "rank_00000.pt"))))
             sizes = checkpoint._listing(folder)
             files: dict = {}
-            rows["sha256"].append(timed(lambda: files.update(checkpoint.checksums(folder, sizes))))
+            rows["sha256"].append(timed(lambda files=files, sizes=sizes: files.update(checkpoint.checksums(folder, sizes))))
             (folder / "meta.json").write_text(__import__("json").dumps({"schema_version": 2, "step": 1, "world_size": 1, "files": files}))
             rows["verify"].append(timed(lambda: checkpoint.verify(folder)))
             rows["blake2b"].append(timed(lambda: digest(folder / "state", hashlib.blake2b)))
