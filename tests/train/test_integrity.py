@@ -441,3 +441,31 @@ def test_the_second_signal_watch_is_undone_after_training(shards, tmp_path):
     after = signal.set_wakeup_fd(-1)
     signal.set_wakeup_fd(after)
     assert after == before
+
+
+@pytest.mark.slow
+def test_a_damaged_fsdp_shard_file_is_found_by_two_ranks_and_resume_falls_back(shards, tmp_path):
+    """FSDP2 writes one distributed-checkpoint file per rank under state/: each is listed, hashed by one of the ranks,
+    and verified on resume; a flipped bit in one makes both ranks fall back together (no rank left waiting)."""
+    launcher_vars = ("SLURM_", "LOCAL_RANK", "RANK", "WORLD_SIZE", "NODE_RANK", "GROUP_RANK", "MASTER_", "TORCHELASTIC_")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(launcher_vars)}
+    run_dir = tmp_path / "run"
+    fsdp = ("strategy=fsdp", "strategy.devices=2", "strategy.accelerator=cpu")
+
+    def train_2_ranks(*extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "omnitrain.cli", *cli(shards, run_dir, *fsdp, *extra)], env=env,
+                              capture_output=True, text=True, timeout=600)  # fmt: skip
+
+    first = train_2_ranks("steps=2", "ckpt_every=1")
+    assert first.returncode == 0, first.stderr[-3000:]
+    newest = checkpoint.step_dir(run_dir, 2)
+    files = json.loads((newest / "meta.json").read_text())["files"]
+    shard_files = sorted(n for n in files if n.endswith(".distcp"))
+    assert len(shard_files) == 2 and "rank_00001.pt" in files  # one file per rank, all listed
+    data = bytearray((newest / shard_files[1]).read_bytes())
+    data[len(data) // 2] ^= 0x01
+    (newest / shard_files[1]).write_bytes(bytes(data))
+    again = train_2_ranks("steps=3", "ckpt_every=1")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"checkpoint step_000000002 is damaged: {newest / shard_files[1]} fails its checksum" in again.stdout
+    assert json.loads((run_dir / "run.json").read_text())["attempts"][-1]["start_step"] == 1
