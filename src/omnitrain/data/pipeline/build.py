@@ -10,9 +10,13 @@ the sidecar records the next item. A new run skips to the last complete shard's 
 reloads its de-duplication hashes, cuts ``errors-pNNN.jsonl`` back to that point, and goes on: no
 sample is lost or written twice.
 
-Bad records (unreadable media, empty or over-long samples, missing files, malformed rows) go to
-``errors-pNNN.jsonl`` with the reason and origin; the build stops with a clear message only when
-the share of bad records passes ``max_error_rate`` (after ``min_items_for_error_rate`` items).
+Bad records (unreadable or truncated media, audio too short for its transcript, text that is not
+UTF-8, empty or over-long samples, missing files, malformed rows) go to ``errors-pNNN.jsonl`` with
+the reason, the file and the line (or row); once every partition is done they are gathered in
+``errors.jsonl``. The build stops with a clear message only when the share of bad records passes
+``max_error_rate`` (after ``min_items_for_error_rate`` items). Outputs that cannot be written are
+one-line errors naming the path. A second build of an unchanged source into a finished folder
+says so and does nothing.
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ import hashlib
 import importlib
 import json
 import multiprocessing as mp
+import os
+import re
 import sys
 import time
 from collections.abc import Iterator
@@ -37,6 +43,7 @@ from omnitrain.data.pipeline.media import MediaConfig, MediaTokenizers
 from omnitrain.data.pipeline.readers import SourceConfig, iter_records
 from omnitrain.data.pipeline.templates import SampleEncoder, SkipSample, Template
 from omnitrain.data.shards import (
+    MANIFEST,
     SCHEMA_VERSION,
     Sample,
     ShardInfo,
@@ -49,6 +56,9 @@ from omnitrain.sources.text import expand_paths
 from omnitrain.tokenizer import bundle
 from omnitrain.tokenizer.bundle import TokenizerPaths
 from omnitrain.tokenizer.layout import MODALITIES, LayoutMismatchError, TokenLayout
+
+
+ERRORS = "errors.jsonl"  # every bad record of a finished build, with its file and line (or row)
 
 
 @dataclass
@@ -82,6 +92,9 @@ class BuildConfig:
     partition: str = "0/1"  # "i/N": build the i-th of N disjoint parts (Slurm array tasks)
     max_error_rate: float = 0.05
     min_items_for_error_rate: int = 100
+    # speech: a clip whose text runs faster than this (characters per second of audio) is cut short or
+    # paired with the wrong text, and is logged, not built; read speech is ~15/s (LibriVox ~14). 0: off
+    max_chars_per_second: float = 35.0
 
     def __post_init__(self) -> None:
         try:
@@ -150,12 +163,15 @@ def _encode_item(item: int, record: dict[str, Any]) -> dict[str, Any]:
             raise SkipSample(f"filtered by {cfg.pipeline.filters.hook}: {reason}")
         if _STATE["media"] is not None:
             _STATE["media"].base_dir = Path(record.get("__dir__", "."))
+            _STATE["media"].audio_seconds = []
         e = enc.encode(template, record)
+        if _STATE["media"] is not None and (problem := _speech_rate_problem(template, record, _STATE["media"], cfg.max_chars_per_second)):
+            raise SkipSample(problem)
         n = len(e.ids)
         if not cfg.pipeline.filters.min_tokens <= n <= cfg.pipeline.filters.max_tokens:
             raise SkipSample(f"{n} tokens, outside [{cfg.pipeline.filters.min_tokens}, {cfg.pipeline.filters.max_tokens}]")
     except SkipSample as err:
-        return {"item": item, "error": str(err), "origin": origin}
+        return {"item": item, **_where(origin), "error": str(err), "origin": origin}
     meta = {
         "schema_version": SCHEMA_VERSION, "layout_hash": _STATE["layout"].hash, "source": cfg.pipeline.name,
         "template": template.name, "segments": e.segments, "learn": e.learn, "origin": origin,
@@ -166,6 +182,30 @@ def _encode_item(item: int, record: dict[str, Any]) -> dict[str, Any]:
     for start, end, mod in e.segments:
         tokens[mod] += end - start
     return {"item": item, "ids": e.ids, "meta": meta, "tokens": tokens, "hash": _content_hash(record, template)}
+
+
+def _speech_rate_problem(template: Template, record: dict[str, Any], media: MediaTokenizers, limit: float) -> str | None:
+    """Why a clip is too short for its text, or None: for templates with one audio part and text
+    parts (asr, tts), more than ``limit`` characters per second of audio means the audio was cut
+    short, or the text belongs to another clip (issue 22)."""
+    audio = [p.audio for p in template.parts if p.kind == "audio"]
+    texts = [record.get(p.text) for p in template.parts if p.kind == "text"]
+    seconds = sum(media.audio_seconds)
+    chars = sum(len(t.strip()) for t in texts if isinstance(t, str))
+    if limit <= 0 or len(audio) != 1 or len(media.audio_seconds) != 1 or chars < 16 or chars <= limit * seconds:
+        return None  # 16: a word or two in a short clip says little about its length
+    return (f"audio {str(record.get(audio[0]))[:200]} lasts {seconds:.2f}s for {chars} characters of text "
+            f"({chars / seconds:.0f}/s > max_chars_per_second={limit:g}): the audio is cut short or the text "
+            "belongs to another clip")  # fmt: skip
+
+
+def _where(origin: str) -> dict[str, Any]:
+    """``{"file", "line"}`` (or ``"row"``) of a record's origin, as the readers write it."""
+    if m := re.fullmatch(r"(.+):(\d+)", origin):
+        return {"file": m.group(1), "line": int(m.group(2))}
+    if m := re.fullmatch(r"(.+)#row(\d+)", origin) or re.fullmatch(r"(.+\])\[(\d+)\]", origin):  # parquet, hf
+        return {"file": m.group(1), "row": int(m.group(2))}
+    return {"file": origin}
 
 
 def _encode_chunk(chunk: list[tuple[int, dict[str, Any]]]) -> list[dict[str, Any]]:
@@ -200,7 +240,7 @@ def build_shards(cfg: BuildConfig) -> dict[str, Any]:
 def _build_shards(cfg: BuildConfig) -> dict[str, Any]:
     part, n_parts = (int(x) for x in cfg.partition.split("/"))
     out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    _check_writable(out)
     template = load_template(cfg.templates_dir, cfg.pipeline.template)
     _init_worker(cfg, template)  # the parent encodes too when workers == 1, and owns the layout
     layout = _STATE["layout"]
@@ -213,6 +253,13 @@ def _build_shards(cfg: BuildConfig) -> dict[str, Any]:
             )
     layout.save(out / "layout.json")
 
+    if (out / f"done-p{part:03d}.json").is_file() and (out / MANIFEST).is_file():
+        manifest = json.loads((out / MANIFEST).read_text())
+        if manifest.get("source_fingerprint") == _fingerprint(cfg):  # same source, same files: nothing to do
+            print(f"{out} is already built (partition {cfg.partition}): {manifest['samples']:,} samples in "
+                  f"{len(manifest['shards'])} shard(s), see {out / MANIFEST}. To rebuild, remove the folder or set out_dir elsewhere.")  # fmt: skip
+            return {"samples": 0, "duplicates": 0, "tokens": dict.fromkeys(MODALITIES, 0), "errors": 0, "seconds": 0.0,
+                    "manifest": manifest, "already_built": True}  # fmt: skip
     done = read_sidecars(out, part)
     start_item = done[-1].next_item if done else 0
     seen = {h for info in done for h in info.hashes}
@@ -253,7 +300,13 @@ def _build_shards(cfg: BuildConfig) -> dict[str, Any]:
                 tokens[m] += k
         samples = [Sample(f"p{part:03d}-{r['item']:09d}", r["ids"], r["meta"]) for r in buffer]
         info = ShardInfo(name, len(samples), tokens, first_item, next_item, [r["hash"] for r in buffer])
-        write_shard(out / name, samples, info)
+        try:
+            write_shard(out / name, samples, info)
+        except OSError as e:  # disk full, read-only, folder removed: one line; finished shards stay, a rerun resumes
+            for tmp in out.glob("*.tmp"):
+                tmp.unlink(missing_ok=True)
+            raise ValueError(f"cannot write shard {out / name}: {e.strerror or e}; free space or fix the permissions, "
+                             "then rerun the same command: it resumes after the last finished shard") from None  # fmt: skip
         shard_index, buffer, first_item = shard_index + 1, [], next_item
 
     try:
@@ -293,16 +346,34 @@ def _build_shards(cfg: BuildConfig) -> dict[str, Any]:
             pool.terminate()
     (out / f"done-p{part:03d}.json").write_text(json.dumps({"partition": cfg.partition, "errors": n_errors}) + "\n")
     complete = all((out / f"done-p{p:03d}.json").exists() for p in range(n_parts))
+    if complete:  # one errors.jsonl for the whole source, in partition order
+        merged = "".join((out / f"errors-p{p:03d}.jsonl").read_text() for p in range(n_parts) if (out / f"errors-p{p:03d}.jsonl").exists())
+        (out / "errors.jsonl.tmp").write_text(merged)
+        (out / "errors.jsonl.tmp").replace(out / ERRORS)
     manifest = write_manifest(out, {
         "layout_hash": layout.hash, "source": cfg.pipeline.name, "template": template.name,
         "source_fingerprint": _fingerprint(cfg), "partitions": n_parts, "complete": complete,
         "config": to_dict(cfg),
     }, n_parts)  # fmt: skip
     secs = time.perf_counter() - t0
-    tok = ", ".join(f"{m} {n:,}" for m, n in stats["tokens"].items() if n)
+    tok = ", ".join(f"{m} {n:,}" for m, n in stats["tokens"].items() if n) or "no"
+    log = out / (ERRORS if complete else errors_path.name)
     print(f"built {stats['samples']:,} samples ({tok} tokens) into {shard_index} shard(s) in {secs:.1f}s; "
-          f"{n_errors} error(s) -> {errors_path.name}, {stats['duplicates']} duplicate(s) dropped; {out}")  # fmt: skip
+          f"{n_errors} bad record(s) went to {log}, {stats['duplicates']} duplicate(s) dropped; {out}")  # fmt: skip
     return {**stats, "errors": n_errors, "seconds": secs, "manifest": manifest}
+
+
+def _check_writable(out: Path) -> None:
+    """Create ``out`` and write a probe file in it; any OS error is one line naming the path."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        where = e.filename or out
+        raise ValueError(f"cannot write the shards to out_dir={out}: {e.strerror or e} ({where}); "
+                         "choose a writable folder (out_dir=...)") from None  # fmt: skip
 
 
 def _fingerprint(cfg: BuildConfig) -> str:

@@ -41,6 +41,7 @@ class MediaTokenizers:
     def __init__(self, image: Any, audio: Any, cfg: MediaConfig, max_grid: int) -> None:
         self.image, self.audio, self.cfg, self.max_grid = image, audio, cfg, max_grid
         self.base_dir = Path(".")
+        self.audio_seconds: list[float] = []  # durations of the clips read for the current record
 
     # ------------------------------------------------------------------ images
     def _open_image(self, value: Any) -> Image.Image:
@@ -98,6 +99,8 @@ class MediaTokenizers:
             if isinstance(value, (str, Path)):
                 path = Path(value)
                 path = path if path.is_absolute() else self.base_dir / path
+                if problem := wav_truncation(path):
+                    raise SkipSample(problem)
                 wav = audio_io.read_audio(path, rate, channels=self.cfg.audio_channels)
             else:
                 wav = audio_io.read_hf_audio(value, rate, channels=self.cfg.audio_channels)
@@ -107,6 +110,7 @@ class MediaTokenizers:
             raise SkipSample(f"audio {str(value)[:200]} is empty")
         if len(wav) > self.cfg.max_audio_seconds * rate:
             raise SkipSample(f"audio {str(value)[:200]} is {len(wav) / rate:.1f}s, over max_audio_seconds={self.cfg.max_audio_seconds}")
+        self.audio_seconds.append(len(wav) / rate)
         return wav
 
     def audio_codes(self, value: Any) -> np.ndarray:
@@ -176,3 +180,32 @@ class MediaTokenizers:
                 chunks += [f.to_ndarray().reshape(-1) for f in resampler.resample(frame)]
             chunks += [f.to_ndarray().reshape(-1) for f in resampler.resample(None)]
         return np.concatenate(chunks).astype(np.float32) if chunks else None
+
+
+def wav_truncation(path: Path) -> str | None:
+    """Why a WAV file is shorter than its header says, or None (not a RIFF WAV, or complete).
+
+    libsndfile reads a cut WAV without complaint, up to where the bytes stop, so a file truncated
+    to 30 KB of 170 KB decodes as 1 s of a 5 s clip (issue 22). The header's ``data`` chunk size
+    says how many bytes the clip should have; fewer bytes on disk means the file was cut."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(12)
+        if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+            return None
+        pos, byte_rate = 12, 0
+        while pos + 8 <= size:
+            f.seek(pos)
+            chunk, n = f.read(4), int.from_bytes(f.read(4), "little")
+            if chunk == b"fmt ":
+                fmt = f.read(16)
+                byte_rate = int.from_bytes(fmt[8:12], "little") if len(fmt) == 16 else 0
+            elif chunk == b"data":
+                have = size - pos - 8
+                if n in (0, 0xFFFFFFFF) or have >= n:  # 0 / -1: written by a stream that never knew its length
+                    return None
+                secs = (f" ({have / byte_rate:.2f}s of {n / byte_rate:.2f}s)" if byte_rate else "")
+                return (f"{path}: truncated WAV: the header declares {n:,} bytes of audio, the file holds {have:,}{secs}; "
+                        "re-export or re-download it")  # fmt: skip
+            pos += 8 + n + (n & 1)  # chunks are padded to an even size
+    return None

@@ -21,12 +21,13 @@ Kinds:
 from __future__ import annotations
 
 import csv
+import gzip
 import json
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import IO, Any, Literal
 
 import pyarrow.parquet as pq
 
@@ -35,6 +36,7 @@ from omnitrain.sources import text as sources
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 AUDIO_SUFFIXES = (".wav", ".flac", ".mp3", ".ogg", ".opus")
 VIDEO_SUFFIXES = (".mp4", ".mkv", ".webm", ".mov", ".avi")
+_SURROGATE = re.compile("[\udc80-\udcff]")  # what errors="surrogateescape" makes of a non-UTF-8 byte
 
 
 @dataclass
@@ -69,20 +71,47 @@ def _folders(patterns: list[str]) -> list[Path]:
     return out
 
 
+def _not_utf8(where: str, e: UnicodeDecodeError) -> str:
+    bad = e.object[e.start : e.start + 1].hex()
+    return f"{where}: not UTF-8 (byte 0x{bad} at column {e.start + 1}); re-encode the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8`)"
+
+
+def _open_binary(path: Path) -> IO[bytes]:
+    return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
+
+
 def _rows(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(origin, row) of a record file; a row that cannot be read is ``{"__error__": why}``, and the
+    rows after it are still read (issue 22: one bad line never stops a build)."""
     suffix = Path(path.stem).suffix if path.suffix == ".gz" else path.suffix
     if suffix == ".jsonl":
-        with sources.open_text(path) as f:
-            for lineno, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        yield f"{path}:{lineno}", json.loads(line)
-                    except json.JSONDecodeError as e:
-                        yield f"{path}:{lineno}", {"__error__": f"not valid JSON ({e.msg})"}
+        with _open_binary(path) as f:  # bytes, decoded line by line: a non-UTF-8 line is that line's error
+            for lineno, raw in enumerate(f, 1):
+                where = f"{path}:{lineno}"
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    yield where, {"__error__": _not_utf8(where, e)}
+                    continue
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    yield where, {"__error__": f"not valid JSON ({e.msg})"}
+                    continue
+                yield where, row if isinstance(row, dict) else {"__error__": f"a JSON {type(row).__name__}, not an object"}
     elif suffix == ".csv":
-        with open(path, newline="", encoding="utf-8") as f:
+        # surrogateescape keeps undecodable bytes as lone surrogates, so a bad row is found and named, not fatal
+        with open(path, newline="", encoding="utf-8", errors="surrogateescape") as f:
             for rowno, row in enumerate(csv.DictReader(f), 2):
-                yield f"{path}:{rowno}", dict(row)
+                where = f"{path}:{rowno}"
+                bad = next((v for v in row.values() if isinstance(v, str) and _SURROGATE.search(v)), None)
+                if bad is not None:
+                    col = _SURROGATE.search(bad).start() + 1
+                    yield where, {"__error__": f"{where}: not UTF-8 (a field holds an undecodable byte at character {col}); re-encode the file as UTF-8"}
+                else:
+                    yield where, dict(row)
     elif suffix == ".parquet":
         for i, row in enumerate(pq.read_table(path).to_pylist()):
             yield f"{path}#row{i}", row
@@ -90,21 +119,53 @@ def _rows(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
         raise ValueError(f"{path}: records are read from .jsonl, .csv or .parquet, not {path.suffix!r}")
 
 
-def _sphinx_or_tab(path: Path) -> dict[str, str]:
-    """Transcripts file: ``id<TAB>text`` lines, or Sphinx's ``<s> text </s> (id)``."""
-    out = {}
-    for line in path.read_text(encoding="utf-8").splitlines():
+def _read_text_file(path: Path) -> str:
+    """A caption or transcript file, stripped. Raises ValueError naming the file when it is not UTF-8."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8").strip()
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise ValueError(_not_utf8(f"{path}:{line}", e)) from None
+
+
+def _sphinx_or_tab(path: Path) -> tuple[dict[str, str | ValueError], list[tuple[str, str]]]:
+    """Transcripts file: ``id<TAB>text`` lines, or Sphinx's ``<s> text </s> (id)``.
+
+    Returns (id -> text, [(file:line, error)]). A line that is not UTF-8 maps its id to the error,
+    so that only its clip fails; a line with no id is an error of its own (no clip to charge it to)."""
+    out: dict[str, str | ValueError] = {}
+    orphans: list[tuple[str, str]] = []
+    for lineno, raw in enumerate(path.read_bytes().splitlines(), 1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            line, problem = raw.decode("utf-8", "replace"), ValueError(_not_utf8(f"{path}:{lineno}", e))
+        else:
+            problem = None
         if not line.strip():
             continue
         m = re.fullmatch(r"\s*(?:<s>)?\s*(.*?)\s*(?:</s>)?\s*\(([^()]+)\)\s*", line)
         if m:
-            out[m.group(2)] = m.group(1)
+            out[m.group(2)] = problem or m.group(1)
         elif "\t" in line:
             key, text = line.split("\t", 1)
-            out[key.strip()] = text.strip()
+            out[key.strip()] = problem or text.strip()
         else:
-            raise ValueError(f"{path}: cannot read transcript line {line!r:.80}; use 'id<TAB>text'")
-    return out
+            orphans.append((f"{path}:{lineno}", f"{path}:{lineno}: cannot read transcript line {line!r:.80}; use 'id<TAB>text'"))
+    return out, orphans
+
+
+def _side_text(media: Path, name: str) -> dict[str, Any]:
+    """``{name: text}`` from the media file's same-name ``.txt`` (None if absent); an unreadable
+    one makes the record an error that names the text file and line."""
+    txt = media.with_suffix(".txt")
+    if not txt.is_file():
+        return {name: None}
+    try:
+        return {name: _read_text_file(txt)}
+    except ValueError as e:
+        return {name: None, "__error__": str(e)}
 
 
 def _raw_records(cfg: SourceConfig) -> Iterator[dict[str, Any]]:
@@ -113,9 +174,14 @@ def _raw_records(cfg: SourceConfig) -> Iterator[dict[str, Any]]:
             if path.suffix in (".jsonl", ".parquet") or path.name.endswith(".jsonl.gz"):
                 for origin, row in _rows(path):
                     yield {"__origin__": origin, "__dir__": str(path.parent), **row}
-            else:
-                for doc in sources.iter_file_documents(path, cfg.text_field):
-                    yield {"__origin__": str(path), "__dir__": str(path.parent), "text": doc}
+            else:  # one document per file: a file that cannot be read is one bad record
+                try:
+                    docs = list(sources.iter_file_documents(path, cfg.text_field))
+                except ValueError as e:
+                    docs = [e]
+                for doc in docs:
+                    rec = {"__error__": str(doc)} if isinstance(doc, ValueError) else {"text": doc}
+                    yield {"__origin__": str(path), "__dir__": str(path.parent), **rec}
     elif cfg.kind == "records":
         for path in _files(cfg.paths, (".jsonl", ".csv", ".parquet", ".gz")):
             for origin, row in _rows(path):
@@ -123,22 +189,22 @@ def _raw_records(cfg: SourceConfig) -> Iterator[dict[str, Any]]:
     elif cfg.kind == "image_folder":
         for folder in _folders(cfg.paths):
             for img in sorted(f for f in folder.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES):
-                cap = img.with_suffix(".txt")
-                caption = cap.read_text(encoding="utf-8").strip() if cap.is_file() else None
-                yield {"__origin__": str(img), "__dir__": str(folder), "image": str(img.resolve()), "caption": caption}
+                yield {"__origin__": str(img), "__dir__": str(folder), "image": str(img.resolve()), **_side_text(img, "caption")}
     elif cfg.kind == "audio_folder":
-        for folder in _folders(cfg.paths):
-            table = _sphinx_or_tab(Path(cfg.transcripts)) if cfg.transcripts else {}
+        folders = _folders(cfg.paths)
+        table, orphans = _sphinx_or_tab(Path(cfg.transcripts)) if cfg.transcripts else ({}, [])
+        for where, problem in orphans:
+            yield {"__origin__": where, "__dir__": str(folders[0]), "__error__": problem}
+        for folder in folders:
             for wav in sorted(f for f in folder.rglob("*") if f.suffix.lower() in AUDIO_SUFFIXES):
-                txt = wav.with_suffix(".txt")
-                text = txt.read_text(encoding="utf-8").strip() if txt.is_file() else table.get(wav.stem)
-                yield {"__origin__": str(wav), "__dir__": str(folder), "audio": str(wav.resolve()), "text": text}
+                rec = _side_text(wav, "text") if wav.with_suffix(".txt").is_file() else {"text": table.get(wav.stem)}
+                if isinstance(rec["text"], ValueError):
+                    rec = {"text": None, "__error__": str(rec["text"])}
+                yield {"__origin__": str(wav), "__dir__": str(folder), "audio": str(wav.resolve()), **rec}
     elif cfg.kind == "video_folder":
         for folder in _folders(cfg.paths):
             for clip in sorted(f for f in folder.rglob("*") if f.suffix.lower() in VIDEO_SUFFIXES):
-                cap = clip.with_suffix(".txt")
-                caption = cap.read_text(encoding="utf-8").strip() if cap.is_file() else None
-                yield {"__origin__": str(clip), "__dir__": str(folder), "video": str(clip.resolve()), "caption": caption}
+                yield {"__origin__": str(clip), "__dir__": str(folder), "video": str(clip.resolve()), **_side_text(clip, "caption")}
     elif cfg.kind == "hf":
         if not cfg.hf_dataset:
             raise ValueError("source.kind=hf needs source.hf_dataset (a hub name, a local folder or a save_to_disk folder)")
