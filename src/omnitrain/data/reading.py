@@ -42,7 +42,7 @@ from dataclasses import dataclass
 import numpy as np
 from webdataset.gopen import gopen
 
-from omnitrain.data.shards import REBUILD, CorruptShardError, check_shard
+from omnitrain.data.shards import REBUILD, CorruptShardError, check_shard, meta_from_disk
 from omnitrain.tokenizer.layout import check_layout_hash
 
 ON_CORRUPT = ("error", "skip")
@@ -69,13 +69,15 @@ def _rng(*keys: int | str) -> np.random.Generator:
 
 
 def decode_ids(data: bytes) -> np.ndarray:
-    """ids.npy -> array. Our own 1-D uint32 files are read straight from the buffer: np.load parses
-    every header with ast.literal_eval, a third of the loader's time per sample."""
+    """ids.npy -> array. Our own 1-D int32 (version 1: uint32) files are read straight from the
+    buffer: np.load parses every header with ast.literal_eval, a third of the loader's time per sample."""
     if data[:6] == b"\x93NUMPY" and data[6] == 1:
         header_len = int.from_bytes(data[8:10], "little")
         header = data[10 : 10 + header_len]
-        if b"'descr': '<u4'" in header and b"'fortran_order': False" in header and b"'shape': (" in header:
-            return np.frombuffer(data, dtype="<u4", offset=10 + header_len)
+        if b"'fortran_order': False" in header and b"'shape': (" in header:
+            for dtype in ("<i4", "<u4"):
+                if f"'descr': '{dtype}'".encode() in header:
+                    return np.frombuffer(data, dtype=dtype, offset=10 + header_len)
     return np.load(io.BytesIO(data), allow_pickle=False)
 
 
@@ -134,6 +136,7 @@ def read_shard_samples(url: str, expect_hash: str | None, entry: dict | None = N
             raise CorruptShardError(f"shard {url}: sample {key} lacks ids.npy or meta.json; {REBUILD}")
         try:
             meta, ids = json.loads(members["meta.json"]), decode_ids(members["ids.npy"])
+            meta = meta_from_disk(meta, f"shard {url}: sample {key}")
         except ValueError as e:
             raise CorruptShardError(f"shard {url}: sample {key} does not decode ({e}); {REBUILD}") from e
         if expect_hash is not None and meta.get("layout_hash") != expect_hash:

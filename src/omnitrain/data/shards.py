@@ -1,11 +1,24 @@
 """The shard format (its one owner): webdataset ``.tar`` files of token-id samples + ``manifest.json``.
 
-A shard ``shard-000042.tar`` holds samples, each two members:
+A shard ``shard-p000-000042.tar`` holds samples, each two members, every field with one type
+(:data:`SAMPLE_FIELDS`), so that any tool reads them (issue 21):
 
-* ``<key>.ids.npy``: the token ids, ``uint32`` [n];
-* ``<key>.meta.json``: ``{"schema_version", "layout_hash", "source", "template", "segments":
-  [[start, end, modality], ...], "learn": [[start, end], ...], "origin": "<file or row>"}``,
-  where ``learn`` lists the spans whose tokens are trained on (SFT prompts are left out).
+* ``<key>.ids.npy``: the token ids, ``int32`` [n] (``torch.nn.Embedding`` takes int32 and int64
+  indices, not uint32; the vocabulary stays far below 2**31);
+* ``<key>.meta.json``: ``{"schema_version": 2, "layout_hash", "source", "template", "origin":
+  "<file or row>", "segments": [[start, end], ...], "modalities": ["text" | "image" | "audio", ...],
+  "learn": [[start, end], ...]}`` (+ ``"branches": {"chosen": [[start, end], ...], "rejected": ...}``
+  in preference sources), where ``segments[i]`` holds tokens of ``modalities[i]`` and ``learn``
+  lists the spans whose tokens are trained on (SFT prompts are left out).
+
+So ``datasets.load_dataset("webdataset", data_files=...)`` types a shard as ``ids.npy:
+list<int32>`` and ``meta.json: struct<...>``, plain ``webdataset`` decodes the ids to an int32 array.
+In memory (:func:`meta_from_disk`, what readers hand on) ``meta["segments"]`` is the list of
+``[start, end, modality]`` triples the loader and the templates use.
+
+Version 1 (until issue 21) stored ``uint32`` ids and ``segments`` as ``[start, end, modality]``
+triples, which mixes ints and strings in one list (``ArrowInvalid`` in ``datasets``). Version-1
+shards still load here; rebuild them with ``omnitrain data build`` for other tools.
 
 Beside each finished shard a sidecar ``shard-000042.json`` records what it holds (samples, tokens
 per modality, the next input position, the content hashes used for de-duplication, the tar's size
@@ -38,9 +51,17 @@ import webdataset as wds
 
 from omnitrain.tokenizer.layout import MODALITIES, check_layout_hash
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: int32 ids, segments and modalities as parallel typed lists (issue 21)
+READABLE_VERSIONS = (1, 2)
 MANIFEST = "manifest.json"
 REBUILD = "rebuild it with `omnitrain data build`"
+IDS_DTYPE = np.dtype("<i4")
+# meta.json of a version-2 sample: one type per field (written into every manifest as "sample_fields")
+SAMPLE_FIELDS = {
+    "schema_version": "int", "layout_hash": "str", "source": "str", "template": "str", "origin": "str",
+    "segments": "list[list[int]]", "modalities": "list[str]", "learn": "list[list[int]]",
+    "branches": "dict[str, list[list[int]]] (preference sources only)",
+}  # fmt: skip
 
 
 class CorruptShardError(ValueError):
@@ -72,6 +93,29 @@ class ShardInfo:
     crc32: str | None = None
 
 
+def meta_to_disk(meta: dict[str, Any]) -> dict[str, Any]:
+    """In-memory meta (``segments`` as ``[start, end, modality]``) -> the version-2 meta.json."""
+    out = {**meta, "schema_version": SCHEMA_VERSION}
+    out["segments"] = [[int(a), int(b)] for a, b, _ in meta["segments"]]
+    out["modalities"] = [str(m) for _, _, m in meta["segments"]]
+    return out
+
+
+def meta_from_disk(meta: dict[str, Any], where: str) -> dict[str, Any]:
+    """A sample's meta.json, any readable version -> the in-memory form (``segments`` as triples).
+
+    Raises ValueError naming ``where`` for a version this omnitrain does not read."""
+    version = meta.get("schema_version")
+    if version not in READABLE_VERSIONS:
+        raise ValueError(f"{where}: shard schema_version {version}, this omnitrain reads {READABLE_VERSIONS}; "
+                         f"{REBUILD} (or update omnitrain)")  # fmt: skip
+    if version == 1:  # segments are [start, end, modality] already
+        return meta
+    out = dict(meta)
+    out["segments"] = [[a, b, m] for (a, b), m in zip(meta["segments"], out.pop("modalities"), strict=True)]
+    return out
+
+
 def shard_name(partition: int, index: int) -> str:
     return f"shard-p{partition:03d}-{index:06d}.tar"
 
@@ -83,8 +127,9 @@ def write_shard(path: Path, samples: list[Sample], info: ShardInfo) -> None:
     with wds.TarWriter(str(tmp), encoder=False, mtime=0.0) as sink:
         for s in samples:
             buf = io.BytesIO()
-            np.save(buf, np.asarray(s.ids, dtype=np.uint32), allow_pickle=False)
-            sink.write({"__key__": s.key, "ids.npy": buf.getvalue(), "meta.json": json.dumps(s.meta, sort_keys=True).encode()})
+            np.save(buf, np.asarray(s.ids, dtype=IDS_DTYPE), allow_pickle=False)
+            meta = json.dumps(meta_to_disk(s.meta), sort_keys=True).encode()
+            sink.write({"__key__": s.key, "ids.npy": buf.getvalue(), "meta.json": meta})
     data = tmp.read_bytes()
     info.bytes, info.crc32 = len(data), shard_checksum(data)
     sidecar = path.with_suffix(".json")
@@ -106,10 +151,7 @@ def read_sidecars(out_dir: Path, partition: int) -> list[ShardInfo]:
 def decode_sample(name: str, members: dict[str, bytes], expect_hash: str | None, where: str) -> Sample:
     if "ids.npy" not in members or "meta.json" not in members:
         raise ValueError(f"{where}: sample {name} lacks ids.npy or meta.json; the shard is not an omnitrain shard")
-    meta = json.loads(members["meta.json"])
-    if meta.get("schema_version") != SCHEMA_VERSION:
-        raise ValueError(f"{where}: sample {name} has shard schema_version {meta.get('schema_version')}, "
-                         f"this omnitrain reads {SCHEMA_VERSION}; rebuild the shards")  # fmt: skip
+    meta = meta_from_disk(json.loads(members["meta.json"]), f"{where}: sample {name}")
     if expect_hash is not None:
         check_layout_hash(expect_hash, meta.get("layout_hash", "?"), where)
     ids = np.load(io.BytesIO(members["ids.npy"]), allow_pickle=False)
@@ -146,7 +188,8 @@ def write_manifest(out_dir: Path, extra: dict[str, Any], partitions: int) -> dic
             samples += info.samples
             for m, n in info.tokens.items():
                 tokens[m] += n
-    manifest = {"schema_version": SCHEMA_VERSION, **extra, "shards": shards, "samples": samples, "tokens": tokens}
+    manifest = {"schema_version": SCHEMA_VERSION, "sample_fields": SAMPLE_FIELDS, **extra, "shards": shards,
+                "samples": samples, "tokens": tokens}  # fmt: skip
     tmp = out_dir / (MANIFEST + ".tmp")
     tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     tmp.replace(out_dir / MANIFEST)
@@ -164,8 +207,9 @@ def read_manifest(out_dir: Path, expect_hash: str | None = None, check_files: bo
         manifest = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{path} is not valid JSON ({e}); rebuild the shard set with `omnitrain data build`") from e
-    if manifest.get("schema_version") != SCHEMA_VERSION:
-        raise ValueError(f"{path}: shard schema_version {manifest.get('schema_version')}, expected {SCHEMA_VERSION}")
+    if manifest.get("schema_version") not in READABLE_VERSIONS:
+        raise ValueError(f"{path}: shard schema_version {manifest.get('schema_version')}, this omnitrain reads "
+                         f"{READABLE_VERSIONS}; {REBUILD} (or update omnitrain)")  # fmt: skip
     if expect_hash is not None:
         check_layout_hash(expect_hash, manifest.get("layout_hash", "?"), f"shard set {out_dir}")
     if not all(isinstance(s, dict) and "name" in s and "samples" in s for s in manifest.get("shards", [None])):

@@ -253,6 +253,9 @@ def _build_shards(cfg: BuildConfig) -> dict[str, Any]:
             )
     layout.save(out / "layout.json")
 
+    if (out / MANIFEST).is_file() and (old_version := json.loads((out / MANIFEST).read_text()).get("schema_version")) != SCHEMA_VERSION:
+        raise ValueError(f"{out} holds shards of format version {old_version}; this build writes version {SCHEMA_VERSION}, "
+                         f"and one folder holds one version. Remove {out} to rebuild, or set out_dir elsewhere.")  # fmt: skip
     if (out / f"done-p{part:03d}.json").is_file() and (out / MANIFEST).is_file():
         manifest = json.loads((out / MANIFEST).read_text())
         if manifest.get("source_fingerprint") == _fingerprint(cfg):  # same source, same files: nothing to do
