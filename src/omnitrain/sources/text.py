@@ -3,7 +3,7 @@
 Supported: ``.txt`` / ``.md`` / ``.rst`` / ``.html`` (a file is one document; HTML tags stripped), ``.jsonl`` (one JSON object per line, the text in
 ``text_field``), ``.parquet`` (column ``text_field``), each optionally ``.gz``-compressed; glob
 patterns; and any Hugging Face dataset: by hub name (online), a local data folder, or a
-``save_to_disk`` folder (offline).
+``save_to_disk`` folder (offline), always streamed through a shuffle buffer.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from typing import Any
 import pyarrow.parquet as pq
 
 TEXT_SUFFIXES = (".txt", ".jsonl", ".parquet", ".md", ".rst", ".html")
+SHUFFLE_BUFFER = 10_000  # rows held to shuffle a streamed Hugging Face dataset (as in datasets' streaming guide)
 
 
 class _TextOnly(html.parser.HTMLParser):
@@ -118,8 +119,12 @@ def iter_file_documents(path: Path, text_field: str = "text") -> Iterator[str]:
         raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); convert it to UTF-8") from e
 
 
-def load_hf_dataset(name_or_path: str, split: str = "train", config: str | None = None) -> Any:
-    """A Hugging Face ``Dataset``: a ``save_to_disk`` folder, a local data folder, or a hub name."""
+def load_hf_dataset(name_or_path: str, split: str = "train", config: str | None = None, streaming: bool = True) -> Any:
+    """A Hugging Face dataset: a ``save_to_disk`` folder, a local data folder, or a hub name.
+
+    ``streaming`` (the default): an ``IterableDataset`` that reads rows as they are asked for, so a
+    reader that stops early (``max_chars``, ``limit``) never downloads the rest (issue 21: the README's
+    fineweb-edu example would otherwise fetch the whole 10BT sample first). Otherwise a ``Dataset``."""
     import datasets  # datasets: ~0.5 s to import, only for Hugging Face datasets
 
     path = Path(name_or_path)
@@ -129,9 +134,9 @@ def load_hf_dataset(name_or_path: str, split: str = "train", config: str | None 
             if split not in ds:
                 raise ValueError(f"{path} has splits {list(ds)}, not '{split}'; set the split")
             ds = ds[split]
-        return ds
+        return ds.to_iterable_dataset() if streaming else ds
     try:
-        return datasets.load_dataset(name_or_path, config, split=split)
+        return datasets.load_dataset(name_or_path, config, split=split, streaming=streaming)
     except (FileNotFoundError, ConnectionError, OSError) as e:
         raise ValueError(
             f"could not load Hugging Face dataset {name_or_path!r} (split {split!r}): {e}. Offline, pass a local "
@@ -139,9 +144,22 @@ def load_hf_dataset(name_or_path: str, split: str = "train", config: str | None 
         ) from e
 
 
+def iter_hf_rows(name_or_path: str, split: str = "train", config: str | None = None, limit: int = 0, seed: int = 0) -> Iterator[dict[str, Any]]:
+    """Rows of a Hugging Face dataset, streamed and shuffled in a buffer of ``SHUFFLE_BUFFER`` rows
+    (``limit`` rows when that is smaller, so a small ``limit`` reads little more than it keeps) with
+    ``seed``: the same order on every run, so builds stay deterministic and restartable."""
+    ds = load_hf_dataset(name_or_path, split, config, streaming=True)
+    buffer = min(SHUFFLE_BUFFER, limit) if limit else SHUFFLE_BUFFER
+    if buffer > 1:
+        ds = ds.shuffle(seed=seed, buffer_size=buffer)  # shuffles the order of the dataset's files too
+    yield from ds
+
+
 def iter_hf_documents(name_or_path: str, split: str, field: str, config: str | None = None) -> Iterator[str]:
-    ds = load_hf_dataset(name_or_path, split, config)
-    if field not in ds.column_names:
-        raise ValueError(f"dataset {name_or_path!r} has no column '{field}' (columns: {ds.column_names})")
-    for batch in ds.select_columns([field]).iter(batch_size=1024):  # streams; never the whole column
-        yield from (v for v in batch[field] if v is not None)
+    """The ``field`` texts of a Hugging Face dataset, streamed (see :func:`iter_hf_rows`); the caller
+    stops when it has enough (``corpus.max_chars``) and nothing more is read."""
+    for i, row in enumerate(iter_hf_rows(name_or_path, split, config)):
+        if i == 0 and field not in row:
+            raise ValueError(f"dataset {name_or_path!r} has no column '{field}' (columns: {sorted(row)}); set text_field")
+        if row.get(field) is not None:
+            yield row[field]

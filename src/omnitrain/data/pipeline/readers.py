@@ -15,7 +15,8 @@ Kinds:
   (``id<TAB>text``, or Sphinx's ``<s> text </s> (id)``) -> ``{"audio", "text"}``;
 * ``video_folder``: clips (.mp4 .mkv .webm .mov .avi) with optional same-name ``.txt`` captions
   -> ``{"video", "caption"}``;
-* ``hf``: any Hugging Face dataset (hub name online; local folder or ``save_to_disk`` offline).
+* ``hf``: any Hugging Face dataset (hub name online; local folder or ``save_to_disk`` offline),
+  streamed through a seeded shuffle buffer (``omnitrain.sources.text.iter_hf_rows``).
 """
 
 from __future__ import annotations
@@ -208,8 +209,8 @@ def _raw_records(cfg: SourceConfig) -> Iterator[dict[str, Any]]:
     elif cfg.kind == "hf":
         if not cfg.hf_dataset:
             raise ValueError("source.kind=hf needs source.hf_dataset (a hub name, a local folder or a save_to_disk folder)")
-        ds = sources.load_hf_dataset(cfg.hf_dataset, cfg.hf_split, cfg.hf_config)
-        for i, row in enumerate(ds):
+        # streamed: iter_records stops at `limit` and nothing after it is downloaded (issue 21)
+        for i, row in enumerate(sources.iter_hf_rows(cfg.hf_dataset, cfg.hf_split, cfg.hf_config, limit=cfg.limit)):
             yield {"__origin__": f"{cfg.hf_dataset}[{cfg.hf_split}][{i}]", "__dir__": ".", **row}
 
 
