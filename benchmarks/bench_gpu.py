@@ -15,7 +15,7 @@ each with torch.compile off and on. On: per block with ``fullgraph=True``, as to
 ``omnitrain train compile=true`` do (``omnitrain.train.strategy.compile_blocks``, the same function);
 ``--compile-scope model`` compiles the whole model instead, for comparison. Per configuration: warm-up steps (compilation included) are excluded, then
 each step is timed with CUDA events and the median taken. tokens/s/GPU = B T / median step;
-MFU = tokens/s x ``runlog.flops_per_token(model, T)`` / the GPU's dense bf16 peak (PEAK_BF16, by
+MFU = tokens/s x ``runlog.flops_per_token(model, T)`` / the GPU's dense bf16 peak (``strategy.GPUS``, by
 ``torch.cuda.get_device_name()``; an unknown GPU gets no MFU, and says so); peak memory =
 ``torch.cuda.max_memory_allocated`` over the timed steps; and the attention kernels of one more
 step, from ``torch.profiler`` (op and kernel names matched by substrings: flash, efficient, cudnn,
@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import re
 import statistics
 import time
 from collections.abc import Callable, Iterable
@@ -56,21 +55,7 @@ BACKENDS = ("sdpa", "flex")
 PAD_ID = 0  # any id: padding carries no loss
 GOAL = "target >= 40 % MFU on one H100, bf16, 1b, packed 4096"
 GOAL_MFU = 40.0
-PLAN_NOTE = "omnitrain plan does not exist yet: no expected figure beside the measured one"
-
-# Dense (no sparsity) bf16 tensor-core peak FLOP/s by torch.cuda.get_device_name(), from NVIDIA's
-# datasheets (sparse figures halved). First match wins; the patterns keep H100 PCIe from H100 SXM and
-# L4 from L40S. Not listed -> MFU is not reported (strategy.peak_flops counts every H100 as SXM).
-PEAK_BF16 = (
-    (r"\bH100\b.*\bPCIe\b", 756e12),
-    (r"\bH100\b.*\bNVL\b", 835e12),
-    (r"\bH100\b", 989e12),  # SXM ("NVIDIA H100 80GB HBM3")
-    (r"\bG?H200\b", 989e12),
-    (r"\bA100\b", 312e12),
-    (r"\bL40S\b", 362e12),
-    (r"\bL4\b", 121e12),
-    (r"\bA10\b", 125e12),  # A10, not A10G (no published figure) nor A100
-)
+ASSUMED_MFU = 0.40  # omnitrain plan's default (cluster.mfu): its expected tokens/s is printed beside the measured one
 
 # (kind, substrings of a profiler op or kernel name), first match wins: cuDNN's attention kernels
 # and the flex kernels may say "flash" too, so they come first. SDPA's choice shows in its op
@@ -103,8 +88,26 @@ class Setup(NamedTuple):
 
 
 def peak_bf16_flops(device_name: str) -> float | None:
-    """Dense bf16 peak FLOP/s of a GPU by its name, None when it is not in PEAK_BF16."""
-    return next((flops for pattern, flops in PEAK_BF16 if re.search(pattern, device_name, re.IGNORECASE)), None)
+    """Dense bf16 peak FLOP/s of a GPU by its name (``omnitrain.train.strategy.GPUS``, the table training's MFU and
+    ``omnitrain plan`` use), None when it is not known."""
+    from omnitrain.train.strategy import gpu_of, gpu_peak_flops
+
+    gpu = gpu_of(device_name)
+    return gpu_peak_flops(gpu, "bf16-mixed") if gpu else None
+
+
+def planned(setup: Setup, fields: dict, vocab: int, peak_flops: float | None) -> dict:
+    """What ``omnitrain plan`` expects of this configuration on one GPU: peak memory, and tokens/s at ASSUMED_MFU."""
+    from omnitrain.config import from_dict
+    from omnitrain.model.transformer import ModelConfig
+    from omnitrain.train.plan import flops_per_token, memory
+    from omnitrain.train.strategy import StrategyConfig
+
+    model = from_dict(ModelConfig, {**fields, "vocab_size": vocab, "attention": setup.backend})
+    strategy = StrategyConfig(precision="bf16-mixed" if setup.bf16 else "32-true")
+    peak = memory(model, strategy, 1, setup.batch, setup.seq_len)["peak"] / 2**30
+    tps = None if peak_flops is None else ASSUMED_MFU * peak_flops / flops_per_token(model, setup.seq_len)
+    return {"peak_gb": peak, "tokens_per_s": tps}
 
 
 def attention_kind(name: str) -> str | None:
@@ -252,19 +255,20 @@ def kernels_note(kernels: dict[str, list[str]]) -> str:
                                      for kind, names in kernels.items())  # fmt: skip
 
 
-def rows_for(setup: Setup, m: dict, peak_flops: float | None, base_tps: float | None, config: str) -> list[dict]:
-    """The table rows of one measured configuration (MFU only with a known peak)."""
+def rows_for(setup: Setup, m: dict, peak_flops: float | None, base_tps: float | None, config: str, plan: dict) -> list[dict]:
+    """The table rows of one measured configuration (MFU only with a known peak), with omnitrain plan's expectation."""
+    expected = "" if plan["tokens_per_s"] is None else f"; plan at MFU {ASSUMED_MFU:.0%}: {plan['tokens_per_s']:,.0f} tokens/s"
     rows = [{"metric": f"tokens/s/GPU, {setup.name}", "value": m["tokens_per_s"], "unit": "tokens/s", "baseline": base_tps,
-             "note": f"{kernels_note(m['kernels'])}; baseline: {setup.size}, sdpa, compile off; {config}"}]  # fmt: skip
+             "note": f"{kernels_note(m['kernels'])}; baseline: {setup.size}, sdpa, compile off; {config}{expected}"}]  # fmt: skip
     if peak_flops is not None:
         mfu = 100 * m["tokens_per_s"] * m["flops_per_token"] / peak_flops
         goal = setup.size == "1b"
         rows.append({"metric": f"MFU, {setup.name}", "value": mfu, "unit": "%", "baseline": GOAL_MFU if goal else None,
                      "note": (f"baseline: the goal, {GOAL}; " if goal else "") + f"{m['flops_per_token'] / 1e9:.3f} GFLOP/token "
-                             f"over {peak_flops / 1e12:.0f} TFLOP/s; {PLAN_NOTE}"})  # fmt: skip
+                             f"over {peak_flops / 1e12:.0f} TFLOP/s; omnitrain plan assumes {ASSUMED_MFU:.0%}"})  # fmt: skip
     if m["peak_gb"] is not None:
         rows.append({"metric": f"peak memory, {setup.name}", "value": m["peak_gb"], "unit": "GiB", "baseline": None,
-                     "note": "torch.cuda.max_memory_allocated over the timed steps"})  # fmt: skip
+                     "note": f"torch.cuda.max_memory_allocated over the timed steps; omnitrain plan: {plan['peak_gb']:.1f} GiB"})  # fmt: skip
     return rows
 
 
@@ -297,8 +301,7 @@ def run(quick: bool = False, sizes: Iterable[str] = SIZES, batch: int = BATCH, c
           f"fused loss, grad clip, {'fused ' if device == 'cuda' else ''}AdamW; vocab {vocab}; compile "
           f"{'per block' if compile_scope == 'blocks' else 'of the whole model'} when on; {warmup} warm-up + {steps} timed steps, median")  # fmt: skip
     if peak_flops is None:
-        print(f"MFU not reported: no dense bf16 peak known for {device_name!r} (add it to PEAK_BF16)")
-    print(PLAN_NOTE)
+        print(f"MFU not reported: no dense bf16 peak known for {device_name!r} (add it to omnitrain.train.strategy.GPUS)")
     rows, base_tps = [], {}
     for setup in setups:
         f = fields[setup.size]
@@ -314,8 +317,10 @@ def run(quick: bool = False, sizes: Iterable[str] = SIZES, batch: int = BATCH, c
         base_tps.setdefault(setup.size, m["tokens_per_s"])
         mfu = "" if peak_flops is None else f", MFU {100 * m['tokens_per_s'] * m['flops_per_token'] / peak_flops:.1f} %"
         peak = "" if m["peak_gb"] is None else f", peak memory {m['peak_gb']:.1f} GiB"
-        print(f"    step {m['step_s'] * 1e3:.1f} ms, {m['tokens_per_s']:,.0f} tokens/s{mfu}{peak}; {kernels_note(m['kernels'])}")
-        rows += rows_for(setup, m, peak_flops, None if first else base_tps[setup.size], config)
+        plan = planned(setup, f, vocab, peak_flops)
+        expected = f"plan: peak {plan['peak_gb']:.1f} GiB" + ("" if plan["tokens_per_s"] is None else f", {plan['tokens_per_s']:,.0f} tokens/s at MFU {ASSUMED_MFU:.0%}")
+        print(f"    step {m['step_s'] * 1e3:.1f} ms, {m['tokens_per_s']:,.0f} tokens/s{mfu}{peak}; {kernels_note(m['kernels'])}; {expected}")
+        rows += rows_for(setup, m, peak_flops, None if first else base_tps[setup.size], config, plan)
     if rows:
         print_rows(rows)
     return [] if cpu_smoke else rows  # smoke figures are not measurements

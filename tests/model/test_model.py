@@ -316,7 +316,7 @@ def test_activation_checkpointing_gives_the_same_gradients():
 
 def test_flops_and_config_errors():
     model = Transformer(ModelConfig(vocab_size=100, dim=64, n_layers=2, n_heads=4))
-    assert model.flops_per_token(128) == 6 * model.num_params() + 12 * 2 * 64 * 128
+    assert model.flops_per_token(128) == 6 * (model.num_params() + 100 * 64) + 12 * 2 * 64 * 128  # + the tied output projection
     with pytest.raises(ValueError, match="multiple of n_heads"):
         ModelConfig(dim=30, n_heads=4)
     with pytest.raises(ValueError, match="model.attention='xla': choose one of auto, sdpa, flex"):

@@ -102,3 +102,26 @@ def test_a_step_between_log_steps_reads_only_its_finiteness(shards, tmp_path, mo
         assert of_step.get("train/runlog.py", 0) == 0 and of_step.get("train/strategy.py", 0) <= 1, of_step
         assert set(of_step) <= {"train/loop.py", "train/strategy.py", "model/transformer.py"}, of_step
     assert sum(n for (k, f), n in reads.items() if k in (3, 6) and f == "train/runlog.py") == 2  # Throughput.read
+
+
+def test_the_loader_marks_batches_of_one_document_a_row_and_the_model_then_skips_the_mask(tmp_path):
+    """Documents longer than a row give rows of one document each: the loader says so on the host (``one_document``),
+    and the objective then runs plain causal attention, with the loss of the masked path. Packed rows are not marked."""
+    from omnitrain.data.loader import LoaderConfig, SourceSpec
+    from tests.synthetic import _id_range, make_text_shard_set, small_layout
+
+    layout = small_layout()
+    text = _id_range(layout, "text")
+    g = torch.Generator().manual_seed(0)
+    long_docs = [torch.randint(*text, (100,), generator=g).tolist() for _ in range(8)]
+    short_docs = [torch.randint(*text, (9,), generator=g).tolist() for _ in range(40)]
+    model = Transformer(ModelConfig(vocab_size=layout.vocab_size, dim=32, n_layers=2, n_heads=4, attention="sdpa"))
+    for docs, one in ((long_docs, True), (short_docs, False)):
+        path = make_text_shard_set(tmp_path / str(one), "text", layout, docs, n_shards=2)
+        loader = OmniLoader(LoaderConfig(sources={"text": SourceSpec(str(path))}, seq_len=48, batch_size=2, workers=0))
+        batch = next(loader)
+        loader.close()
+        assert batch["one_document"] is one
+        fast, _ = LMObjective().loss(model, batch, denom=1.0)
+        masked, _ = LMObjective().loss(model, {**batch, "one_document": False}, denom=1.0)
+        assert fast.item() == pytest.approx(masked.item(), rel=1e-5)

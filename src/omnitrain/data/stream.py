@@ -141,6 +141,10 @@ class Stream:
             "targets": torch.from_numpy(ids[:, 1:].copy()),
             "loss_weights": torch.from_numpy(weights[:, 1:].copy()),
             "doc_ids": torch.from_numpy(docs[:, :-1].copy()),
+            # every row one document (number 0) and then padding: plain causal attention gives the same result (padding
+            # comes last and carries no loss), so the model may skip the document mask. Decided here, on the host, from
+            # the numpy rows: not a data-dependent branch (a device read) in the model's forward
+            "one_document": bool((docs[:, :-1] <= 0).all()),
         }
 
     def state(self) -> dict:

@@ -70,13 +70,7 @@ def state_dict_from_hf(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def state_dict_to_hf(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """omnitrain parameter names -> Hugging Face Llama's."""
-    out = {}
-    for name, t in sd.items():
-        new = _rename(name, 1)
-        if new is None:
-            raise ValueError(f"no Hugging Face name for omnitrain parameter {name}")
-        out[new] = t
-    return out
+    return {hf_name(name): t for name, t in sd.items()}
 
 
 def load_hf_llama(name_or_path: str, gguf_file: str | None = None) -> tuple[Transformer, Any]:
@@ -115,9 +109,7 @@ def extend_vocabulary(model: Transformer, vocab_size: int, seed: int = 0) -> Tra
     gen = torch.Generator().manual_seed(seed)
 
     def grow(w: torch.Tensor) -> torch.Tensor:
-        mean, std = w.mean(0), w.std(0)
-        new = mean + 0.1 * std * torch.randn(vocab_size - old, w.shape[1], generator=gen, dtype=w.dtype)
-        return torch.cat([w, new])
+        return grow_rows(w, vocab_size, gen)
 
     emb = grow(model.tok_embeddings.weight.data)
     model.tok_embeddings = torch.nn.Embedding(vocab_size, model.cfg.dim, _weight=emb)
@@ -131,6 +123,21 @@ def extend_vocabulary(model: Transformer, vocab_size: int, seed: int = 0) -> Tra
     model.cfg.vocab_size = vocab_size
     model.modality_table = torch.zeros(vocab_size, dtype=torch.long)
     return model
+
+
+def grow_rows(w: torch.Tensor, vocab_size: int, gen: torch.Generator) -> torch.Tensor:
+    """``w`` [V_old, D] with ``vocab_size - V_old`` rows appended, drawn as ``extend_vocabulary`` says (from ``gen``)."""
+    mean, std = w.mean(0), w.std(0)
+    new = mean + 0.1 * std * torch.randn(vocab_size - w.shape[0], w.shape[1], generator=gen, dtype=w.dtype)
+    return torch.cat([w, new])
+
+
+def hf_name(name: str) -> str:
+    """An omnitrain parameter name -> Hugging Face Llama's."""
+    new = _rename(name, 1)
+    if new is None:
+        raise ValueError(f"no Hugging Face name for omnitrain parameter {name}")
+    return new
 
 
 def export_hf(model: Transformer, out_dir: str) -> str:

@@ -103,11 +103,8 @@ def save_model(model: torch.nn.Module, out_dir: Path, layout_dir: Path | None = 
     return out_dir
 
 
-def load_model(path: str | Path, device: str = "cpu") -> tuple[Transformer, TokenLayout | None]:
-    """A consolidated model folder (``save_model``), a run directory (its ``model/``) or ``package:NAME``
-    -> (Transformer in eval mode on ``device``, its TokenLayout or None)."""
-    from safetensors.torch import load_file  # safetensors: the hf extra (see save_model)
-
+def model_folder(path: str | Path) -> Path:
+    """``find_model_dir``, or an error that says what ``path`` is instead."""
     folder = find_model_dir(path)
     if folder is None:
         root = Path(resolve_path(str(path)))
@@ -115,10 +112,24 @@ def load_model(path: str | Path, device: str = "cpu") -> tuple[Transformer, Toke
             raise ValueError(f"{root}/config.json is not an omnitrain model (kind={_kind(root)!r}, not {MODEL_KIND!r}); "
                              "for a Hugging Face folder use omnitrain.model.hf.load_hf_llama")  # fmt: skip
         raise FileNotFoundError(f"{path} is not an omnitrain model folder (no config.json): pass a run directory or its model/ export")
+    return folder
+
+
+def read_model_config(folder: Path) -> ModelConfig:
+    """The ModelConfig of a consolidated model folder (its config.json)."""
     config = json.loads((folder / "config.json").read_text())
     if config.get("schema_version") != MODEL_SCHEMA_VERSION:
         raise ValueError(f"{folder}: model schema_version {config.get('schema_version')}, this omnitrain reads {MODEL_SCHEMA_VERSION}")
-    model = Transformer(from_dict(ModelConfig, config["model"]))
+    return from_dict(ModelConfig, config["model"])
+
+
+def load_model(path: str | Path, device: str = "cpu") -> tuple[Transformer, TokenLayout | None]:
+    """A consolidated model folder (``save_model``), a run directory (its ``model/``) or ``package:NAME``
+    -> (Transformer in eval mode on ``device``, its TokenLayout or None)."""
+    from safetensors.torch import load_file  # safetensors: the hf extra (see save_model)
+
+    folder = model_folder(path)
+    model = Transformer(read_model_config(folder))
     missing, unexpected = model.load_state_dict(load_file(folder / "model.safetensors", device="cpu"), strict=False)
     if unexpected or [m for m in missing if not (m == "output.weight" and model.cfg.tie_embeddings)]:
         raise ValueError(f"{folder}: weights do not match the config (missing {missing}, unexpected {unexpected})")

@@ -257,33 +257,81 @@ def decoding_mask(key_valid: torch.Tensor, T: int, past: int) -> torch.Tensor:
     return mask | ~mask.any(-1, keepdim=True)  # a padding query row with no valid key: never NaN
 
 
+def set_full_(param: torch.Tensor, full: torch.Tensor) -> None:
+    """Write the whole value ``full`` (any device) into ``param`` in place. A sharded parameter (an FSDP2 DTensor)
+    keeps only this rank's shard of it, cut locally (no communication) the way DTensor places shards: each
+    ``Shard(d)`` placement of the mesh is a ``torch.chunk`` along d, taken at this rank's mesh coordinate."""
+    if not hasattr(param, "device_mesh"):  # a plain tensor
+        param.copy_(full)
+        return
+    mesh, local = param.device_mesh, full
+    coordinate = mesh.get_coordinate()
+    for mesh_dim, placement in enumerate(param.placements):
+        if placement.is_shard():
+            chunks = torch.chunk(local, mesh.size(mesh_dim), dim=placement.dim)
+            index = coordinate[mesh_dim]
+            local = chunks[index] if index < len(chunks) else local.narrow(placement.dim, 0, 0)
+    target = param.to_local()
+    if target.shape != local.shape:
+        raise ValueError(f"cannot place a {tuple(full.shape)} tensor into a parameter sharded as {param.placements} "
+                         f"(local shard {tuple(target.shape)}, cut {tuple(local.shape)})")  # fmt: skip
+    target.copy_(local)
+
+
 class Transformer(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, device: torch.device | str | None = None):
+        """The model with its initial weights (``init_weights``) on ``device`` (None: torch's default, CPU unless
+        a ``with torch.device(...)`` says otherwise). ``device="meta"``:
+        shapes only, no memory and no random draw; ``materialise`` (or ``to_empty`` + ``init_weights``) gives
+        it weights later, e.g. after FSDP2 has sharded it so that each rank holds only its shards."""
         super().__init__()
         if cfg.vocab_size < 1:  # ModelConfig's 0 means "the layout's": omnitrain train sets it from layout.json
             raise ValueError(f"model.vocab_size={cfg.vocab_size}: set it to the token layout's vocabulary "
                              "(TokenLayout.load(...).vocab_size); omnitrain train does this from the data's layout.json")
         self.cfg = cfg
-        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
-        self.layers = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.n_layers))
-        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
-        if cfg.tie_embeddings:
-            self.output.weight = self.tok_embeddings.weight
-        self.register_buffer("modality_table", torch.zeros(cfg.vocab_size, dtype=torch.long), persistent=False)
-        self.init_weights()
+        with torch.device("meta"):  # the submodules' own initialisation would draw from the RNG: init_weights alone does
+            self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+            self.layers = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.n_layers))
+            self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+            self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+            self.register_buffer("modality_table", torch.zeros(cfg.vocab_size, dtype=torch.long), persistent=False)
+        self.tie_weights()
+        device = torch.device(device) if device is not None else torch.get_default_device()  # with torch.device(...) too
+        if device.type != "meta":
+            self.to_empty(device=device)
+            self.init_weights()
 
+    def to_empty(self, *, device: torch.device | str | None, recurse: bool = True) -> Transformer:
+        """``nn.Module.to_empty``, keeping tied embeddings tied (a meta parameter becomes a new one per module)."""
+        super().to_empty(device=device, recurse=recurse)
+        if not hasattr(self.tok_embeddings.weight, "device_mesh"):  # FSDP2 keeps one shared sharded parameter itself
+            self.tie_weights()
+        return self
+
+    def tie_weights(self) -> None:
+        if self.cfg.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+
+    @torch.no_grad()
     def init_weights(self) -> None:
         """Every parameter: N(0, init_std) for matrices, the residual outputs (wo, w2) scaled by
-        1/sqrt(2 n_layers) (GPT-2), ones for norms."""
+        1/sqrt(2 n_layers) (GPT-2), ones for norms; the modality table zeros.
+
+        The values are drawn from the global CPU RNG, parameter by parameter in ``named_parameters`` order, on
+        the full shape, also for a sharded parameter (``set_full_`` keeps this rank's shard): a model sharded
+        over any number of ranks starts from exactly the weights of a single process with the same seed, and
+        a rank holds one full parameter at a time, never the whole model."""
         std = self.cfg.init_std
         for name, p in self.named_parameters():
+            full = torch.empty(p.shape, dtype=p.dtype)
             if name.endswith("norm.weight"):
-                nn.init.ones_(p)
+                nn.init.ones_(full)
             elif name.endswith(("attention.wo.weight", "feed_forward.w2.weight")):
-                nn.init.normal_(p, 0.0, std / math.sqrt(2 * self.cfg.n_layers))
+                nn.init.normal_(full, 0.0, std / math.sqrt(2 * self.cfg.n_layers))
             else:
-                nn.init.normal_(p, 0.0, std)
+                nn.init.normal_(full, 0.0, std)
+            set_full_(p, full)
+        self.modality_table.zero_()
 
     def set_modalities(self, table: torch.Tensor) -> None:
         """Modality index per vocabulary id (``TokenLayout.modality_of(arange(V))``), for per-modality metrics."""
@@ -294,8 +342,17 @@ class Transformer(nn.Module):
         return n - self.tok_embeddings.weight.numel() if non_embedding else n
 
     def flops_per_token(self, seq_len: int) -> float:
-        """Training FLOPs per token: 6 N (matmuls, forward + backward) + 12 L D T (attention scores), PaLM appendix B."""
-        return 6 * self.num_params(non_embedding=True) + 12 * self.cfg.n_layers * self.cfg.dim * seq_len
+        """Training FLOPs per processed token: 6 N + 12 L D T (PaLM appendix B, as torchtitan).
+
+        N counts every weight a token's matmuls use: the blocks and norms, and the output projection V x D
+        whether or not it is tied to the embedding (a tied matrix is stored once but still multiplied in
+        every forward and backward; leaving it out undercounted the tied 150m model by 24 % at V = 64k, T = 4096).
+        The embedding lookup is a gather, not a matmul, and is not counted. 12 L D T is the attention scores and
+        their weighted sum (forward + backward) at full causal length T, as PaLM and torchtitan count it."""
+        cfg = self.cfg
+        matmul = sum(p.numel() for name, p in self.named_parameters() if name not in ("tok_embeddings.weight", "output.weight"))
+        matmul += cfg.vocab_size * cfg.dim  # the output projection, tied or not
+        return 6.0 * matmul + 12.0 * cfg.n_layers * cfg.dim * seq_len
 
     def attention_backend(self, device: torch.device) -> str:
         """``cfg.attention`` with auto resolved: flex on CUDA, sdpa elsewhere (no FlexAttention backward on CPU)."""

@@ -49,8 +49,9 @@ import torch
 
 from omnitrain.config import to_dict
 from omnitrain.data.loader import LoaderConfig, OmniLoader
-from omnitrain.model.io import load_model, save_model
+from omnitrain.model.io import save_model
 from omnitrain.model.transformer import ModelConfig, Transformer
+from omnitrain.model.weights import WeightSource, materialise, omnitrain_weights
 from omnitrain.tokenizer.layout import MODALITIES, TokenLayout
 from omnitrain.train import checkpoint, lock
 from omnitrain.train.dpo import DPOConfig, DPOObjective, make_preference_loader, precompute_reference
@@ -61,7 +62,7 @@ from omnitrain.train.objectives import (
     ValConfig,
     Validation,
     freeze_old_weights,
-    init_from_hf,
+    hf_start,
     make_lm_loader,
     pretrained_rows_kept,
 )
@@ -87,6 +88,9 @@ class TrainConfig:
     keep_last: int = 3  # the newest N complete checkpoints are kept; 0 keeps every one (negative values are refused)
     resume: str = "auto"  # auto (latest in run_dir, if any) | never | a checkpoint folder
     init_from: str | None = None  # start from a consolidated omnitrain model folder (ignored when resuming)
+    # where the initial weights are first made: meta = each rank materialises only its FSDP2 shards (no rank holds
+    # the full model); cpu = every rank builds the full model on CPU; auto = meta for strategy=fsdp with objective=lm
+    init_device: Literal["auto", "cpu", "meta"] = "auto"
     hf_init: HFInitConfig = field(default_factory=HFInitConfig)  # start from a Hugging Face Llama (continued pretraining)
     freeze_warmup_steps: int = 0  # with hf_init: the first N steps train only the new embedding rows
     objective: Literal["lm", "dpo"] = "lm"  # lm: pretraining / continued pretraining / SFT; dpo: preference pairs
@@ -107,6 +111,9 @@ class TrainConfig:
         if self.freeze_warmup_steps and self.strategy.name not in ("single", "ddp"):
             raise ValueError("freeze_warmup_steps masks rows of unsharded gradients: use strategy=single or ddp, "
                              f"not {self.strategy.name}")
+        if self.init_device == "meta" and (self.strategy.name != "fsdp" or self.objective != "lm"):
+            raise ValueError("init_device=meta materialises each rank's FSDP2 shards: it needs strategy=fsdp and objective=lm "
+                             f"(here strategy={self.strategy.name}, objective={self.objective}); use init_device=auto")  # fmt: skip
         if self.hf_init.path and self.init_from:
             raise ValueError("give one of init_from (an omnitrain model) and hf_init.path (a Hugging Face model), not both")
         if self.keep_last < 0:
@@ -255,12 +262,21 @@ def build_run(cfg: TrainConfig, layout: TokenLayout, strategy: Strategy) -> Run:
     fabric = strategy.fabric
     fabric.seed_everything(cfg.seed)  # the same initial weights on every rank
     resume_from = checkpoint.choose(fabric, Path(cfg.run_dir), cfg.resume)  # verified; auto falls back past damaged ones
-    model, new_rows_from = build_model(cfg, layout, resume_from)
+    model, weights, new_rows_from = build_model(cfg, layout, resume_from)
     cfg = replace(cfg, model=model.cfg)  # hf_init: the run records the imported architecture
+    modalities = layout.modality_of(torch.arange(layout.vocab_size).numpy())
+
+    def give_weights(m: Transformer, device: torch.device) -> None:  # one full parameter at a time (model.weights)
+        materialise(m, device, weights).set_modalities(modalities)
+
+    later = sharded_init(cfg)
+    if not later:  # the whole model on this process's CPU, as the strategy expects it
+        give_weights(model, torch.device("cpu"))
     objective, make_loader = build_objective(cfg, model, layout, fabric)
-    flops = flops_per_token(model, cfg.data.seq_len)  # before sharding: from the full parameter counts
+    flops = flops_per_token(model, cfg.data.seq_len)  # before sharding: from the full parameter counts (meta too)
     n_params = sum(p.numel() for p in model.parameters())
-    model, optimizer = strategy.setup(model, cfg.optim, compile=cfg.compile)  # compile: per block, before sharding
+    # compile: per block, before sharding; sharded init: after fully_shard, each rank its own shards
+    model, optimizer = strategy.setup(model, cfg.optim, compile=cfg.compile, materialise=give_weights if later else None)
     rank, world = fabric.global_rank, fabric.world_size
     loader: OmniLoader = make_loader(cfg.data, rank, world)
     validation = Validation(cfg.val, cfg.data, make_loader, rank, world, layout.hash)
@@ -268,22 +284,26 @@ def build_run(cfg: TrainConfig, layout: TokenLayout, strategy: Strategy) -> Run:
                flops, peak_flops(fabric.device, cfg.strategy.precision))  # fmt: skip
 
 
-def build_model(cfg: TrainConfig, layout: TokenLayout, resume_from: Path | None) -> tuple[Transformer, int]:
-    """(the model training starts from, the first embedding row new to it: 0 unless imported with hf_init).
-    When resuming, the checkpoint's weights replace these later."""
-    new_rows_from = 0
+def build_model(cfg: TrainConfig, layout: TokenLayout, resume_from: Path | None) -> tuple[Transformer, WeightSource | None, int]:
+    """(the model training starts from, on the meta device: shapes, no memory yet; the source of its weights,
+    None for a fresh one; the first embedding row new to it: 0 unless imported with hf_init). ``build_run``
+    materialises it (``omnitrain.model.weights``). When resuming, the checkpoint's weights replace these later."""
+    model_cfg, weights, new_rows_from = cfg.model, None, 0
     if cfg.hf_init.path:  # continued pretraining: the LLM with its vocabulary grown to the layout's
-        model, new_rows_from = init_from_hf(cfg.hf_init, cfg.model, layout)
-    else:
-        model = Transformer(cfg.model)
-    model.set_modalities(layout.modality_of(torch.arange(layout.vocab_size).numpy()))
+        model_cfg, weights, new_rows_from = hf_start(cfg.hf_init, cfg.model, layout)
     if cfg.init_from and resume_from is None:
-        init, _ = load_model(cfg.init_from)
-        if init.cfg != model.cfg:
-            raise ValueError(f"init_from={cfg.init_from} holds a model with {init.cfg}, this run builds {model.cfg}: "
+        init_cfg, weights = omnitrain_weights(cfg.init_from)
+        if init_cfg != model_cfg:
+            raise ValueError(f"init_from={cfg.init_from} holds a model with {init_cfg}, this run builds {model_cfg}: "
                              "choose the matching model= recipe or override its fields")  # fmt: skip
-        model.load_state_dict(init.state_dict())
-    return model, new_rows_from
+    return Transformer(model_cfg, device="meta"), weights, new_rows_from
+
+
+def sharded_init(cfg: TrainConfig) -> bool:
+    """Whether each rank materialises only its own shards, after FSDP2 has sharded the meta model (``init_device``)."""
+    if cfg.init_device == "auto":
+        return cfg.strategy.name == "fsdp" and cfg.objective == "lm"
+    return cfg.init_device == "meta"
 
 
 def build_objective(cfg: TrainConfig, model: Transformer, layout: TokenLayout, fabric: Any) -> tuple[Any, Callable[..., OmniLoader]]:

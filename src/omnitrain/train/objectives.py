@@ -23,16 +23,16 @@ from __future__ import annotations
 import copy
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 
 from omnitrain.data.loader import LoaderConfig, OmniLoader, SourceSpec
-from omnitrain.model.hf import extend_vocabulary, load_hf_llama
 from omnitrain.model.io import resolve_path
 from omnitrain.model.loss import LOSS_KEYS
 from omnitrain.model.transformer import ModelConfig, Transformer
+from omnitrain.model.weights import GrownVocabulary, WeightSource, hf_weights, materialise
 from omnitrain.tokenizer.layout import MODALITIES, TokenLayout
 
 
@@ -58,26 +58,33 @@ _ARCHITECTURE = {"dim": "dim", "n_layers": "n_layers", "n_heads": "n_heads", "n_
                  "tie_embeddings": "tie_embeddings", "qk_norm": "qk_norm"}  # fmt: skip
 
 
-def init_from_hf(cfg: HFInitConfig, model_cfg: ModelConfig, layout: TokenLayout) -> tuple[Transformer, int]:
-    """Import the LLM and grow its vocabulary to ``layout.vocab_size``. Returns (model, first new row).
+def hf_start(cfg: HFInitConfig, model_cfg: ModelConfig, layout: TokenLayout) -> tuple[ModelConfig, WeightSource, int]:
+    """(the architecture of the LLM with its vocabulary grown to ``layout.vocab_size``, its weights, the first new row).
 
     The architecture is the checkpoint's; the training options of ``model_cfg`` (z-loss, activation
-    checkpointing) are kept.
+    checkpointing, the attention backend) are kept. The weights are read one tensor at a time
+    (``omnitrain.model.weights``), so that FSDP2 ranks materialise their shards without a full copy.
 
     Raises:
         ValueError: ``model_cfg`` sets an architecture field (away from ``ModelConfig``'s default, e.g. a
             ``model=1b`` recipe or ``model.dim=...``) that the checkpoint has otherwise: it would be dropped.
     """
-    model, _ = load_hf_llama(resolve_path(cfg.path), gguf_file=cfg.gguf_file)
-    check_architecture(model_cfg, model.cfg, f"hf_init.path={cfg.path}")
-    n_text = model.cfg.vocab_size
+    imported, weights = hf_weights(resolve_path(cfg.path), gguf_file=cfg.gguf_file)
+    check_architecture(model_cfg, imported, f"hf_init.path={cfg.path}")
+    n_text = imported.vocab_size
     if layout.text_vocab_size != n_text:
         raise ValueError(f"hf_init.path={cfg.path} has {n_text} token embeddings but the layout's text range has "
                          f"{layout.text_vocab_size} ids: build the layout and shards with the LLM's own tokenizer "
                          f"(tokenizers.text=<its folder or .gguf>) so that text ids keep their meaning")  # fmt: skip
-    model = extend_vocabulary(model, layout.vocab_size, seed=cfg.seed).train()
-    model.cfg.z_loss, model.cfg.activation_checkpointing = model_cfg.z_loss, model_cfg.activation_checkpointing
-    return model, n_text
+    grown = replace(imported, vocab_size=layout.vocab_size, z_loss=model_cfg.z_loss, attention=model_cfg.attention,
+                    activation_checkpointing=model_cfg.activation_checkpointing)  # fmt: skip
+    return grown, GrownVocabulary(weights, layout.vocab_size, cfg.seed), n_text
+
+
+def init_from_hf(cfg: HFInitConfig, model_cfg: ModelConfig, layout: TokenLayout) -> tuple[Transformer, int]:
+    """``hf_start``'s model materialised on CPU, in training mode. Returns (model, first new row)."""
+    grown, weights, n_text = hf_start(cfg, model_cfg, layout)
+    return materialise(Transformer(grown, device="meta"), "cpu", weights).train(), n_text
 
 
 def check_architecture(given: ModelConfig, imported: ModelConfig, source: str) -> None:
@@ -91,7 +98,7 @@ def check_architecture(given: ModelConfig, imported: ModelConfig, source: str) -
     if conflicts:
         raise ValueError(f"{source} brings its own architecture, which the model config contradicts: "
                          f"{', '.join(conflicts)}. These settings would be dropped: use model=hf (the checkpoint's "
-                         "architecture; only model.z_loss and model.activation_checkpointing apply) instead of a model "
+                         "architecture; only model.z_loss, model.attention and model.activation_checkpointing apply) instead of a model "
                          "size recipe, and drop the model.* overrides")  # fmt: skip
 
 
@@ -133,8 +140,10 @@ class LMObjective:
         return batch["loss_weights"].sum().float()
 
     def loss(self, model: Any, batch: dict[str, torch.Tensor], denom: torch.Tensor | float) -> tuple[torch.Tensor, torch.Tensor]:
-        # chunked output projection + CE inside the model: no [B, T, V] logits
-        return model(batch["input_ids"], batch["doc_ids"], batch["targets"], batch["loss_weights"], denom)
+        # chunked output projection + CE inside the model: no [B, T, V] logits. A batch the loader found to hold one
+        # document a row (``one_document``, a host-side bool) runs plain causal attention, without the document mask
+        doc_ids = None if batch.get("one_document", False) else batch["doc_ids"]
+        return model(batch["input_ids"], doc_ids, batch["targets"], batch["loss_weights"], denom)
 
     def summary(self, sums: torch.Tensor, count: torch.Tensor) -> tuple[dict[str, float], dict[str, int]]:
         """(row: loss, loss/<modality>, acc/<modality>; tokens per modality)."""

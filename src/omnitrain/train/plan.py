@@ -39,40 +39,11 @@ from typing import Any
 from omnitrain.model.loss import chunk_rows
 from omnitrain.model.transformer import ModelConfig
 from omnitrain.train.loop import TrainConfig
-from omnitrain.train.strategy import StrategyConfig
+from omnitrain.train.strategy import DEVICE_NAMES, GPU, GPUS, StrategyConfig, gpu_of  # noqa: F401 (the GPU table, re-exported)
+from omnitrain.train.strategy import gpu_peak_flops as peak_flops
 
 GiB = 1024**3
 DEFAULT_VOCAB = 65_536  # the plan's vocabulary when the data's layout.json cannot be read
-
-
-@dataclass(frozen=True)
-class GPU:
-    memory_gb: float  # usable device memory, GB (1e9 bytes, as vendors state it)
-    bf16_tflops: float  # dense bf16 / fp16 tensor-core peak; TF32 is half of it, fp32 without tensor cores ~1/16
-
-
-# The single source of GPU peaks (strategy.peak_flops should read it): dense, no sparsity, vendor datasheets.
-GPUS: dict[str, GPU] = {
-    "h100": GPU(80, 989), "h100-pcie": GPU(80, 756), "h100-nvl": GPU(94, 835), "h200": GPU(141, 989),
-    "b200": GPU(180, 2250), "a100": GPU(80, 312), "a100-40gb": GPU(40, 312), "l40s": GPU(48, 362),
-    "a10g": GPU(24, 70), "l4": GPU(24, 121), "v100": GPU(32, 125),
-}  # fmt: skip
-# torch.cuda.get_device_name(...) substrings -> GPUS key, most specific first ("NVIDIA H100 PCIe" before "H100")
-DEVICE_NAMES = [("H100 PCIe", "h100-pcie"), ("H100 NVL", "h100-nvl"), ("H100", "h100"), ("H200", "h200"), ("B200", "b200"),
-                ("A100-SXM4-40GB", "a100-40gb"), ("A100-PCIE-40GB", "a100-40gb"), ("A100", "a100"), ("L40S", "l40s"),
-                ("A10G", "a10g"), ("L4", "l4"), ("V100", "v100")]  # fmt: skip
-
-
-def gpu_of(device_name: str) -> str | None:
-    """The ``GPUS`` key of a CUDA device name (``torch.cuda.get_device_name``), None if unknown."""
-    return next((key for sub, key in DEVICE_NAMES if sub in device_name), None)
-
-
-def peak_flops(gpu: str, precision: str) -> float:
-    """Dense peak FLOP/s of one GPU for ``precision``: bf16/fp16 tensor cores, or TF32 (half of that) for
-    ``32-true``, since training allows TF32 on CUDA (``strategy.allow_tf32``)."""
-    tflops = GPUS[gpu].bf16_tflops
-    return (tflops / 2 if precision == "32-true" else tflops) * 1e12
 
 
 @dataclass

@@ -219,18 +219,9 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
 
 # ----------------------------------------------------------------------------- throughput accounting
 def flops_per_token(model: nn.Module, seq_len: int) -> float:
-    """Training FLOPs per processed token of a ``Transformer``: 6 N + 12 L D T (PaLM appendix B, as torchtitan).
-
-    N counts every weight a token's matmuls use: the blocks and norms, and the output projection V x D
-    whether or not it is tied to the embedding (a tied matrix is stored once but still multiplied in
-    every forward and backward; leaving it out undercounted the tied 150m model by 24 % at V = 64k, T = 4096). The embedding
-    lookup is a gather, not a matmul, and is not counted. 12 L D T is the attention scores and their
-    weighted sum (forward + backward) at full causal length T, as PaLM and torchtitan count it.
-    """
-    cfg = model.cfg
-    matmul = sum(p.numel() for name, p in model.named_parameters() if name not in ("tok_embeddings.weight", "output.weight"))
-    matmul += cfg.vocab_size * cfg.dim  # the output projection, tied or not
-    return 6.0 * matmul + 12.0 * cfg.n_layers * cfg.dim * seq_len
+    """Training FLOPs per processed token of a ``Transformer`` (``Transformer.flops_per_token``: 6 N + 12 L D T, the
+    output projection counted whether tied or not)."""
+    return model.flops_per_token(seq_len)
 
 
 class Throughput:

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import argparse
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -97,7 +97,8 @@ class Strategy:
 
     def __init__(self, cfg: StrategyConfig, grad_clip: float, grad_accum: int) -> None:
         self.cfg, self.grad_clip, self.grad_accum = cfg, grad_clip, grad_accum
-        self.fabric = make_fabric(cfg, grad_clip=grad_clip, grad_accum=grad_accum)
+        self._materialise: Callable[[torch.nn.Module, torch.device], None] | None = None  # setup(materialise=...)
+        self.fabric = make_fabric(cfg, grad_clip=grad_clip, grad_accum=grad_accum, after_sharding=self._after_sharding)
         # DeepSpeed's engine owns accumulation, clipping and the update: it steps inside backward()
         self.engine_steps = cfg.name == "deepspeed"
         self.can_skip = not self.engine_steps  # the update of a non-finite step has happened when its norm is known
@@ -108,15 +109,23 @@ class Strategy:
         """Start (or join) the processes; every rank returns from here."""
         self.fabric.launch()
 
-    def setup(self, model: torch.nn.Module, optim_cfg: OptimConfig, compile: bool = False) -> tuple[Any, Any]:
+    def setup(self, model: torch.nn.Module, optim_cfg: OptimConfig, compile: bool = False,
+              materialise: Callable[[torch.nn.Module, torch.device], None] | None = None) -> tuple[Any, Any]:  # fmt: skip
         """(model, optimizer) wrapped by Fabric, the model sharded (FSDP) or inside a DeepSpeedEngine; with
         ``compile``, every transformer block compiled first (``compile_blocks``, so before ``fully_shard``).
+
+        ``materialise(model, device)`` (FSDP only): ``model`` is on the meta device, and is given its storage and
+        weights right after ``fully_shard``, so that each rank allocates only its shards (torchtitan's order:
+        meta init, parallelise, ``to_empty``, ``init_weights``); ``omnitrain.model.weights`` does it.
 
         The optimizer is built from the parameters where they will step, so that AdamW is torch's fused one on
         CUDA: single / DDP / FSDP set the model up first (moved to its device; FSDP2 also shards it, and the
         optimizer must hold the shards), DeepSpeed takes model and optimizer at once, so the device is told."""
         if self.fabric.device.type == "cuda":
             allow_tf32()
+        if materialise is not None and self.cfg.name != "fsdp":
+            raise ValueError(f"a meta-device model is materialised after FSDP2 sharding: strategy={self.cfg.name} takes a built model")
+        self._materialise = materialise
         if compile:
             compile_blocks(model)
         if self.cfg.name == "deepspeed":
@@ -149,6 +158,12 @@ class Strategy:
         self.fabric.backward(loss)
         if self.engine_steps:
             self.optimizer.step()  # DeepSpeed counts micro-steps and really steps (and clips) at the last one
+
+    def _after_sharding(self, model: torch.nn.Module, device: torch.device) -> None:
+        """Called by ``fsdp_parallelize`` once the model is sharded: materialise it there (``setup(materialise=...)``)."""
+        if self._materialise is not None:
+            self._materialise(model, device)
+            self._materialise = None
 
     def clip_gradients(self) -> float:
         """The global gradient norm before clipping, after clipping the gradients to ``grad_clip`` (0: no clipping)."""
@@ -211,8 +226,9 @@ def on_gpu(cfg: StrategyConfig) -> bool:
     return cfg.accelerator == "cuda" or (cfg.accelerator == "auto" and torch.cuda.is_available())
 
 
-def make_fabric(cfg: StrategyConfig, grad_clip: float = 0.0, grad_accum: int = 1) -> Any:
-    """A launched-ready Fabric for ``cfg`` (call ``fabric.launch()`` next)."""
+def make_fabric(cfg: StrategyConfig, grad_clip: float = 0.0, grad_accum: int = 1,
+                after_sharding: Callable[[torch.nn.Module, torch.device], None] | None = None) -> Any:  # fmt: skip
+    """A launched-ready Fabric for ``cfg`` (call ``fabric.launch()`` next); ``after_sharding``: see ``fsdp_parallelize``."""
     # lightning: ~3 s; train.loop (TrainConfig) imports this module without a Fabric
     from lightning.fabric import Fabric
 
@@ -234,7 +250,7 @@ def make_fabric(cfg: StrategyConfig, grad_clip: float = 0.0, grad_accum: int = 1
 
         # every process is one data-parallel shard ("auto" would mean one per node, the rest tensor parallel)
         world = (cfg.devices if cfg.devices > 0 else torch.cuda.device_count()) * cfg.num_nodes
-        strategy = ModelParallelStrategy(parallelize_fn=fsdp_parallelize(cfg), data_parallel_size=world, tensor_parallel_size=1,
+        strategy = ModelParallelStrategy(parallelize_fn=fsdp_parallelize(cfg, after_sharding), data_parallel_size=world, tensor_parallel_size=1,
                                          process_group_backend=backend)  # fmt: skip
     else:
         strategy = _deepspeed(cfg, gpu, grad_clip, grad_accum)
@@ -250,7 +266,7 @@ def compile_blocks(model: torch.nn.Module) -> None:
         layer.compile(fullgraph=True)
 
 
-def fsdp_parallelize(cfg: StrategyConfig) -> Any:
+def fsdp_parallelize(cfg: StrategyConfig, after_sharding: Callable[[torch.nn.Module, torch.device], None] | None = None) -> Any:
     """The ``parallelize_fn`` of Fabric's ModelParallelStrategy: ``(model, device_mesh) -> model`` sharded with
     FSDP2 in torchtitan's units (``torchtitan/models/llama3/infra/parallelize.py``, ``apply_fsdp``):
 
@@ -266,7 +282,11 @@ def fsdp_parallelize(cfg: StrategyConfig) -> Any:
 
     Mixed precision: under ``bf16-mixed`` / ``bf16-true`` the units all-gather bf16 parameters and
     reduce-scatter gradients in fp32 (``MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)``, as
-    torchtitan); the sharded parameters and the optimizer stay in the module's dtype. Otherwise all fp32."""
+    torchtitan); the sharded parameters and the optimizer stay in the module's dtype. Otherwise all fp32.
+
+    ``after_sharding(model, device)`` runs last: a model built on the meta device gets its storage and weights
+    there, each rank only its shards (``Strategy.setup(materialise=...)``); Fabric then finds nothing left
+    on the meta device to materialise."""
 
     def parallelize(model: torch.nn.Module, device_mesh: Any) -> torch.nn.Module:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard  # ~0.4 s: FSDP only
@@ -280,6 +300,9 @@ def fsdp_parallelize(cfg: StrategyConfig) -> Any:
             fully_shard(model.tok_embeddings, mesh=mesh, reshard_after_forward=reshard, mp_policy=mp_policy)
             fully_shard([model.norm, model.output], mesh=mesh, reshard_after_forward=False, mp_policy=mp_policy)
         fully_shard(model, mesh=mesh, reshard_after_forward=reshard, mp_policy=mp_policy)
+        if after_sharding is not None:
+            cuda = device_mesh.device_type == "cuda"
+            after_sharding(model, torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu"))
         return model
 
     return parallelize
@@ -387,13 +410,42 @@ def _deepspeed_classes() -> tuple[type, type]:
     return EngineStepDeepSpeedStrategy, CPUDeepSpeedStrategy
 
 
+@dataclass(frozen=True)
+class GPU:
+    memory_gb: float  # usable device memory, GB (1e9 bytes, as vendors state it)
+    bf16_tflops: float  # dense bf16 / fp16 tensor-core peak; TF32 is half of it, fp32 without tensor cores ~1/16
+
+
+# The one table of GPU peaks (MFU in training, omnitrain plan, benchmarks/bench_gpu.py): dense, no sparsity, datasheets
+GPUS: dict[str, GPU] = {
+    "h100": GPU(80, 989), "h100-pcie": GPU(80, 756), "h100-nvl": GPU(94, 835), "h200": GPU(141, 989),
+    "b200": GPU(180, 2250), "a100": GPU(80, 312), "a100-40gb": GPU(40, 312), "l40s": GPU(48, 362),
+    "a10g": GPU(24, 70), "l4": GPU(24, 121), "v100": GPU(32, 125),
+}  # fmt: skip
+# torch.cuda.get_device_name(...) substrings -> GPUS key, most specific first ("NVIDIA H100 PCIe" before "H100")
+DEVICE_NAMES = [("H100 PCIe", "h100-pcie"), ("H100 NVL", "h100-nvl"), ("H100", "h100"), ("H200", "h200"), ("B200", "b200"),
+                ("A100-SXM4-40GB", "a100-40gb"), ("A100-PCIE-40GB", "a100-40gb"), ("A100", "a100"), ("L40S", "l40s"),
+                ("A10G", "a10g"), ("L4", "l4"), ("V100", "v100")]  # fmt: skip
+
+
+def gpu_of(device_name: str) -> str | None:
+    """The ``GPUS`` key of a CUDA device name (``torch.cuda.get_device_name``), None if unknown."""
+    return next((key for sub, key in DEVICE_NAMES if sub in device_name), None)
+
+
+def gpu_peak_flops(gpu: str, precision: str) -> float:
+    """Dense peak FLOP/s of one GPU for ``precision``: bf16/fp16 tensor cores, or TF32 (half of that) for
+    ``32-true``, since training allows TF32 on CUDA (``allow_tf32``). A V100 has no bf16 and no TF32: its
+    figure is the fp16 tensor-core peak, which only ``16-mixed`` reaches."""
+    tflops = GPUS[gpu].bf16_tflops
+    if gpu == "v100" and precision != "16-mixed":
+        return 15.7e12  # fp32 CUDA cores
+    return (tflops / 2 if precision == "32-true" else tflops) * 1e12
+
+
 def peak_flops(device: torch.device, precision: str) -> float | None:
     """Dense peak FLOP/s of one device for MFU (None when unknown, e.g. CPU: then only achieved FLOP/s is logged)."""
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    bf16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12, "L4": 121e12, "V100": 125e12}
-    for key, value in bf16.items():
-        if key in name:
-            return value if precision != "32-true" else value / 16  # fp32 without TF32: roughly 1/16 of the tensor-core peak
-    return None
+    gpu = gpu_of(torch.cuda.get_device_name(device))
+    return gpu_peak_flops(gpu, precision) if gpu else None
