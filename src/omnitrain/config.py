@@ -50,6 +50,15 @@ def _typename(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+def _quote_hint(key: str, value: Any) -> str:
+    """For a number or boolean where text was wanted: how to pass it as text on the command line,
+    where Hydra reads ``text=123`` as the integer 123."""
+    if isinstance(value, (bool, int, float)):
+        shown = str(value).lower() if isinstance(value, bool) else str(value)
+        return f"; to pass {shown} as text, quote it: '{key}=\"{shown}\"' (the single quotes are for the shell)"
+    return ""
+
+
 def _convert(value: Any, tp: Any, key: str) -> Any:
     """Check ``value`` against the annotation ``tp`` and return it converted (e.g. str -> Path)."""
     origin = get_origin(tp)
@@ -113,11 +122,11 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
     if tp is str:
         if isinstance(value, str):
             return value
-        raise ConfigError(f"{key}={value!r} has the wrong type: expected a string")
+        raise ConfigError(f"{key}={value!r} has the wrong type: expected a string{_quote_hint(key, value)}")
     if tp is Path:
         if isinstance(value, (str, Path)):
             return Path(value)
-        raise ConfigError(f"{key}={value!r} has the wrong type: expected a path")
+        raise ConfigError(f"{key}={value!r} has the wrong type: expected a path{_quote_hint(key, value)}")
     raise TypeError(f"config annotation {tp!r} of {key} is not supported")  # a bug in our dataclass
 
 

@@ -32,7 +32,7 @@ MODALITY_INDEX = {m: i for i, m in enumerate(MODALITIES)}
 class Doc:
     """One document as read from a shard, or the rest of one that was cut across rows."""
 
-    ids: np.ndarray  # [n] token ids as stored (uint32)
+    ids: np.ndarray  # [n] token ids as stored (int32; uint32 in version-1 shards)
     runs: list[tuple[int, int, int, float]]  # (start, end, modality index, loss weight), ordered, covering [0, n)
     start: int = 0  # first token still to place (> 0 for the rest of a cut document)
     origin: tuple[str, int, int, int] | None = None  # (source, epoch, shard, sample) it was read at

@@ -341,6 +341,8 @@ def make_docqa(cfg: MakeDocQAConfig) -> dict:
             f.write(json.dumps(r) + "\n")
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()}
     (cfg.out_dir / "config.json").write_text(json.dumps(settings, indent=2) + "\n")
+    print(f"make-docqa: {cfg.n} documents, {len(records)} questions in {time.time() - t0:.1f}s; wrote {jsonl} "
+          f"and {cfg.n} page(s) in {cfg.out_dir / 'images'}; evaluate with `omnitrain eval tasks=[docvqa] docvqa.path={jsonl}`")  # fmt: skip
     return {"out_dir": str(cfg.out_dir), "jsonl": str(jsonl), "documents": cfg.n, "questions": len(records),
             "kinds": kinds, "fonts": [p.stem for p in fonts], "seconds": round(time.time() - t0, 2)}  # fmt: skip
 

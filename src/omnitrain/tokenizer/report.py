@@ -116,6 +116,9 @@ def write_report(cfg: TokenizerReportConfig) -> dict[str, Any]:
     result = {"schema_version": 1, "config": to_dict(cfg), "rows": rows}
     (out / "report.json").write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
     _plot(rows, names, out / "compression.png")
+    means = ", ".join(f"{n} {sum(r[n] for r in rows) / len(rows):.3f}" for n in names) if rows else "no rows"
+    print(f"tokenizer report: {len(rows)} languages, mean tokens/char {means}; wrote {out / 'report.md'}, "
+          f"{out / 'report.json'} and {out / 'compression.png'}")  # fmt: skip
     return result
 
 
