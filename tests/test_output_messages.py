@@ -43,3 +43,21 @@ def test_make_docqa_says_where_it_wrote(tmp_path, capsys):
     out = capsys.readouterr().out
     assert f"wrote {tmp_path / 'dq' / 'docqa.jsonl'}" in out and str(tmp_path / "dq" / "images") in out
     assert f"docvqa.path={tmp_path / 'dq' / 'docqa.jsonl'}" in out
+
+
+def test_engine_warnings_are_filtered_by_message_and_module_only():
+    import warnings
+
+    from omnitrain.cli import quiet_engine_warnings
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        quiet_engine_warnings()
+        srun = "The `srun` command is available on your system but is not used. HINT: If your intention is to run Lightning on SLURM"
+        warnings.warn_explicit(srun, UserWarning, "slurm.py", 205, module="lightning.fabric.plugins.environments.slurm")
+        amp = "`torch.cuda.amp.custom_fwd(args...)` is deprecated. Please use `torch.amp.custom_fwd(args..., device_type='cuda')` instead."
+        warnings.warn_explicit(amp, FutureWarning, "linear.py", 48, module="deepspeed.runtime.zero.linear")
+        assert not seen
+        warnings.warn_explicit("our own deprecation", FutureWarning, "x.py", 1, module="omnitrain.train.loop")  # others stay
+        warnings.warn_explicit("The `srun` thing, reworded", UserWarning, "slurm.py", 1, module="lightning.fabric")
+    assert [str(w.message) for w in seen] == ["our own deprecation", "The `srun` thing, reworded"]

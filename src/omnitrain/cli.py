@@ -232,7 +232,19 @@ def default_action(argv: list[str]) -> list[str]:
     return argv
 
 
+def quiet_engine_warnings() -> None:
+    """Drop two warnings that tell an omnitrain user nothing they can act on (issue 21, item 7), by
+    exact message or module, never by category alone: Lightning's "`srun` is available but not used"
+    (omnitrain launches itself: `omnitrain train` outside Slurm, `srun omnitrain train` inside), and
+    the FutureWarnings DeepSpeed's own modules raise (deprecated torch.*.amp calls inside DeepSpeed)."""
+    import warnings
+
+    warnings.filterwarnings("ignore", message=r"The `srun` command is available on your system but is not used", category=UserWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"deepspeed(\.|$)")
+
+
 def main(argv: list[str] | None = None) -> int:
+    quiet_engine_warnings()
     parser = build_parser()
     argv = default_action(list(sys.argv[1:] if argv is None else argv))
     args = parser.parse_args(argv)
