@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from omnitrain.data.shards import SCHEMA_VERSION, Sample, ShardInfo, shard_name, write_manifest, write_shard
 from omnitrain.tokenizer.layout import TokenLayout
@@ -125,3 +126,8 @@ def cut_shard(path: Path, keep: int) -> int:
     cut = list(starts.values())[keep]
     path.write_bytes(path.read_bytes()[:cut])
     return cut
+
+
+def same_batch(a: dict, b: dict) -> bool:
+    """Two loader batches hold the same keys and values (tensors equal, host flags such as ``one_document`` equal)."""
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) if torch.is_tensor(a[k]) else a[k] == b[k] for k in a)

@@ -13,7 +13,7 @@ from omnitrain.data.loader import LoaderConfig, OmniLoader, SourceSpec, attentio
 from omnitrain.data.packing import best_fit
 from omnitrain.data.shards import SCHEMA_VERSION, Sample, ShardInfo, shard_name, write_shard
 from omnitrain.tokenizer.layout import LayoutMismatchError, TokenLayout
-from tests.synthetic import write_shard_set
+from tests.synthetic import same_batch, write_shard_set
 
 LAYOUT = TokenLayout.build(1000, "t", {"bos": 1, "eos": 2, "pad": 3}, image_codebook_size=64, audio_codebook_size=32, audio_levels=2)
 
@@ -62,9 +62,7 @@ def assert_resumes_exactly(cfg: LoaderConfig, state: dict, full: list[dict], cut
     resumed = OmniLoader(cfg, rank=1, world_size=2)
     resumed.load_state_dict(state)
     for k in range(cut, stop):
-        b = next(resumed)
-        for key in b:
-            assert torch.equal(b[key], full[k][key]), (cut, k, key)
+        assert same_batch(next(resumed), full[k]), (cut, k)
 
 def test_every_sample_of_an_epoch_is_read_exactly_once_over_2_ranks_x_2_workers(sources):
     cfg = LoaderConfig(sources={"text": SourceSpec(str(sources["text"]))}, workers=2, seq_len=64, batch_size=2)
@@ -214,7 +212,7 @@ def test_a_version_1_state_resumes_exactly(sources):
     resumed.load_state_dict({**first.state_dict(), "version": 1, "states": [old]})
     for k in range(4, 10):
         b = next(resumed)
-        assert all(torch.equal(b[key], full[k][key]) for key in b), k
+        assert same_batch(b, full[k]), k
     whole = OmniLoader(LoaderConfig(sources=cfg.sources, seq_len=64, split_documents=False))
     v1 = {**whole.state_dict(), "version": 1, "states": [{**old, "pending": None, "buffer": [{"ids": [5], "weights": [1.0], "mod": [0]}]}]}
     whole.load_state_dict(v1)
@@ -299,6 +297,6 @@ def test_shards_stream_through_a_pipe_url_exactly_like_local_files(sources):
     assert b.urls["t"][0].startswith("pipe:cat ")
     for _ in range(5):
         x, y = next(a), next(b)
-        assert all(torch.equal(x[k], y[k]) for k in x)
+        assert same_batch(x, y)
     with pytest.raises(ValueError, match="must contain"):
         OmniLoader(LoaderConfig(sources={"t": SourceSpec(str(sources["text"]), url="pipe:cat x")}))

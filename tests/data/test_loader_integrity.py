@@ -19,7 +19,7 @@ import torch
 from omnitrain.config import from_dict
 from omnitrain.data.loader import LoaderConfig, OmniLoader, ShardReadError, SourceSpec, readers_report
 from omnitrain.data.shards import read_manifest, shard_checksum, shard_name
-from tests.synthetic import cut_shard, make_shard_set, small_layout
+from tests.synthetic import cut_shard, make_shard_set, same_batch, small_layout
 
 LAYOUT = small_layout()
 
@@ -51,7 +51,7 @@ def batches(loader: OmniLoader, n: int) -> list[dict]:
 def assert_same(got: list[dict], want: list[dict]) -> None:
     assert len(got) == len(want)
     for k, (a, b) in enumerate(zip(got, want, strict=True)):
-        assert all(torch.equal(a[key], b[key]) for key in a), k
+        assert same_batch(a, b), k
 
 
 # ----------------------------------------------------------------------------- sample striding

@@ -20,7 +20,7 @@ from omnitrain.data.reading import read_shard_samples
 from omnitrain.data.shards import iter_shard, read_manifest
 from omnitrain.tokenizer.layout import TokenLayout
 from tests.data.test_pipeline import SKIMAGE, make_cfg, media_ckpts  # noqa: F401 (fixture)
-from tests.synthetic import make_shard_set, small_layout
+from tests.synthetic import make_shard_set, same_batch, small_layout
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +110,7 @@ def test_version_1_shards_still_load_and_give_the_same_batches(tmp_path, monkeyp
     loaders = [OmniLoader(LoaderConfig(sources={"mix": SourceSpec(str(d))}, seq_len=64, batch_size=2), rank=0, world_size=1) for d in (old, new)]
     for _ in range(3):
         x, y = (next(ld) for ld in loaders)
-        assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) if torch.is_tensor(x[k]) else x[k] == y[k] for k in x)
+        assert same_batch(x, y)
 
 
 def test_unknown_versions_are_refused_naming_the_rebuild_command(tmp_path, monkeypatch):

@@ -39,7 +39,9 @@ pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
 STEPS, CKPT_EVERY, BATCH = 4, 2, 2  # a few optimizer steps of 4 micro-batches x 2 rows x 128 tokens
 GRAD_CLIP = 1.0
 LOSS_RTOL = 1e-5  # fp32, another summation order (measured: <= 1.4e-7 relative, ZeRO-3)
-WEIGHT_ATOL = 1e-4  # after 4 AdamW steps of lr 1e-2 (each moving a weight by up to ~1e-2); measured <= 2e-5 (ZeRO-3)
+WEIGHT_ATOL = 5e-4  # after 4 AdamW steps of lr 1e-2 (each moving a weight by up to ~1e-2); measured <= 2.1e-4 (ZeRO-3, from the
+# init_weights-only initial weights of e94ea6f; 2e-5 from the earlier ones): AdamW divides by sqrt(v) + eps, which magnifies
+# the summation-order differences of small gradients. The loss curves agree to LOSS_RTOL
 STRATEGIES = {
     "ddp": ["strategy=ddp"],
     "fsdp": ["strategy=fsdp"],
