@@ -72,6 +72,8 @@ COMMANDS = [
             "plan", _lazy("omnitrain.train.plan", "PlanConfig"), _lazy("omnitrain.train.plan", "plan")),
     Command("generate", "Generate text, images (PNG) or speech (WAV) from a prompt of text, image and audio files.",
             "generate", _lazy("omnitrain.model.generate_command", "GenerateConfig"), _lazy("omnitrain.model.generate_command", "run_generate")),
+    Command("export", "Write a run as a Hugging Face folder (model, tokenizer, layout.json, model card); push_to_hub=org/name uploads it.",
+            "export", _lazy("omnitrain.model.export", "ExportConfig"), _lazy("omnitrain.model.export", "export")),
     Command("eval run", "Evaluate a model (omnitrain run, HF/GGUF Llama, or a baseline) on MMLU, HumanEval, DocVQA, speech WER.",
             "eval", _lazy("omnitrain.eval.harness", "EvalConfig"), _lazy("omnitrain.eval.harness", "run_eval")),
     Command("eval compare", "Put several eval results side by side (e.g. across the checkpoints of a run): table + chart.",

@@ -1,7 +1,11 @@
-"""Weights between omnitrain's Transformer and Hugging Face Llama (``LlamaForCausalLM``).
+"""Weights between omnitrain's Transformer and Hugging Face: ``LlamaForCausalLM``, or ``Qwen3ForCausalLM`` with QK-norm.
 
-Both use RoPE's half-split convention, so the mapping is a renaming, no permutation. The full
-import (vocabulary extension, GGUF) and export of a checkpoint folder build on these (issue 6).
+Both use RoPE's half-split convention, so the mapping is a renaming, no permutation. A model with
+``qk_norm`` is a Qwen3 to transformers: Qwen3 has exactly our per-head RMSNorm on queries and keys
+(weights [Dh], applied to each head before RoPE, the same eps as the other norms), no attention bias
+(``attention_bias=False``), no sliding window (``use_sliding_window=False``) and an explicit ``head_dim``.
+OLMo2's QK-norm would not fit: it normalises the whole [H*Dh] projection at once. The full import
+(vocabulary extension, GGUF) and the export of a run (``omnitrain.model.export``) build on these.
 """
 
 from __future__ import annotations
@@ -40,10 +44,21 @@ def _rename(name: str, src: int) -> str | None:
     return None
 
 
+HF_MODEL_TYPES = ("llama", "qwen3")  # what config_from_hf reads: qwen3 is a Llama with per-head QK-norm
+
+
 def config_from_hf(hf: Any) -> ModelConfig:
-    """A ``transformers.LlamaConfig`` -> ModelConfig (errors on options omnitrain does not model)."""
+    """A ``transformers.LlamaConfig`` or ``Qwen3Config`` -> ModelConfig (errors on options omnitrain does not model)."""
+    if hf.model_type not in HF_MODEL_TYPES:
+        raise ValueError(f"a {hf.model_type!r} model: omnitrain imports {' and '.join(HF_MODEL_TYPES)} checkpoints")
     if getattr(hf, "attention_bias", False) or getattr(hf, "mlp_bias", False):
-        raise ValueError("Llama checkpoints with attention/MLP biases are not supported")
+        raise ValueError(f"{hf.model_type} checkpoints with attention/MLP biases are not supported")
+    if getattr(hf, "use_sliding_window", False):
+        raise ValueError("a Qwen3 checkpoint with use_sliding_window=true: omnitrain attends over the whole context")
+    head_dim = getattr(hf, "head_dim", None)
+    if head_dim not in (None, hf.hidden_size // hf.num_attention_heads):
+        raise ValueError(f"head_dim={head_dim} is not hidden_size / num_attention_heads ({hf.hidden_size}/{hf.num_attention_heads}): "
+                         "omnitrain's heads split the model dimension")  # fmt: skip
     rope = dict(getattr(hf, "rope_parameters", None) or getattr(hf, "rope_scaling", None) or {})
     if rope.get("rope_type", "default") != "default":
         raise ValueError(f"RoPE scaling {rope} is not supported yet; use a checkpoint with plain RoPE")
@@ -51,7 +66,7 @@ def config_from_hf(hf: Any) -> ModelConfig:
     return ModelConfig(
         vocab_size=hf.vocab_size, dim=hf.hidden_size, n_layers=hf.num_hidden_layers, n_heads=hf.num_attention_heads,
         n_kv_heads=hf.num_key_value_heads, ffn_dim=hf.intermediate_size, norm_eps=hf.rms_norm_eps,
-        rope_theta=float(theta), tie_embeddings=bool(hf.tie_word_embeddings),
+        rope_theta=float(theta), tie_embeddings=bool(hf.tie_word_embeddings), qk_norm=hf.model_type == "qwen3",
     )  # fmt: skip
 
 
@@ -74,16 +89,17 @@ def state_dict_to_hf(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def load_hf_llama(name_or_path: str, gguf_file: str | None = None) -> tuple[Transformer, Any]:
-    """A Llama-architecture checkpoint (a folder, a hub id when online, or a GGUF file inside a folder
-    via ``gguf_file``; GGUF is de-quantised to fp32 by transformers) -> (omnitrain Transformer, HF config)."""
+    """A Llama-architecture checkpoint, or a Qwen3 (e.g. an ``omnitrain export`` of a QK-norm model): a folder, a
+    hub id when online, or a GGUF file inside a folder via ``gguf_file`` (de-quantised to fp32 by transformers)
+    -> (omnitrain Transformer, HF config)."""
     from transformers import AutoModelForCausalLM  # transformers: optional (the hf extra), ~0.6 s to import
 
     try:
         hf = AutoModelForCausalLM.from_pretrained(name_or_path, gguf_file=gguf_file, dtype=torch.float32)
     except (OSError, ValueError) as e:
         raise ValueError(f"cannot load {name_or_path!r}{f' ({gguf_file})' if gguf_file else ''} with transformers: {e}") from e
-    if hf.config.model_type != "llama":
-        raise ValueError(f"{name_or_path} is a {hf.config.model_type!r} model; omnitrain imports Llama-architecture checkpoints")
+    if hf.config.model_type not in HF_MODEL_TYPES:
+        raise ValueError(f"{name_or_path} is a {hf.config.model_type!r} model; omnitrain imports {' and '.join(HF_MODEL_TYPES)} checkpoints")
     model = Transformer(config_from_hf(hf.config))
     missing, unexpected = model.load_state_dict(state_dict_from_hf(hf.state_dict()), strict=False)
     if unexpected or set(missing) - ({"output.weight"} if model.cfg.tie_embeddings else set()):
@@ -140,24 +156,41 @@ def hf_name(name: str) -> str:
     return new
 
 
-def export_hf(model: Transformer, out_dir: str) -> str:
-    """Write a ``LlamaForCausalLM`` folder that transformers loads directly (``from_pretrained``)."""
-    from transformers import LlamaConfig, LlamaForCausalLM  # transformers: optional (the hf extra), ~0.6 s
+def hf_config(cfg: ModelConfig, max_position_embeddings: int = 8192, **token_ids: int | None) -> Any:
+    """The transformers config of our architecture: ``Qwen3Config`` with QK-norm, else ``LlamaConfig``.
+    ``token_ids``: bos_token_id / eos_token_id / pad_token_id, recorded for generate()."""
+    import transformers  # transformers: optional (the hf extra), ~0.6 s
+
+    common = dict(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.dim, intermediate_size=cfg.hidden_dim, num_hidden_layers=cfg.n_layers,
+        num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.kv_heads, head_dim=cfg.head_dim, rms_norm_eps=cfg.norm_eps,
+        rope_theta=cfg.rope_theta, tie_word_embeddings=cfg.tie_embeddings, max_position_embeddings=max_position_embeddings,
+        attention_bias=False, hidden_act="silu", **token_ids,
+    )  # fmt: skip
+    if cfg.qk_norm:
+        return transformers.Qwen3Config(**common, use_sliding_window=False)
+    return transformers.LlamaConfig(**common, mlp_bias=False)
+
+
+def export_hf(model: Transformer, out_dir: str, max_position_embeddings: int = 8192, dtype: torch.dtype = torch.float32,
+              **token_ids: int | None) -> str:  # fmt: skip
+    """Write a folder that transformers' ``AutoModelForCausalLM.from_pretrained`` loads: ``LlamaForCausalLM``, or
+    ``Qwen3ForCausalLM`` for a model with QK-norm (the module docstring says why). The weights only: the
+    tokenizer, layout and model card are ``omnitrain.model.export``'s. ``dtype``: of the saved weights."""
+    import transformers  # transformers: optional (the hf extra), ~0.6 s
 
     c = model.cfg
-    if c.qk_norm:
-        raise ValueError("transformers' Llama has no QK-norm; export a model trained with qk_norm=false")
-    hf_cfg = LlamaConfig(
-        vocab_size=c.vocab_size, hidden_size=c.dim, intermediate_size=c.hidden_dim, num_hidden_layers=c.n_layers,
-        num_attention_heads=c.n_heads, num_key_value_heads=c.kv_heads, rms_norm_eps=c.norm_eps,
-        rope_theta=c.rope_theta, tie_word_embeddings=c.tie_embeddings, max_position_embeddings=8192,
-    )  # fmt: skip
-    hf = LlamaForCausalLM(hf_cfg)
-    sd = state_dict_to_hf({k: v for k, v in model.state_dict().items() if k != "modality_table"})
+    hf_cfg = hf_config(c, max_position_embeddings, **token_ids)
+    cls = transformers.Qwen3ForCausalLM if c.qk_norm else transformers.LlamaForCausalLM
+    hf = cls(hf_cfg)  # (not on the meta device: the RoPE buffers would stay empty)
+    sd = state_dict_to_hf({k: v.detach().to("cpu", dtype) for k, v in model.state_dict().items() if k != "modality_table"})
     if c.tie_embeddings:
         sd.pop("lm_head.weight", None)
     missing, unexpected = hf.load_state_dict(sd, strict=False)
     if unexpected or set(missing) - {"lm_head.weight"}:
         raise ValueError(f"export mismatch: missing {missing}, unexpected {unexpected}")
+    if c.tie_embeddings:
+        hf.tie_weights()
+    hf.config.dtype = dtype
     hf.save_pretrained(out_dir)  # handles tied embeddings (safetensors' save_file refuses them)
     return out_dir
