@@ -201,23 +201,19 @@ def build_parser() -> argparse.ArgumentParser:
         p.epilog = f"config: recipes/{cmd.recipe}.yaml (see it composed with --cfg)"
         p.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. key=value group=choice +new.key=value")
         p.add_argument("--cfg", action="store_true", help="print the composed, validated config and exit")
-        p.add_argument("-m", "--multirun", action="store_true", help="Hydra sweep: a=1,2 b=x,y runs every combination, one after the other")
+        p.add_argument("-m", "--multirun", action="store_true",
+                       help="Hydra sweep: a=1,2 b=x,y runs every combination (hydra/launcher=joblib: in parallel; "
+                            "submitit_slurm: a Slurm array), each in <run_dir>/<index>-<hash>, summary in sweep.md")
         p.set_defaults(_cmd=cmd)
     return parser
 
 
-def sweep(overrides: list[str]) -> list[list[str]]:
-    """Hydra multirun: ``a=1,2 b=x,y`` -> the 4 override lists of the cartesian product."""
-    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper  # hydra (~0.1 s): see compose()
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.errors import HydraException
-
-    try:
-        parsed = OverridesParser.create().parse_overrides(overrides)
-    except HydraException as e:
-        raise ConfigError(f"cannot parse overrides {overrides}: {e}") from e
-    batches = BasicSweeper.split_arguments(parsed, max_batch_size=None)
-    return [list(job) for batch in batches for job in batch]
+def run_command(name: str, plain: dict[str, Any]) -> Any:
+    """Run command ``name`` on a composed config: one run of a sweep (omnitrain.sweep), maybe in a joblib worker
+    or on a Slurm node, where cli.main has not run."""
+    quiet_engine_warnings()
+    cmd = next(c for c in COMMANDS if c.name == name)
+    return cmd.run(from_dict(cmd.schema(), plain))
 
 
 def default_action(argv: list[str]) -> list[str]:
@@ -260,16 +256,23 @@ def main(argv: list[str] | None = None) -> int:
         Preemption.install()
     try:
         recipes = recipes_dir(args.recipes)
-        jobs = sweep(args.overrides) if args.multirun else [args.overrides]
+        from omnitrain import sweep
+
+        jobs = sweep.expand(args.overrides) if args.multirun else [args.overrides]
         composed = [compose(cmd, job, recipes) for job in jobs]  # every job is validated before any runs
     except ConfigError as e:
         print(f"omnitrain {cmd.name}: config error: {e}", file=sys.stderr)
         if "recipes" in locals():
             print(f"nothing was run. {_describe(cmd, recipes)}", file=sys.stderr)
         return 2
-    if args.multirun and len(jobs) > 1 and all(hasattr(c, "run_dir") for c, _ in composed):
-        for i, (job, (cfg, plain)) in enumerate(zip(jobs, composed, strict=True)):  # one run directory per job, like Hydra's sweep dir
-            cfg.run_dir = Path(cfg.run_dir) / f"{i}_{'_'.join(o.replace('/', '-') for o in job if ',' not in o)}"[:120]
+    if args.multirun and cmd.name != "demo" and all(hasattr(c, "run_dir") for c, _ in composed):
+        # one folder per run in the sweep dir (the run_dir), named <index>-<hash of its overrides> (omnitrain.sweep)
+        sweep_dir = Path(composed[0][0].run_dir)
+        if not args.cfg:
+            failed = sweep.launch(cmd.name, run_command, cmd.recipe, recipes, pipelines_dir(recipes), args.overrides, sweep_dir)
+            return 1 if failed else 0
+        for i, (job, (cfg, plain)) in enumerate(zip(jobs, composed, strict=True)):
+            cfg.run_dir = sweep_dir / sweep.run_name(i, sweep.task_overrides(job))
             plain["run_dir"] = str(cfg.run_dir)
     for i, (job, (cfg, plain)) in enumerate(zip(jobs, composed, strict=True)):
         if args.cfg:
