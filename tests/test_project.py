@@ -52,8 +52,9 @@ def test_setup_is_idempotent_and_fast_when_nothing_changed():
 
 
 # Stages in the order the data flows; a module may import its own stage and the stages before it.
-# demo and cli run everything; config is the typed-config helper every stage uses.
-STAGES = ["config", "sources", "tokenizer", "data", "model", "train", "eval", "demo", "sweep", "cli"]
+# demo and cli run everything (lm_eval: lm-evaluation-harness's CLI over the eval adapter); config is the
+# typed-config helper every stage uses.
+STAGES = ["config", "sources", "tokenizer", "data", "model", "train", "eval", "lm_eval", "demo", "sweep", "cli"]
 NEVER = {("eval", "train")}  # eval reads models through model/io.py: evaluating never needs the trainer
 
 

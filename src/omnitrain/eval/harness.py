@@ -120,18 +120,27 @@ class TextLM:
                 ctx_cache[s] = list(self.encode(s))
             return ctx_cache[s]
 
-        rows: dict[tuple[int, ...], list[int]] = {}  # model input -> indices of the requests it scores
-        conts: list[list[int]] = []
-        for i, (ctx, cont) in enumerate(requests):
+        pairs = []
+        for ctx, cont in requests:
             c_ids, k_ids = _encode_pair(enc, self.wrap(ctx), cont)
             if not self.prefix and not c_ids:  # nothing to predict the first token from: lm-eval's prefix token
                 c_ids = self.empty_context()
             if not k_ids:
                 raise ValueError(f"continuation {cont!r} has no tokens after context ...{ctx[-40:]!r}")
-            full = (self.prefix + c_ids + k_ids)[-(self.spec.max_length + 1) :]
+            pairs.append((self.prefix + c_ids, k_ids))
+        return self.loglikelihood_tokens(pairs, progress)
+
+    @torch.no_grad()
+    def loglikelihood_tokens(self, pairs: list[tuple[list[int], list[int]]], progress: bool = True) -> list[tuple[float, bool]]:
+        """The token-level scoring under ``loglikelihood`` (and the lm-eval adapter's rolling windows): pairs of
+        (context ids, continuation ids), the context with its prefix already -> (logprob, is_greedy) per pair."""
+        rows: dict[tuple[int, ...], list[int]] = {}  # model input -> indices of the requests it scores
+        conts: list[list[int]] = []
+        for i, (c_ids, k_ids) in enumerate(pairs):
+            full = (list(c_ids) + list(k_ids))[-(self.spec.max_length + 1) :]
             rows.setdefault(tuple(full[:-1]), []).append(i)
-            conts.append(k_ids)
-        out: list[tuple[float, bool]] = [(0.0, False)] * len(requests)
+            conts.append(list(k_ids))
+        out: list[tuple[float, bool]] = [(0.0, False)] * len(pairs)
         keys: dict[int, str] = {}
         if self.cache is not None:  # a resumed run: rows whose every request is cached are not run again
             for key, idx in list(rows.items()):
