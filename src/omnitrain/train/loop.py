@@ -39,6 +39,7 @@ import os
 import signal
 import subprocess
 import time
+import warnings
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
@@ -66,9 +67,18 @@ from omnitrain.train.objectives import (
     make_lm_loader,
     pretrained_rows_kept,
 )
-from omnitrain.train.optim import OptimConfig, lr_at
+from omnitrain.train.optim import OptimConfig, lr_at, warmup_warning
 from omnitrain.train.preemption import Preemption
-from omnitrain.train.runlog import RunLog, StorageError, Throughput, WandbConfig, flops_per_token, truncate_metrics, writing
+from omnitrain.train.runlog import (
+    RunLog,
+    StorageError,
+    TensorBoardConfig,
+    Throughput,
+    WandbConfig,
+    flops_per_token,
+    truncate_metrics,
+    writing,
+)
 from omnitrain.train.strategy import Strategy, StrategyConfig, peak_flops
 
 
@@ -80,6 +90,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    tensorboard: TensorBoardConfig = field(default_factory=TensorBoardConfig)
     steps: int = 100  # optimizer steps
     grad_accum: int = 1  # micro-batches per optimizer step (each data.batch_size rows per rank)
     seed: int = 0
@@ -118,6 +129,8 @@ class TrainConfig:
             raise ValueError("give one of init_from (an omnitrain model) and hf_init.path (a Hugging Face model), not both")
         if self.keep_last < 0:
             raise ValueError(f"keep_last={self.keep_last}: give the number of newest checkpoints to keep (>= 1), or 0 to keep all")
+        if (warning := warmup_warning(self.optim, self.steps)) is not None:
+            warnings.warn(warning, stacklevel=2)
 
 
 def every(step: int, n: int) -> bool:
@@ -413,7 +426,7 @@ def open_log(run: Run, start_step: int, plain_config: dict[str, Any] | None) -> 
     """The run's files (rank 0): config, run.json, layout.json, metrics; and the one-line header."""
     cfg, fabric, run_dir = run.cfg, run.fabric, Path(run.cfg.run_dir)
     log = RunLog(run_dir, fabric.global_rank == 0, plain_config or to_dict(cfg), cfg.wandb, cfg.steps, start_step, fabric.world_size,
-                 run.resume_from, run.notes)  # fmt: skip
+                 run.resume_from, run.notes, cfg.tensorboard)  # fmt: skip
     if fabric.global_rank == 0:
         with writing("layout.json", run_dir / "layout.json"):
             run.layout.save(run_dir / "layout.json")

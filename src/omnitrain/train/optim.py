@@ -43,6 +43,14 @@ class OptimConfig:
             raise ValueError(f"optim.betas must be two numbers, got {self.betas}")
 
 
+def warmup_warning(cfg: OptimConfig, total_steps: int) -> str | None:
+    """The start-up warning for a warmup longer than the run (None when it fits): the rate never reaches ``lr``."""
+    if cfg.warmup_steps <= total_steps:
+        return None
+    return (f"optim.warmup_steps={cfg.warmup_steps} > steps={total_steps}: the learning rate only reaches "
+            f"{lr_at(total_steps - 1, total_steps, cfg):.3g} of optim.lr={cfg.lr:g}; set optim.warmup_steps <= steps")  # fmt: skip
+
+
 def lr_at(step: int, total_steps: int, cfg: OptimConfig) -> float:
     """The learning rate at optimizer step ``step`` (0-based) of a run of ``total_steps``."""
     if step < cfg.warmup_steps:

@@ -1,5 +1,5 @@
 """What a run writes besides checkpoints: the resolved config, run.json (git commit, attempts),
-metrics.jsonl, Weights & Biases, and the progress bar. Rank 0 only; every other rank gets no-ops.
+metrics.jsonl, Weights & Biases, TensorBoard, and the progress bar. Rank 0 only; every other rank gets no-ops.
 
 Also the throughput accounting those metrics report: :func:`flops_per_token` and :class:`Throughput`,
 which sums token counts on the device and reads them at log steps only (DESIGN.md "Scale": no host
@@ -38,6 +38,14 @@ class WandbConfig:
     entity: str | None = None
     name: str | None = None  # None: the run directory's name
     tags: list[str] | None = None
+
+
+@dataclass
+class TensorBoardConfig:
+    # every metrics.jsonl number as a scalar (same names, e.g. loss/text) in <run_dir>/tensorboard, read with
+    # `tensorboard --logdir runs/`. Off by default: metrics.jsonl and the offline wandb run already hold them.
+    enabled: bool = False
+    flush_secs: int = 30  # how often the event file is written out (also at the end of the run)
 
 
 class StorageError(ValueError):
@@ -136,10 +144,11 @@ class RunLog:
     """Rank-0 writer of a run's files; ``enabled=False`` on other ranks makes every call a no-op."""
 
     def __init__(self, run_dir: Path, enabled: bool, config: dict[str, Any], wandb_cfg: WandbConfig, total_steps: int, start_step: int,
-                 world_size: int, resumed_from: Path | None, notes: dict[str, Any] | None = None) -> None:  # fmt: skip
+                 world_size: int, resumed_from: Path | None, notes: dict[str, Any] | None = None,
+                 tensorboard: TensorBoardConfig | None = None) -> None:  # fmt: skip
         """``notes``: more keys for this attempt's run.json entry (e.g. ``world_size_changed``)."""
         self.run_dir, self.enabled = Path(run_dir), enabled
-        self._bar = self._wandb = None
+        self._bar = self._wandb = self._tb = None
         if not enabled:
             return
         with writing("the run files", self.run_dir):
@@ -156,6 +165,8 @@ class RunLog:
             info_path.write_text(json.dumps(info, indent=2) + "\n")
             self.metrics = open(self.run_dir / "metrics.jsonl", "a")
         self._start_wandb(wandb_cfg, config)
+        if tensorboard is not None and tensorboard.enabled:
+            self._start_tensorboard(tensorboard, start_step)
         self._bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
                          mininterval=0.5 if sys.stderr.isatty() else 10.0)  # fmt: skip
 
@@ -171,6 +182,17 @@ class RunLog:
         self._wandb = wandb.init(project=cfg.project, entity=cfg.entity, name=cfg.name or self.run_dir.name, tags=cfg.tags,
                                  dir=str(self.run_dir), mode=cfg.mode, id=run_id, resume="allow", config=config)  # fmt: skip
 
+    def _start_tensorboard(self, cfg: TensorBoardConfig, start_step: int) -> None:
+        try:
+            from torch.utils.tensorboard import SummaryWriter  # (~0.1 s) needs the tensorboard package
+        except ImportError as e:
+            raise ValueError(f"tensorboard.enabled=true needs the tensorboard package ({e}): pip install tensorboard, "
+                             "or set tensorboard.enabled=false") from e  # fmt: skip
+        # a resumed run drops the events a killed attempt logged after its last checkpoint (as truncate_metrics does)
+        with writing("the TensorBoard events", self.run_dir / "tensorboard"):
+            self._tb = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=start_step + 1 if start_step else None,
+                                     flush_secs=cfg.flush_secs)  # fmt: skip
+
     def log(self, step: int, row: dict[str, Any]) -> None:
         if not self.enabled:
             return
@@ -180,6 +202,10 @@ class RunLog:
             self.metrics.flush()
         if self._wandb is not None:
             self._wandb.log(row, step=step)
+        if self._tb is not None:
+            for key, value in row.items():
+                if isinstance(value, int | float) and key != "step":
+                    self._tb.add_scalar(key, value, global_step=step)
         if self._bar is not None and "loss" in row:  # (a row of held-out losses before training has no step loss)
             self._bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", tok_s=f"{row['tokens_per_s']:.0f}", refresh=False)
 
@@ -198,6 +224,9 @@ class RunLog:
             self._bar.close()
         with writing("metrics", self.run_dir / "metrics.jsonl"):
             self.metrics.close()
+        if self._tb is not None:
+            with writing("the TensorBoard events", self.run_dir / "tensorboard"):
+                self._tb.close()
         if self._wandb is not None:
             offline = self._wandb.settings.mode == "offline"
             run_folder = Path(self._wandb.dir).parent  # <run_dir>/wandb/offline-run-<time>-<id>
