@@ -4,6 +4,7 @@ launchers (joblib locally, submitit for Slurm arrays) chosen with hydra/launcher
 from __future__ import annotations
 
 import json
+import pickle
 import re
 from pathlib import Path
 
@@ -95,3 +96,29 @@ def test_the_submitit_slurm_launcher_composes():
     assert launcher._target_.endswith("submitit_launcher.SlurmLauncher")
     assert (launcher.partition, launcher.gpus_per_node, launcher.timeout_min) == ("gpu", 8, 720)
     assert launcher.submitit_folder.endswith("/.submitit/%j")  # in the sweep dir, one folder per Slurm job
+
+
+def test_the_submitit_slurm_launcher_submits_one_array_of_the_runs(tmp_path, monkeypatch):
+    """What a Slurm sweep would submit (nothing reaches sbatch): one job array, a task per run, with the
+    launcher's sbatch options; each task calls the pickled sweep job on its node."""
+    import submitit
+    from hydra.core.utils import JobReturn, JobStatus
+
+    submitted = []
+
+    def map_array(executor, fn, *args):  # in place of sbatch: record the array, run nothing
+        script = executor._executor._make_submission_file_text("python -m submitit.core._submit DIR", "uid")
+        submitted.append((script, fn, list(zip(*args, strict=True))))
+        done = JobReturn(status=JobStatus.COMPLETED, _return_value="submitted")
+        return [type("Job", (), {"results": lambda self: [done]})() for _ in args[0]]
+
+    monkeypatch.setattr(submitit.AutoExecutor, "map_array", map_array)
+    overrides = ["run_dir=" + str(tmp_path / "sweep"), "optim.lr=1e-3,3e-3", "hydra/launcher=submitit_slurm",
+                 "hydra.launcher.partition=gpu", "hydra.launcher.gpus_per_node=8", "hydra.launcher.timeout_min=720"]  # fmt: skip
+    assert main(["train", "-m", *overrides]) == 0
+    [(script, launcher, jobs)] = submitted
+    assert "#SBATCH --partition=gpu" in script and "#SBATCH --gpus-per-node=8" in script and "#SBATCH --time=720" in script
+    assert "#SBATCH --job-name=omnitrain_train" in script
+    assert [job[0][-1] for job in jobs] == ["optim.lr=0.001", "optim.lr=0.003"] and [job[2] for job in jobs] == [0, 1]
+    assert isinstance(launcher.task_function, sweep.SweepJob) and launcher.task_function.swept == ["optim.lr"]
+    assert pickle.loads(pickle.dumps(launcher.task_function)) == launcher.task_function  # as it travels to the node
