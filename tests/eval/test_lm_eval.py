@@ -133,3 +133,33 @@ def test_python_m_omnitrain_lm_eval_hands_lm_evals_own_arguments_over(world, tmp
     assert "arc_easy_local" in proc.stdout and "acc" in proc.stdout
     written = list((tmp_path / "out").rglob("results_*.json"))
     assert written and json.loads(written[0].read_text())["n-samples"]["arc_easy_local"]["effective"] == 3
+
+
+def test_omnitrain_eval_writes_results_in_lm_evals_schema_and_to_lm_eval_converts(world, tmp_path, capsys):
+    from lm_eval.utils import make_table
+
+    from omnitrain.cli import main
+    from omnitrain.eval import results as R
+
+    root, task_dir, tok_dir = world
+    out = tmp_path / "ev"
+    text = tmp_path / "held_out.txt"  # two windows of 40 words
+    text.write_text(" ".join(f"word{i % 7} and more text" for i in range(20)))
+    argv = ["eval", "tasks=[perplexity]", f"model.path={root / 'model'}", f"model.tokenizers.text={tok_dir}",
+            f"perplexity.paths=[{text}]", "perplexity.chunk_chars=200", f"out_dir={out}", "progress=false", "report=false"]  # fmt: skip
+    assert main(argv) == 0, capsys.readouterr().err
+    ours, theirs = R.read_results(out), json.loads((out / "results_lm_eval.json").read_text())
+    ppl = ours["tasks"]["perplexity"]
+    row = theirs["results"]["perplexity"]
+    assert row["perplexity,none"] == ppl["metrics"]["perplexity"]["value"] and row["perplexity_stderr,none"] == "N/A"
+    assert row["nll_per_token_stderr,none"] == ppl["metrics"]["nll_per_token"]["stderr"]
+    assert theirs["n-samples"]["perplexity"] == {"original": 2, "effective": 2} and theirs["versions"]["perplexity"] == 1
+    assert theirs["configs"]["perplexity"]["task"] == "perplexity" and theirs["higher_is_better"]["perplexity"]["bits_per_byte"] is False
+    assert theirs["config"]["model_args"] == f"path={root / 'model'}" and theirs["model_name"] == ours["model"]["name"]
+    assert "perplexity" in make_table(theirs)  # lm-eval's own table reads it
+    (out / "results_lm_eval.json").unlink()
+    assert main(["eval", "to-lm-eval", f"results={out / 'results.json'}"]) == 0
+    assert json.loads((out / "results_lm_eval.json").read_text()) == theirs
+    assert main(["eval", "list"]) == 0
+    listed = capsys.readouterr().out
+    assert "mmlu" in listed and "speech_wer" in listed and "python -m omnitrain.lm_eval" in listed

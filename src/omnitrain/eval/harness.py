@@ -39,6 +39,7 @@ from omnitrain.data.pipeline.media import MediaConfig, MediaTokenizers
 from omnitrain.eval import results as R
 from omnitrain.eval.baselines import PocketsphinxASR, TesseractDocQA
 from omnitrain.eval.cache import ScoreCache, fingerprint, request_key
+from omnitrain.eval.lm_eval_format import write_lm_eval
 from omnitrain.eval.mmlu import MMLUConfig
 from omnitrain.eval.report import write_report
 from omnitrain.eval.tasks import (
@@ -488,6 +489,7 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
             res["tasks"][task.name]["info"] = o.info
         R.write_samples(out, o.samples, append=k > 0)
         R.write_results(out, res)  # after every task: a crash keeps what is done
+        write_lm_eval(out, res)  # the same numbers in lm-evaluation-harness's schema (results_lm_eval.json)
         shown = ", ".join(
             f"{m} {v['value']:.4f} ± {v['stderr'] or 0:.4f} (n={v['n']})" for m, v in o.metrics.items()
         )
@@ -497,5 +499,5 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
         )
     if cfg.report:
         path = write_report(res, out, cfg.references)
-        print(f"eval: results.json, samples.jsonl, {path.name} -> {out}")
+        print(f"eval: results.json, results_lm_eval.json, samples.jsonl, {path.name} -> {out}")
     return res
