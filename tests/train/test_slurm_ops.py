@@ -270,3 +270,23 @@ def test_on_slurm_dry_run_submits_nothing_and_refusals_name_the_real_cause(clust
     assert dns.returncode == 1 and 'Unable to resolve "nosuchhost.invalid"' in dns.stderr
     assert "the Slurm controller is unreachable from this host" in dns.stderr
     assert not (tmp_path / "job").exists() and cluster.run("squeue", "-h").stdout.strip() == ""
+
+
+def test_the_training_step_carries_the_ranks_signals_and_usr1_anywhere_wins():
+    """``Preemption.slots`` summed over ranks (the step's collective) and ``agreed`` give ``requested``'s answer."""
+    import signal as sig
+
+    from omnitrain.train.preemption import Preemption
+
+    def summed(*received):
+        ranks = []
+        for s in received:
+            p = Preemption.__new__(Preemption)
+            p.signal = s
+            ranks.append(p.slots())
+        return [sum(col) for col in zip(*ranks, strict=True)]
+
+    assert Preemption.agreed(summed(None, None)) == 0
+    assert Preemption.agreed(summed(sig.SIGTERM, None)) == sig.SIGTERM
+    assert Preemption.agreed(summed(sig.SIGTERM, sig.SIGUSR1)) == sig.SIGUSR1
+    assert Preemption.agreed(summed(sig.SIGUSR1, sig.SIGUSR1)) == sig.SIGUSR1

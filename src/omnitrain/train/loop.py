@@ -34,7 +34,6 @@ requeued job resumes from that checkpoint (``resume=auto``); SIGTERM (``scancel`
 from __future__ import annotations
 
 import copy
-import math
 import os
 import signal
 import subprocess
@@ -178,6 +177,7 @@ class StepResult:
     grad_norm: float | torch.Tensor
     finite: bool  # False: the update was skipped (on_nonfinite=skip)
     frozen: bool  # a freeze warm-up step: only the new embedding rows learned
+    signal: int = 0  # the preemption signal all ranks agreed on at this step (0: none)
 
     def summary(self, objective: Any) -> dict[str, float]:
         """The objective's row (loss, loss/<modality>, ...): a host read."""
@@ -222,7 +222,7 @@ def _train(cfg: TrainConfig, plain_config: dict[str, Any] | None, preempt: Preem
     meter = Throughput(COUNTS, fabric.device)  # token counts since the last log step, on the device
     t_start = time.perf_counter()
     while state["step"] < cfg.steps and not stopped_by:
-        out = train_step(run, state["step"], skipped)
+        out = train_step(run, state["step"], skipped, preempt)
         skipped = 0 if out.finite else skipped + 1
         state["step"] = step = state["step"] + 1
         meter.add(out.counts)
@@ -230,7 +230,7 @@ def _train(cfg: TrainConfig, plain_config: dict[str, Any] | None, preempt: Preem
         t_val = time.perf_counter()
         val_row = run.validation.run(fabric, run.model, run.objective) if run.validation.due(step, step == cfg.steps) else {}
         meter.exclude(time.perf_counter() - t_val)  # throughput counts training time only
-        stopped_by = preempt.requested(fabric)
+        stopped_by = out.signal  # agreed by all ranks inside the step's collective and read with its finiteness
         logged = every(step, cfg.log_every) or step == cfg.steps or bool(val_row) or not out.finite
         ckpt = every(step, cfg.ckpt_every) or step == cfg.steps or stopped_by
         if logged or ckpt:  # the host reads of a step's stats and token counts: log and checkpoint steps only
@@ -367,9 +367,10 @@ def world_size_change(run: Run, meta: dict[str, Any]) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------- the step
-def train_step(run: Run, step: int, skipped: int) -> StepResult:
+def train_step(run: Run, step: int, skipped: int, preempt: Preemption | None = None) -> StepResult:
     """Optimizer step ``step`` (0-based): ``grad_accum`` micro-batches forward and backward, clip, then update
-    unless the loss or gradient is non-finite (``skipped``: steps skipped in a row before this one)."""
+    unless the loss or gradient is non-finite (``skipped``: steps skipped in a row before this one). The ranks'
+    preemption signals (``preempt.slots``, taken after the backward passes) travel in the step's one collective."""
     cfg, strategy, fabric, objective = run.cfg, run.strategy, run.fabric, run.objective
     lr = lr_at(step, cfg.steps, cfg.optim)
     for group in run.optimizer.param_groups:
@@ -378,7 +379,7 @@ def train_step(run: Run, step: int, skipped: int) -> StepResult:
     count = sum(objective.count(b) for b in micro)  # weighted target tokens (LM) or pairs (DPO) of the step
     count = (fabric.all_reduce(count, reduce_op="sum") if fabric.world_size > 1 else count).clamp(min=1.0)
     n_keys = len(objective.keys)
-    sums = torch.zeros(n_keys + 2, device=fabric.device)  # additive metrics named by objective.keys, processed, learned
+    sums = torch.zeros(n_keys + 4, device=fabric.device)  # additive metrics named by objective.keys, processed, learned, signals
     for i, batch in enumerate(micro):
         with strategy.accumulating(last=i == len(micro) - 1):
             loss, s = objective.loss(run.model, batch, denom=count / strategy.loss_scale)
@@ -386,16 +387,17 @@ def train_step(run: Run, step: int, skipped: int) -> StepResult:
         sums[:n_keys] += s
         sums[n_keys] += (batch["doc_ids"] >= 0).sum()  # processed: every non-padding input position
         sums[n_keys + 1] += (batch["loss_weights"] > 0).sum()  # learned: the positions that carry loss
+    sums[n_keys + 2 :] = torch.tensor(preempt.slots() if preempt is not None else [0.0, 0.0])  # (a copy to the device, no read)
     if fabric.world_size > 1:
-        sums = fabric.all_reduce(sums, reduce_op="sum")  # one collective for the metrics and the token counts
-    sums, counts = sums[:n_keys], sums[n_keys:]
+        sums = fabric.all_reduce(sums, reduce_op="sum")  # one collective: the metrics, the token counts, the signals
+    sums, counts, signals = sums[:n_keys], sums[n_keys : n_keys + 2], sums[n_keys + 2 :]
     counts = torch.cat([counts, torch.stack([sums[objective.keys.index(f"tokens/{m}")] for m in MODALITIES])])  # COUNTS
 
     frozen = step < cfg.freeze_warmup_steps
     if frozen:  # warm-up of continued pretraining: only the new embedding rows learn
         freeze_old_weights(strategy.unwrap(), run.new_rows_from)
-    grad_norm = strategy.clip_gradients()  # a float read inside strategy.py today (a tensor would stay on the device)
-    finite = all_finite(sums, grad_norm)  # the one host read of a non-log step: skip or stop must be decided on the host
+    grad_norm = strategy.clip_gradients()  # a tensor on the device (DeepSpeed: the engine's float)
+    finite, signal = step_verdict(sums, grad_norm, signals)  # the one host read of a non-log step
     if not finite and (cfg.on_nonfinite == "stop" or not strategy.can_skip or skipped + 1 >= cfg.max_skipped):
         row, _ = objective.summary(sums, count)
         raise FloatingPointError(
@@ -406,19 +408,20 @@ def train_step(run: Run, step: int, skipped: int) -> StepResult:
         )
     with pretrained_rows_kept(strategy.unwrap(), run.new_rows_from) if frozen else nullcontext():
         strategy.optimizer_step(apply=finite)
-    return StepResult(sums, count, counts, lr, grad_norm, finite, frozen)
+    return StepResult(sums, count, counts, lr, grad_norm, finite, frozen, signal)
 
 
-def all_finite(sums: torch.Tensor, grad_norm: float | torch.Tensor) -> bool:
-    """Whether the step's stats (its loss) and gradient norm are finite, in one host read.
+def step_verdict(sums: torch.Tensor, grad_norm: float | torch.Tensor, signals: torch.Tensor) -> tuple[bool, int]:
+    """(whether the step's stats and gradient norm are finite, the preemption signal the ranks agree on), in one host read.
 
     Why a read at all: skipping (``on_nonfinite=skip``) or stopping before the update is a host decision,
-    since ``Strategy.optimizer_step`` either calls ``optimizer.step()`` or not. Doing it on the device would
-    need the optimizer to take a found-inf flag (as fused AdamW does for GradScaler), i.e. a change in
-    ``strategy.py``. Every stat is checked, not only the loss: a NaN in any per-modality sum is a NaN loss too."""
-    if torch.is_tensor(grad_norm):
-        return bool(torch.isfinite(sums).all() & torch.isfinite(grad_norm))
-    return math.isfinite(grad_norm) and bool(torch.isfinite(sums).all())
+    since ``Strategy.optimizer_step`` either calls ``optimizer.step()`` or not (doing it on the device would
+    need the optimizer to take a found-inf flag, as fused AdamW does for GradScaler); and so is leaving the loop
+    on a signal. Every stat is checked, not only the loss: a NaN in any per-modality sum is a NaN loss too."""
+    norm = grad_norm if torch.is_tensor(grad_norm) else torch.tensor(float(grad_norm))
+    finite = (torch.isfinite(sums).all() & torch.isfinite(norm.to(sums.device))).float()
+    verdict = torch.cat([finite[None], signals]).tolist()
+    return verdict[0] == 1.0, Preemption.agreed(verdict[1:])
 
 
 # ----------------------------------------------------------------------------- logging, checkpoints, the end

@@ -48,6 +48,17 @@ class Preemption:
         if PRIORITY[signum] > PRIORITY.get(self.signal, 0):  # a TERM after a USR1 keeps the requeue
             self.signal = signum
 
+    def slots(self) -> list[float]:
+        """This rank's signal as two indicators (USR1 received, TERM received), summed over the ranks inside the training
+        step's one collective (``loop.train_step``): ``agreed`` of the sums is ``requested``'s answer, without a
+        collective and a host read of its own every step."""
+        return [float(self.signal == signal.SIGUSR1), float(self.signal == signal.SIGTERM)]
+
+    @staticmethod
+    def agreed(summed: list[float]) -> int:
+        """The signal all ranks act on from the ranks' summed ``slots``: USR1 anywhere wins, as in ``requested``."""
+        return int(signal.SIGUSR1 if summed[0] > 0 else signal.SIGTERM if summed[1] > 0 else 0)
+
     def requested(self, fabric: Any) -> int:
         """The signal all ranks act on (0: none): the highest priority any rank received (one process: no sync)."""
         mine = PRIORITY.get(self.signal, 0)

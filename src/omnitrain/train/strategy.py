@@ -165,13 +165,14 @@ class Strategy:
             self._materialise(model, device)
             self._materialise = None
 
-    def clip_gradients(self) -> float:
-        """The global gradient norm before clipping, after clipping the gradients to ``grad_clip`` (0: no clipping)."""
+    def clip_gradients(self) -> float | torch.Tensor:
+        """The global gradient norm before clipping, after clipping the gradients to ``grad_clip`` (0: no clipping): a
+        0-d tensor left on the device (read with the step's finiteness, or at log steps), DeepSpeed: the engine's number."""
         if self.engine_steps:  # clipped inside the engine's step already
             return float(_engine(self.model).get_global_grad_norm() or 0.0)
         max_norm = self.grad_clip if self.grad_clip > 0 else float("inf")
         norm = self.fabric.clip_gradients(self.model, self.optimizer, max_norm=max_norm, error_if_nonfinite=False)
-        return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP: a DTensor
+        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP: a DTensor
 
     def optimizer_step(self, apply: bool) -> None:
         """Update the weights (``apply=False``: drop this step's gradients instead) and clear the gradients."""
