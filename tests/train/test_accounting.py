@@ -96,11 +96,11 @@ def test_a_step_between_log_steps_reads_only_its_finiteness(shards, tmp_path, mo
     assert summarised == [3, 6, 6]  # stats read at log steps (and for the checkpoint's loss) only
     for s in (1, 2, 4, 5):  # not log steps
         of_step = {f: n for (k, f), n in reads.items() if k == s}
-        # train/loop.py: one read, whether the loss and gradient norm are finite (skip / stop are host decisions) and the
+        # train/step.py: one read, whether the loss and gradient norm are finite (skip / stop are host decisions) and the
         # preemption signal the ranks agree on; nothing in train/strategy.py (the gradient norm stays a tensor)
-        assert of_step.get("train/loop.py") == 1, of_step
+        assert of_step.get("train/step.py") == 1, of_step
         assert of_step.get("train/runlog.py", 0) == 0 and of_step.get("train/strategy.py", 0) == 0, of_step
-        assert set(of_step) <= {"train/loop.py", "train/strategy.py", "model/transformer.py"}, of_step
+        assert set(of_step) <= {"train/step.py", "train/strategy.py", "model/transformer.py"}, of_step
     assert sum(n for (k, f), n in reads.items() if k in (3, 6) and f == "train/runlog.py") == 2  # Throughput.read
 
 

@@ -225,7 +225,7 @@ def test_sft_recipe_trains_and_its_output_loads(world, tmp_path):
 # ----------------------------------------------------------------------------- DPO
 @pytest.mark.parametrize("reference", ["on_the_fly", "precomputed"])
 def test_dpo_raises_the_margin_and_leaves_the_reference_untouched(world, tmp_path, monkeypatch, reference):
-    import omnitrain.train.loop as train_mod
+    import omnitrain.train.dpo as train_mod
 
     made = []
     original = train_mod.DPOObjective.__init__

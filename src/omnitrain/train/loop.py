@@ -1,9 +1,9 @@
 """``omnitrain train``: one explicit training loop on Lightning Fabric.
 
 Read :func:`train` top to bottom: resolve the config against the data's token layout, launch the
-strategy, build the run (model, objective, optimizer, loaders), resume if a checkpoint exists; then,
-for every optimizer step (:func:`train_step`), ``grad_accum`` micro-batches forward and backward,
-clip, step; log, and maybe checkpoint. Periodic work is a visible ``every(step, n)``. What single
+strategy, build the run (model, objective, optimizer, loaders: ``omnitrain.train.build``), resume if a
+checkpoint exists; then, for every optimizer step (``omnitrain.train.step.train_step``), ``grad_accum``
+micro-batches forward and backward, clip, step; log, and maybe checkpoint. Periodic work is a visible ``every(step, n)``. What single
 device, DDP, FSDP2 and DeepSpeed do differently is behind one adapter, ``omnitrain.train.strategy.Strategy``.
 
 Loss normalisation. The loss of a step is ``sum(ce * loss_weights) / N`` where N is the number of
@@ -33,40 +33,28 @@ requeued job resumes from that checkpoint (``resume=auto``); SIGTERM (``scancel`
 
 from __future__ import annotations
 
-import copy
 import os
 import signal
 import subprocess
 import time
 import warnings
-from collections.abc import Callable
-from contextlib import nullcontext
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 
 from omnitrain.config import to_dict
-from omnitrain.data.loader import LoaderConfig, OmniLoader
+from omnitrain.data.loader import LoaderConfig
 from omnitrain.model.io import save_model
-from omnitrain.model.transformer import ModelConfig, Transformer
-from omnitrain.model.weights import WeightSource, materialise, omnitrain_weights
-from omnitrain.tokenizer.layout import MODALITIES, TokenLayout
+from omnitrain.model.transformer import ModelConfig
+from omnitrain.tokenizer.layout import MODALITIES
 from omnitrain.train import checkpoint, lock
-from omnitrain.train.dpo import DPOConfig, DPOObjective, make_preference_loader, precompute_reference
+from omnitrain.train.build import Run, build_model, build_objective, build_run, resolve, sharded_init  # noqa: F401 (also loop.*)
+from omnitrain.train.dpo import DPOConfig
 from omnitrain.train.hardstop import watch_second_signal
-from omnitrain.train.objectives import (
-    HFInitConfig,
-    LMObjective,
-    ValConfig,
-    Validation,
-    freeze_old_weights,
-    hf_start,
-    make_lm_loader,
-    pretrained_rows_kept,
-)
-from omnitrain.train.optim import OptimConfig, lr_at, warmup_warning
+from omnitrain.train.objectives import HFInitConfig, ValConfig
+from omnitrain.train.optim import OptimConfig, warmup_warning
 from omnitrain.train.preemption import Preemption
 from omnitrain.train.runlog import (
     RunLog,
@@ -74,11 +62,11 @@ from omnitrain.train.runlog import (
     TensorBoardConfig,
     Throughput,
     WandbConfig,
-    flops_per_token,
     truncate_metrics,
     writing,
 )
-from omnitrain.train.strategy import Strategy, StrategyConfig, peak_flops
+from omnitrain.train.step import COUNTS, StepResult, metrics_row, step_verdict, train_step  # noqa: F401 (also loop.*)
+from omnitrain.train.strategy import Strategy, StrategyConfig
 
 
 @dataclass
@@ -134,54 +122,6 @@ class TrainConfig:
 
 def every(step: int, n: int) -> bool:
     return n > 0 and step % n == 0
-
-
-@dataclass
-class Run:
-    """What :func:`train` builds before its loop, on every rank."""
-
-    cfg: TrainConfig  # resolved: the layout's vocabulary and hash; with hf_init, the imported architecture
-    layout: TokenLayout
-    strategy: Strategy
-    model: Any  # as set up by the strategy (wrapped, maybe sharded)
-    optimizer: Any
-    objective: Any  # LMObjective | DPOObjective
-    loader: OmniLoader
-    validation: Validation
-    resume_from: Path | None  # the checkpoint this attempt continues (None: a fresh start)
-    new_rows_from: int  # hf_init: the first embedding row the layout added (the freeze warm-up trains rows >= it)
-    n_params: int
-    flops_per_token: float  # per processed token, of the whole model (counted before sharding; runlog.flops_per_token)
-    peak_flops: float | None  # of one device, for MFU (None: unknown)
-    notes: dict[str, Any] = field(default_factory=dict)  # set by resume(): more keys for this attempt in run.json
-
-    @property
-    def fabric(self) -> Any:
-        return self.strategy.fabric
-
-
-# per step, summed on the device by runlog.Throughput: processed = non-padding input positions (what the model
-# computes on, what FLOPs and MFU count), learned = positions with loss weight > 0 (an ASR or captioning prompt,
-# an SFT user turn: processed, not learned), then the objective's target tokens per modality
-COUNTS = ["processed", "learned"] + [f"tokens/{m}" for m in MODALITIES]
-
-
-@dataclass
-class StepResult:
-    """What one optimizer step reports. Tensors stay on the device until a log step reads them."""
-
-    sums: torch.Tensor  # [len(objective.keys)] additive metrics of the step (all micro-batches, all ranks)
-    count: torch.Tensor  # what the loss is normalised by (objective.count)
-    counts: torch.Tensor  # [len(COUNTS)] token counts of the step (all ranks)
-    lr: float
-    grad_norm: float | torch.Tensor
-    finite: bool  # False: the update was skipped (on_nonfinite=skip)
-    frozen: bool  # a freeze warm-up step: only the new embedding rows learned
-    signal: int = 0  # the preemption signal all ranks agreed on at this step (0: none)
-
-    def summary(self, objective: Any) -> dict[str, float]:
-        """The objective's row (loss, loss/<modality>, ...): a host read."""
-        return objective.summary(self.sums, self.count)[0]
 
 
 def train(cfg: TrainConfig, plain_config: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -251,92 +191,6 @@ def _train(cfg: TrainConfig, plain_config: dict[str, Any] | None, preempt: Preem
     return finish(run, state, log, start_step, t_start, stopped_by)
 
 
-# ----------------------------------------------------------------------------- building the run
-def resolve(cfg: TrainConfig) -> tuple[TrainConfig, TokenLayout]:
-    """A copy of ``cfg`` completed from the data, and the token layout (``layout.json`` beside the first
-    source's shards): the layout decides the vocabulary size, and every shard must carry its hash."""
-    if not cfg.data.sources:
-        raise ValueError("no training data: set data.sources (see recipes/data/) to shard folders made by `omnitrain data build`")
-    name, first = next((k, v.path) for k, v in cfg.data.sources.items())
-    if not (Path(first) / "layout.json").is_file():  # (TokenLayout.load's advice is for tokenizer folders)
-        raise FileNotFoundError(f"data.sources.{name}.path={first} is not a shard folder (no layout.json there): build the "
-                                "shards with `omnitrain data build`, or fix the path")  # fmt: skip
-    layout = TokenLayout.load(first, expect_hash=cfg.data.layout_hash)
-    if cfg.model.vocab_size not in (0, layout.vocab_size):
-        raise ValueError(f"model.vocab_size={cfg.model.vocab_size}, but the token layout of the data ({first}/layout.json) has "
-                         f"{layout.vocab_size} ids: drop model.vocab_size, training takes it from the layout")  # fmt: skip
-    cfg = copy.deepcopy(cfg)
-    cfg.model.vocab_size, cfg.data.layout_hash = layout.vocab_size, layout.hash
-    return cfg, layout
-
-
-def build_run(cfg: TrainConfig, layout: TokenLayout, strategy: Strategy) -> Run:
-    """The model (fresh, imported from Hugging Face, or loaded), its objective, the optimizer and the loaders."""
-    fabric = strategy.fabric
-    fabric.seed_everything(cfg.seed)  # the same initial weights on every rank
-    resume_from = checkpoint.choose(fabric, Path(cfg.run_dir), cfg.resume)  # verified; auto falls back past damaged ones
-    model, weights, new_rows_from = build_model(cfg, layout, resume_from)
-    cfg = replace(cfg, model=model.cfg)  # hf_init: the run records the imported architecture
-    modalities = layout.modality_of(torch.arange(layout.vocab_size).numpy())
-
-    def give_weights(m: Transformer, device: torch.device) -> None:  # one full parameter at a time (model.weights)
-        materialise(m, device, weights).set_modalities(modalities)
-
-    later = sharded_init(cfg)
-    if not later:  # the whole model on this process's CPU, as the strategy expects it
-        give_weights(model, torch.device("cpu"))
-    objective, make_loader = build_objective(cfg, model, layout, fabric)
-    flops = flops_per_token(model, cfg.data.seq_len)  # before sharding: from the full parameter counts (meta too)
-    n_params = sum(p.numel() for p in model.parameters())
-    # compile: per block, before sharding; sharded init: after fully_shard, each rank its own shards
-    model, optimizer = strategy.setup(model, cfg.optim, compile=cfg.compile, materialise=give_weights if later else None)
-    rank, world = fabric.global_rank, fabric.world_size
-    loader: OmniLoader = make_loader(cfg.data, rank, world)
-    validation = Validation(cfg.val, cfg.data, make_loader, rank, world, layout.hash)
-    return Run(cfg, layout, strategy, model, optimizer, objective, loader, validation, resume_from, new_rows_from, n_params,
-               flops, peak_flops(fabric.device, cfg.strategy.precision))  # fmt: skip
-
-
-def build_model(cfg: TrainConfig, layout: TokenLayout, resume_from: Path | None) -> tuple[Transformer, WeightSource | None, int]:
-    """(the model training starts from, on the meta device: shapes, no memory yet; the source of its weights,
-    None for a fresh one; the first embedding row new to it: 0 unless imported with hf_init). ``build_run``
-    materialises it (``omnitrain.model.weights``). When resuming, the checkpoint's weights replace these later."""
-    model_cfg, weights, new_rows_from = cfg.model, None, 0
-    if cfg.hf_init.path:  # continued pretraining: the LLM with its vocabulary grown to the layout's
-        model_cfg, weights, new_rows_from = hf_start(cfg.hf_init, cfg.model, layout)
-    if cfg.init_from and resume_from is None:
-        init_cfg, weights = omnitrain_weights(cfg.init_from)
-        if init_cfg != model_cfg:
-            raise ValueError(f"init_from={cfg.init_from} holds a model with {init_cfg}, this run builds {model_cfg}: "
-                             "choose the matching model= recipe or override its fields")  # fmt: skip
-    return Transformer(model_cfg, device="meta"), weights, new_rows_from
-
-
-def sharded_init(cfg: TrainConfig) -> bool:
-    """Whether each rank materialises only its own shards, after FSDP2 has sharded the meta model (``init_device``)."""
-    if cfg.init_device == "auto":
-        return cfg.strategy.name == "fsdp" and cfg.objective == "lm"
-    return cfg.init_device == "meta"
-
-
-def build_objective(cfg: TrainConfig, model: Transformer, layout: TokenLayout, fabric: Any) -> tuple[Any, Callable[..., OmniLoader]]:
-    """(objective, its loader factory ``(data, rank, world_size) -> loader``). DPO's frozen reference is the
-    model as it starts, also when resuming: a copy run on every batch, or its scores precomputed once."""
-    if cfg.objective == "lm":
-        return LMObjective(), make_lm_loader
-    reference, table = None, None
-    if cfg.dpo.reference == "on_the_fly":
-        reference = copy.deepcopy(model).eval().requires_grad_(False).to(fabric.device)
-    else:
-        ref_file = Path(cfg.dpo.reference_logps or Path(cfg.run_dir) / "reference_logps.json")
-        pad = layout.specials["pad"]
-        if fabric.global_rank == 0:
-            precompute_reference(copy.deepcopy(model).to(fabric.device), cfg.data, pad, ref_file, fabric.device)
-        fabric.barrier()
-        table = precompute_reference(model, cfg.data, pad, ref_file, fabric.device)  # reads the file
-    return DPOObjective(cfg.dpo, model.modality_table.to(fabric.device), reference), make_preference_loader(table)
-
-
 def resume(run: Run, state: dict[str, Any]) -> None:
     """Restore ``state`` (model, optimizer, step, tokens), this rank's loader position and RNG from ``run.resume_from``."""
     fabric, path = run.fabric, run.resume_from
@@ -366,64 +220,6 @@ def world_size_change(run: Run, meta: dict[str, Any]) -> dict[str, Any]:
     return note
 
 
-# ----------------------------------------------------------------------------- the step
-def train_step(run: Run, step: int, skipped: int, preempt: Preemption | None = None) -> StepResult:
-    """Optimizer step ``step`` (0-based): ``grad_accum`` micro-batches forward and backward, clip, then update
-    unless the loss or gradient is non-finite (``skipped``: steps skipped in a row before this one). The ranks'
-    preemption signals (``preempt.slots``, taken after the backward passes) travel in the step's one collective."""
-    cfg, strategy, fabric, objective = run.cfg, run.strategy, run.fabric, run.objective
-    lr = lr_at(step, cfg.steps, cfg.optim)
-    for group in run.optimizer.param_groups:
-        group["lr"] = lr
-    micro = [fabric.to_device(next(run.loader)) for _ in range(cfg.grad_accum)]
-    count = sum(objective.count(b) for b in micro)  # weighted target tokens (LM) or pairs (DPO) of the step
-    count = (fabric.all_reduce(count, reduce_op="sum") if fabric.world_size > 1 else count).clamp(min=1.0)
-    n_keys = len(objective.keys)
-    sums = torch.zeros(n_keys + 4, device=fabric.device)  # additive metrics named by objective.keys, processed, learned, signals
-    for i, batch in enumerate(micro):
-        with strategy.accumulating(last=i == len(micro) - 1):
-            loss, s = objective.loss(run.model, batch, denom=count / strategy.loss_scale)
-            strategy.backward(loss)
-        sums[:n_keys] += s
-        sums[n_keys] += (batch["doc_ids"] >= 0).sum()  # processed: every non-padding input position
-        sums[n_keys + 1] += (batch["loss_weights"] > 0).sum()  # learned: the positions that carry loss
-    sums[n_keys + 2 :] = torch.tensor(preempt.slots() if preempt is not None else [0.0, 0.0])  # (a copy to the device, no read)
-    if fabric.world_size > 1:
-        sums = fabric.all_reduce(sums, reduce_op="sum")  # one collective: the metrics, the token counts, the signals
-    sums, counts, signals = sums[:n_keys], sums[n_keys : n_keys + 2], sums[n_keys + 2 :]
-    counts = torch.cat([counts, torch.stack([sums[objective.keys.index(f"tokens/{m}")] for m in MODALITIES])])  # COUNTS
-
-    frozen = step < cfg.freeze_warmup_steps
-    if frozen:  # warm-up of continued pretraining: only the new embedding rows learn
-        freeze_old_weights(strategy.unwrap(), run.new_rows_from)
-    grad_norm = strategy.clip_gradients()  # a tensor on the device (DeepSpeed: the engine's float)
-    finite, signal = step_verdict(sums, grad_norm, signals)  # the one host read of a non-log step
-    if not finite and (cfg.on_nonfinite == "stop" or not strategy.can_skip or skipped + 1 >= cfg.max_skipped):
-        row, _ = objective.summary(sums, count)
-        raise FloatingPointError(
-            f"non-finite loss {row['loss']} / gradient norm {float(grad_norm)} at step {step}: stopped before the update, nothing "
-            f"was trained on it. Resume from the last checkpoint ({checkpoint.resolve_resume(Path(cfg.run_dir), 'auto')}) with a "
-            "lower optim.lr, longer optim.warmup_steps, model.qk_norm=true or model.z_loss=1e-5"
-            + ("" if strategy.can_skip else f" (on_nonfinite=skip is not supported with strategy={cfg.strategy.name})")
-        )
-    with pretrained_rows_kept(strategy.unwrap(), run.new_rows_from) if frozen else nullcontext():
-        strategy.optimizer_step(apply=finite)
-    return StepResult(sums, count, counts, lr, grad_norm, finite, frozen, signal)
-
-
-def step_verdict(sums: torch.Tensor, grad_norm: float | torch.Tensor, signals: torch.Tensor) -> tuple[bool, int]:
-    """(whether the step's stats and gradient norm are finite, the preemption signal the ranks agree on), in one host read.
-
-    Why a read at all: skipping (``on_nonfinite=skip``) or stopping before the update is a host decision,
-    since ``Strategy.optimizer_step`` either calls ``optimizer.step()`` or not (doing it on the device would
-    need the optimizer to take a found-inf flag, as fused AdamW does for GradScaler); and so is leaving the loop
-    on a signal. Every stat is checked, not only the loss: a NaN in any per-modality sum is a NaN loss too."""
-    norm = grad_norm if torch.is_tensor(grad_norm) else torch.tensor(float(grad_norm))
-    finite = (torch.isfinite(sums).all() & torch.isfinite(norm.to(sums.device))).float()
-    verdict = torch.cat([finite[None], signals]).tolist()
-    return verdict[0] == 1.0, Preemption.agreed(verdict[1:])
-
-
 # ----------------------------------------------------------------------------- logging, checkpoints, the end
 def open_log(run: Run, start_step: int, plain_config: dict[str, Any] | None) -> RunLog:
     """The run's files (rank 0): config, run.json, layout.json, metrics; and the one-line header."""
@@ -437,33 +233,6 @@ def open_log(run: Run, start_step: int, plain_config: dict[str, Any] | None) -> 
                   f"precision {cfg.strategy.precision}, {cfg.steps} steps of {cfg.grad_accum} x {cfg.data.batch_size} x "
                   f"{cfg.data.seq_len} tokens per rank" + (f", resumed from {run.resume_from}" if run.resume_from else ""))  # fmt: skip
     return log
-
-
-def metrics_row(run: Run, out: StepResult, tokens: int, counts: dict[str, float], seconds: float, steps: int, elapsed: float,
-                val_row: dict[str, float]) -> dict[str, float]:  # fmt: skip
-    """The metrics.jsonl / W&B row of a log step (this is where the step's stats are read on the host).
-
-    ``tokens``: trained so far; ``counts`` (``COUNTS``, summed over all ranks), ``seconds``, ``steps``: the
-    interval since the previous read, which the rates are taken over. ``processed_tokens`` and
-    ``learned_tokens`` are the log step's own; ``tokens_per_s`` is the objective's target tokens per second
-    (as before); FLOP/s and MFU count processed tokens, since the model computes on every one of them."""
-    dt = max(seconds, 1e-9)
-    step_counts = dict(zip(COUNTS, out.counts.tolist(), strict=True))
-    row = {**out.summary(run.objective), "lr": out.lr, "grad_norm": float(out.grad_norm), "skipped": int(not out.finite),
-           "tokens": tokens, "processed_tokens": int(step_counts["processed"]), "learned_tokens": int(step_counts["learned"]),
-           "tokens_per_s": sum(counts[f"tokens/{m}"] for m in MODALITIES) / dt,
-           "processed_tokens_per_s": counts["processed"] / dt, "learned_tokens_per_s": counts["learned"] / dt,
-           "flops_per_s": run.flops_per_token * counts["processed"] / dt, "step_time": dt / max(steps, 1),
-           "elapsed": elapsed}  # fmt: skip
-    if run.peak_flops:
-        row["mfu"] = row["flops_per_s"] / (run.peak_flops * run.fabric.world_size)
-    row.update({f"tokens_per_s/{mod}": counts[f"tokens/{mod}"] / dt for mod in MODALITIES})
-    if run.cfg.freeze_warmup_steps:
-        row["frozen"] = int(out.frozen)
-    row.update(val_row)
-    row["packing_efficiency"] = run.loader.packing_efficiency()
-    row.update({f"share/{k}": v for k, v in run.loader.realised_shares().items()})
-    return row
 
 
 def save_checkpoint(run: Run, state: dict[str, Any], loss: float) -> Path:
