@@ -469,3 +469,24 @@ def test_a_damaged_fsdp_shard_file_is_found_by_two_ranks_and_resume_falls_back(s
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"checkpoint step_000000002 is damaged: {newest / shard_files[1]} fails its checksum" in again.stdout
     assert json.loads((run_dir / "run.json").read_text())["attempts"][-1]["start_step"] == 1
+
+
+@pytest.mark.parametrize(("field", "value", "reason"), [("devices", 0, "strategy.devices=0: the processes"),
+                                                        ("devices", -2, "strategy.devices=-2: the processes"),
+                                                        ("num_nodes", 0, "strategy.num_nodes=0: the number of nodes")])  # fmt: skip
+def test_a_device_or_node_count_of_zero_gets_its_own_reason(field, value, reason):
+    """Before: strategy.devices=0 was told "strategy=single runs one process" (the wrong reason)."""
+    from omnitrain.train.strategy import StrategyConfig
+
+    for name in ("single", "ddp"):
+        with pytest.raises(ValueError, match=reason):
+            StrategyConfig(name=name, **{field: value})
+
+
+def test_a_sequence_length_that_cannot_fit_is_refused_before_step_0(shards, tmp_path, capsys):
+    """Before: data.seq_len=100000000 never finished step 0 (4.2 GB RSS after 20 min). Now omnitrain plan's memory
+    model refuses it before anything is allocated, in one line."""
+    assert main(cli(shards, tmp_path / "run", "data.seq_len=100000000")) != 0
+    line = error_line(capsys.readouterr().err)
+    assert "a training step needs about" in line and "lower data.seq_len" in line, line
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()

@@ -76,6 +76,9 @@ def build_run(cfg: TrainConfig, layout: TokenLayout, strategy: Strategy) -> Run:
     resume_from = checkpoint.choose(fabric, Path(cfg.run_dir), cfg.resume)  # verified; auto falls back past damaged ones
     model, weights, new_rows_from = build_model(cfg, layout, resume_from)
     cfg = replace(cfg, model=model.cfg)  # hf_init: the run records the imported architecture
+    from omnitrain.train.plan import refuse_if_too_big  # (plan imports the loop, which imports this module)
+
+    refuse_if_too_big(cfg, fabric.world_size, fabric.device, fabric.world_size // max(cfg.strategy.num_nodes, 1))
     modalities = layout.modality_of(torch.arange(layout.vocab_size).numpy())
 
     def give_weights(m: Transformer, device: torch.device) -> None:  # one full parameter at a time (model.weights)

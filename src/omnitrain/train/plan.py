@@ -43,6 +43,7 @@ from omnitrain.train.strategy import DEVICE_NAMES, GPU, GPUS, StrategyConfig, gp
 from omnitrain.train.strategy import gpu_peak_flops as peak_flops
 
 GiB = 1024**3
+CUDA_RESERVE = 2 * GiB  # CUDA context, NCCL, allocator fragmentation (not modelled; not checked on CPU)
 DEFAULT_VOCAB = 65_536  # the plan's vocabulary when the data's layout.json cannot be read
 
 
@@ -262,7 +263,7 @@ def plan(cfg: PlanConfig) -> dict[str, Any]:
         p(f"  host memory per node for the offloaded optimizer: {mem['cpu_optimizer'] * per_node / GiB:.1f} GiB")
     if on_gpu:
         budget = GPUS[cl.gpu].memory_gb * 1e9
-        reserve = 2 * GiB  # CUDA context, NCCL, allocator fragmentation (not modelled; not checked on CPU)
+        reserve = CUDA_RESERVE
         p(f"  {cl.gpu} memory {budget / GiB:.1f} GiB: {'fits' if mem['peak'] + reserve <= budget else 'DOES NOT FIT'} "
           f"({(mem['peak'] + reserve) / budget:.0%} with {reserve / GiB:.0f} GiB for the CUDA context and allocator)")
         if mem["peak"] + reserve > budget:
@@ -285,3 +286,28 @@ def plan(cfg: PlanConfig) -> dict[str, Any]:
         raise ValueError(f"the job cannot start or will not fit ({len(problems)} reason(s) above)")
     p("plan ok: the job can start and fits")
     return result
+
+
+def available_bytes(device: Any, local_processes: int) -> float:
+    """Memory one training process may use: the GPU's total minus ``CUDA_RESERVE`` bytes (context, allocator), or on
+    CPU this host's MemAvailable shared by its ``local_processes``."""
+    import torch  # (plan itself runs on a login node without touching a device)
+
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory - CUDA_RESERVE
+    with open("/proc/meminfo") as f:
+        kb = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:"))
+    return kb * 1024 / max(local_processes, 1)
+
+
+def refuse_if_too_big(cfg: TrainConfig, world: int, device: Any, local_processes: int) -> None:
+    """Before any memory is allocated (``train.build.build_run``): refuse a step that the plan's memory model says
+    cannot fit (e.g. ``data.seq_len=100000000``, which would never finish step 0), in one line with what to change."""
+    need = memory(cfg.model, cfg.strategy, world, cfg.data.batch_size, cfg.data.seq_len, cfg.grad_accum,
+                  "cuda" if device.type == "cuda" else "cpu")["peak"]  # fmt: skip
+    have = available_bytes(device, local_processes)
+    if need > have:
+        raise ValueError(f"a training step needs about {_gb(need).strip()} per process (omnitrain plan's estimate at data.seq_len="
+                         f"{cfg.data.seq_len}, data.batch_size={cfg.data.batch_size}), {_gb(have).strip()} are available on "
+                         f"{device.type}: lower data.seq_len or data.batch_size, set model.activation_checkpointing=true, or "
+                         "shard with strategy=fsdp (run `omnitrain plan` with the same overrides for the breakdown)")  # fmt: skip

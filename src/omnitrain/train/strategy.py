@@ -61,6 +61,10 @@ class StrategyConfig:
             raise ValueError(f"strategy.zero_stage must be 1, 2 or 3, got {self.zero_stage}")
         if self.bucket_size <= 0:
             raise ValueError(f"strategy.bucket_size must be a positive number of elements, got {self.bucket_size}")
+        if self.devices == 0 or self.devices < -1:
+            raise ValueError(f"strategy.devices={self.devices}: the processes (GPUs) per node, >= 1, or -1 for every GPU of the node")
+        if self.num_nodes < 1:
+            raise ValueError(f"strategy.num_nodes={self.num_nodes}: the number of nodes, >= 1")
         if self.hsdp_replicas < 1:
             raise ValueError(f"strategy.hsdp_replicas must be >= 1 (1: plain FSDP), got {self.hsdp_replicas}")
         if self.name == "single" and (self.devices != 1 or self.num_nodes != 1):
