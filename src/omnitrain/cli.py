@@ -65,7 +65,7 @@ COMMANDS = [
     Command("data inspect", "Decode shard samples back to text, PNG and WAV; print a manifest's statistics.",
             "data_inspect", _lazy("omnitrain.data.pipeline.inspect", "InspectConfig"), _lazy("omnitrain.data.pipeline.inspect", "inspect_shards")),
     Command("train", "Train the model: a Fabric loop (single, DDP, FSDP, DeepSpeed ZeRO), exact resume, preemption-safe.",
-            "train", _lazy("omnitrain.train.loop", "TrainConfig"), _lazy("omnitrain.train.loop", "train")),
+            "train", _lazy("omnitrain.train.loop", "TrainConfig"), _lazy("omnitrain.cli", "train")),
     Command("slurm submit", "Check the job (omnitrain plan), snapshot the code and config into the run directory, sbatch slurm/train.sbatch.",
             "slurm_submit", _lazy("omnitrain.train.slurm", "SubmitConfig"), _lazy("omnitrain.train.slurm", "submit")),
     Command("plan", "Will a training job start and fit? Memory per GPU, FLOPs, step time, tokens/s, data readiness.",
@@ -87,6 +87,15 @@ COMMANDS = [
     Command("demo", "Run the embedded demo end to end on data made from local packages (CPU, minutes).",
             "demo", _lazy("omnitrain.demo.run", "DemoConfig"), _lazy("omnitrain.demo.run", "run_demo")),
 ]  # fmt: skip
+
+
+def train(cfg: Any, plain: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``omnitrain train``: the training loop, handed the in-training evaluator of ``eval_in_training`` (built by
+    the eval stage here, since the trainer never imports it: ``omnitrain.train.evaluation``)."""
+    from omnitrain.eval.in_training import build_evaluator
+    from omnitrain.train.loop import train as train_loop
+
+    return train_loop(cfg, plain, evaluator=build_evaluator(cfg))
 
 
 def recipes_dir(explicit: str | None = None) -> Path:

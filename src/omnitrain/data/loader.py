@@ -25,6 +25,11 @@ filter long documents at build time to drop them instead). ``doc_ids`` number th
 learned when it belongs to the same document as its input, so nothing is learned across a boundary.
 ``loss_weights`` = per-modality weight x the template's learn mask; 0 on padding.
 
+Audio layouts (``audio_layout``, set to ``model.audio_layout`` by the recipes). ``delay`` / ``depth``: each
+document is regrouped before packing to one position per audio frame (``omnitrain.data.audio_regroup``), so
+rows pack positions; ``input_ids`` / ``targets`` / ``loss_weights`` are then [B, T, K] (channel 0 the
+position's token, channels 1..K-1 higher audio levels or -1), ``doc_ids`` stays [B, T]. The shards are the same.
+
 Resume. A stream's whole position is a small dict of integers: per source the epoch, shard and
 sample to read next; the tokens drawn; the packing counters; where the rest of a cut document was
 read (split mode) or where the current packing buffer began and how many of its rows were handed
@@ -45,6 +50,7 @@ from pathlib import Path
 
 import torch
 
+from omnitrain.data.audio_regroup import AudioGrouping, check_audio_layout
 from omnitrain.data.reading import (  # noqa: F401  (read_shard_samples, ShardReadError: part of this module's API)
     ON_CORRUPT,
     ReadOptions,
@@ -85,8 +91,12 @@ class LoaderConfig:
     on_corrupt: str = "error"  # a shard that does not match its manifest: "error" stops, "skip" skips and counts it
     read_retries: int = 3  # attempts after a failed shard read (remote stores), before ShardReadError
     retry_wait: float = 2.0  # seconds before the first retry, doubled before each next one
+    # how audio reaches the model: flat (K positions per frame, as in the shards) | delay | depth (one position per
+    # frame, regrouped per document before packing: omnitrain.data.audio_regroup). The recipes set it to model.audio_layout
+    audio_layout: str = "flat"
 
     def __post_init__(self) -> None:
+        check_audio_layout(self.audio_layout, "data.audio_layout")
         if self.seq_len < 2 or self.batch_size < 1 or self.workers < 0 or self.pack_buffer < 1:
             raise ValueError("seq_len must be >= 2, batch_size >= 1, workers >= 0 and pack_buffer >= 1")
         if self.on_corrupt not in ON_CORRUPT:
@@ -172,10 +182,10 @@ class OmniLoader:
         self.urls = {n: [_url(cfg.sources[n], sh["name"]) for sh in m["shards"]] for n, m in self.manifests.items()}
         self.entries = {n: m["shards"] for n, m in self.manifests.items()}
         self.shares = source_shares(cfg, self.manifests)
-        if cfg.pad_id is not None:
-            self.pad_id = cfg.pad_id
-        else:
-            self.pad_id = TokenLayout.load(next(iter(cfg.sources.values())).path).specials["pad"]
+        self.shares_set = False  # True once set_shares changed them: then they are part of state_dict
+        layout = TokenLayout.load(next(iter(cfg.sources.values())).path) if cfg.pad_id is None or cfg.audio_layout != "flat" else None
+        self.pad_id = cfg.pad_id if cfg.pad_id is not None else layout.specials["pad"]
+        self.grouping = AudioGrouping.of(layout, cfg.audio_layout) if layout is not None else None
         self.states: list[dict | None] = [None] * self.n_slots  # after the last batch handed out, per slot
         self.next_slot = 0  # the slot (worker) whose batch comes next
         self._it: Iterator | None = None
@@ -183,7 +193,7 @@ class OmniLoader:
     def make_stream(self, slot: int) -> Stream:
         stream_id = self.rank * self.n_slots + slot
         return Stream(self.cfg, self.urls, self.shares, stream_id, self.world_size * self.n_slots, self.layout_hash,
-                      self.pad_id, self.entries)  # fmt: skip
+                      self.pad_id, self.entries, self.grouping)  # fmt: skip
 
     def _start(self) -> Iterator:
         # DataLoader serves workers round-robin from worker 0: rotate the slots so that the
@@ -233,9 +243,24 @@ class OmniLoader:
         self.next_slot = (slot + 1) % self.n_slots
         return batch
 
+    def set_shares(self, shares: dict[str, float]) -> None:
+        """Change the mixture's token share per source (normalised; e.g. the forgetting guard, ``omnitrain.train.guard``).
+        The readers restart from the position after the last batch handed out, and each stream's mixture counts from
+        here (not from the start: no burst of one source to catch up). Recorded in ``state_dict``: a resumed run reads
+        the same batches."""
+        if set(shares) != set(self.shares) or any(v < 0 for v in shares.values()) or sum(shares.values()) <= 0:
+            raise ValueError(f"shares {shares}: give a share >= 0 for each source {list(self.shares)}, with a positive sum")
+        total = sum(shares.values())
+        self.shares, self.shares_set = {n: shares[n] / total for n in self.shares}, True
+        for st in self.states:
+            if st is not None:
+                st["since"] = dict(st["drawn"])
+        self.close()  # the next batch restarts the readers (workers too) from self.states, with the new shares
+
     def state_dict(self) -> dict:
         return {"version": STATE_VERSION, "rank": self.rank, "world_size": self.world_size, "slots": self.n_slots,
-                "next_slot": self.next_slot, "states": self.states, "layout_hash": self.layout_hash}  # fmt: skip
+                "next_slot": self.next_slot, "states": self.states, "layout_hash": self.layout_hash,
+                **({"shares": dict(self.shares)} if self.shares_set else {})}  # fmt: skip
 
     def load_state_dict(self, state: dict | list[dict]) -> None:
         """Resume from this rank's ``state_dict()``; after a change of world size or workers, pass
@@ -246,6 +271,8 @@ class OmniLoader:
                 raise ValueError(f"loader state version {st.get('version')} is not {STATE_VERSION} (or 1)")
             check_layout_hash(self.layout_hash, st["layout_hash"], "the loader state in this checkpoint")
         self.close()
+        if states[0].get("shares") is not None and set(states[0]["shares"]) == set(self.shares):  # set_shares' mixture
+            self.shares, self.shares_set = dict(states[0]["shares"]), True
         old_readers = states[0]["world_size"] * states[0]["slots"]
         if old_readers == self.world_size * self.n_slots and len(states) == 1:
             self.states, self.next_slot = list(states[0]["states"]), states[0]["next_slot"]

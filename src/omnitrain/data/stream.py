@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from omnitrain.data.audio_regroup import AudioGrouping
 from omnitrain.data.packing import Doc, best_fit, doc_runs, write_doc
 from omnitrain.data.reading import SourceStream, _rng
 from omnitrain.tokenizer.layout import MODALITIES
@@ -49,12 +50,15 @@ class Stream:
     """Mixture + packing for one (rank, worker); yields batches and carries its own state."""
 
     def __init__(self, cfg: LoaderConfig, sources: dict[str, list[str]], shares: dict[str, float], stream: int,
-                 n_streams: int, layout_hash: str | None, pad_id: int, entries: dict[str, list[dict]] | None = None) -> None:  # fmt: skip
+                 n_streams: int, layout_hash: str | None, pad_id: int, entries: dict[str, list[dict]] | None = None,
+                 grouping: AudioGrouping | None = None) -> None:  # fmt: skip
         self.cfg, self.shares, self.pad_id, self.stream = cfg, shares, pad_id, stream
+        self.grouping = grouping  # delay / depth: documents regrouped to one position per audio frame (audio_regroup)
         entries, opts = entries or {}, cfg.read_options()
         self.sources = {n: SourceStream(n, urls, stream, n_streams, cfg.seed, layout_hash, entries.get(n), opts)
                         for n, urls in sources.items()}  # fmt: skip
         self.drawn = dict.fromkeys(sources, 0)  # tokens drawn per source
+        self.since = dict.fromkeys(sources, 0)  # ``drawn`` when the shares last changed (OmniLoader.set_shares): the mix counts from there
         self.counts = [0] * len(MODALITIES)  # target tokens placed in rows, per modality
         self.pending: Doc | None = None  # split mode: the rest of the last document read, cut at a row's end
         # counters in target positions (T per row), see PACKING_KEYS and OmniLoader.packing_stats
@@ -66,10 +70,11 @@ class Stream:
 
     def _pick(self) -> str:
         """The source furthest behind its share of the tokens drawn (the first of equals)."""
-        total = sum(self.drawn.values()) + 1
+        drawn = {n: d - self.since.get(n, 0) for n, d in self.drawn.items()}
+        total = sum(drawn.values()) + 1
         best, best_deficit = "", -float("inf")
         for name, share in self.shares.items():
-            deficit = share * total - self.drawn[name]
+            deficit = share * total - drawn[name]
             if deficit > best_deficit:
                 best, best_deficit = name, deficit
         return best
@@ -80,8 +85,14 @@ class Stream:
         ids, meta = src.next()
         origin = (name, *src.last)  # where it was read (after any part with nothing to read)
         self.docs += 1
+        ids, runs = self._ids_runs(ids, meta)
         self.drawn[name] += len(ids)
-        return Doc(ids, doc_runs(len(ids), meta, self._weights), 0, origin)
+        return Doc(ids, runs, 0, origin)
+
+    def _ids_runs(self, ids: np.ndarray, meta: dict) -> tuple[np.ndarray, list[tuple[int, int, int, float]]]:
+        """A sample's ids and runs as packed: flat, or regrouped to [positions, K] (``cfg.audio_layout``)."""
+        runs = doc_runs(len(ids), meta, self._weights)
+        return (ids, runs) if self.grouping is None else self.grouping.regroup_runs(ids, runs)
 
     def _split_row(self, ids: np.ndarray, weights: np.ndarray, docs: np.ndarray) -> None:
         """Fill one row with documents, cutting the last one: its rest starts the next row, its first
@@ -101,7 +112,8 @@ class Stream:
     def _pack_buffer(self, number: int) -> None:
         """Read ``pack_buffer`` documents and pack them whole by best-fit decreasing into ``self.rows``."""
         self.buffer = {"number": number, "sources": {n: s.state() for n, s in self.sources.items()},
-                       "drawn": dict(self.drawn), "docs": self.docs, "rows_out": 0}  # fmt: skip
+                       "drawn": dict(self.drawn), "docs": self.docs, "rows_out": 0,
+                       "shares": dict(self.shares), "since": dict(self.since)}  # fmt: skip
         docs = [self._next_doc() for _ in range(self.cfg.pack_buffer)]
         rows = best_fit([len(d) for d in docs], self.cfg.seq_len + 1)
         # best fit opens rows longest document first: hand them out shuffled, so that a batch's
@@ -129,17 +141,22 @@ class Stream:
 
     def next_batch(self) -> dict[str, torch.Tensor]:
         B, T1 = self.cfg.batch_size, self.cfg.seq_len + 1
-        ids = np.full((B, T1), self.pad_id, dtype=np.int64)  # [B, T+1]
+        K = () if self.grouping is None else (self.grouping.K,)
+        ids = np.full((B, T1, *K), self.pad_id, dtype=np.int64)  # [B, T+1] (grouped: [B, T+1, K])
+        if K:
+            ids[..., 1:] = -1  # channels 1..K-1: no audio level
         weights = np.zeros((B, T1), dtype=np.float32)  # [B, T+1] weight of each token as a target
         docs = np.full((B, T1), -1, dtype=np.int64)  # [B, T+1] document number in its row, -1: padding
         fill = self._split_row if self.cfg.split_documents else self._whole_row
         for r in range(B):
             fill(ids[r], weights[r], docs[r])
         self.capacity += B * (T1 - 1)
+        targets = ids[:, 1:]
+        loss_weights = weights[:, 1:] if not K else weights[:, 1:, None] * (targets >= 0)  # grouped: [B, T, K]
         return {  # (write_doc gave 0 weight to a target whose input is in another document, and to padding)
             "input_ids": torch.from_numpy(ids[:, :-1].copy()),
-            "targets": torch.from_numpy(ids[:, 1:].copy()),
-            "loss_weights": torch.from_numpy(weights[:, 1:].copy()),
+            "targets": torch.from_numpy(targets.copy()),
+            "loss_weights": torch.from_numpy(np.ascontiguousarray(loss_weights, dtype=np.float32)),
             "doc_ids": torch.from_numpy(docs[:, :-1].copy()),
             # every row one document (number 0) and then padding: plain causal attention gives the same result (padding
             # comes last and carries no loss), so the model may skip the document mask. Decided here, on the host, from
@@ -157,7 +174,7 @@ class Stream:
             for a, b, m, wt in d.runs:
                 mod[a:b], w[a:b] = m, wt
             pending = {"ids": d.ids[d.start :].tolist(), "weights": w[d.start :].tolist(), "mod": mod[d.start :].tolist()}
-        return {"sources": {n: s.state() for n, s in self.sources.items()}, "drawn": dict(self.drawn),
+        return {"sources": {n: s.state() for n, s in self.sources.items()}, "drawn": dict(self.drawn), "since": dict(self.since),
                 "modality_tokens": dict(zip(MODALITIES, self.counts, strict=True)), "pending": pending,
                 "packing": {k: getattr(self, k) for k in PACKING_KEYS},
                 "buffer": None if self.buffer is None else dict(self.buffer)}  # fmt: skip
@@ -166,6 +183,7 @@ class Stream:
         for n, st in s["sources"].items():
             self.sources[n].load(st)
         self.drawn = dict(s["drawn"])
+        self.since = dict(s.get("since") or dict.fromkeys(self.drawn, 0))
         self.counts = [s["modality_tokens"].get(m, 0) for m in MODALITIES]
         for k, v in _packing(s).items():
             setattr(self, k, v)
@@ -178,7 +196,7 @@ class Stream:
             ids, meta = src.next()
             assert (src.epoch, src.shard, src.sample) == after, "the cut document's position does not lead to the saved one"
             origin = (pending["source"], pending["epoch"], pending["shard"], pending["sample"])
-            self.pending = Doc(ids, doc_runs(len(ids), meta, self._weights), pending["start"], origin)
+            self.pending = Doc(*self._ids_runs(ids, meta), pending["start"], origin)
         elif pending is not None:  # version 1: the rest itself, as lists
             ids, w, mod = (np.asarray(pending[k]) for k in ("ids", "weights", "mod"))
             cuts = [0, *(np.flatnonzero((mod[1:] != mod[:-1]) | (w[1:] != w[:-1])) + 1).tolist(), len(ids)]
@@ -186,11 +204,14 @@ class Stream:
             self.pending = Doc(ids.astype(np.uint32), runs, 0, None)
         if isinstance(buffer, dict):  # re-read and re-pack the buffer from where it began
             saved = ({n: src.state() for n, src in self.sources.items()}, dict(self.drawn), self.docs)
+            shares, since = self.shares, self.since  # the buffer was packed with the mixture of its time
             for n, st in buffer["sources"].items():
                 self.sources[n].load(st)
             self.drawn, self.docs = dict(buffer["drawn"]), buffer["docs"]
+            self.shares, self.since = buffer.get("shares", shares), dict(buffer.get("since", since))
             self._pack_buffer(buffer["number"])
             self.buffer["rows_out"] = buffer["rows_out"]
+            self.shares, self.since = shares, since
             assert ({n: src.state() for n, src in self.sources.items()}, self.drawn, self.docs) == saved, "re-packing the buffer did not reach the saved position"
         elif buffer:  # version 1: documents looked ahead, not placed yet
             warnings.warn(f"loader state version 1: {len(buffer)} documents read ahead for packing are skipped "

@@ -11,6 +11,8 @@ Legend: B prompts, L longest prompt, V vocab.
 * Classifier-free guidance for images (``cfg_scale > 1``): each row runs beside an unconditional
   twin (the prompt reduced to ``<bos>`` + the open span); inside an image span the logits are
   ``uncond + scale * (cond - uncond)``.
+* Audio layouts delay / depth (``model.audio_layout``): ``generate_grouped``, one position per frame, the output
+  in the flat layout.
 * Streaming: ``on_event(row, kind, payload)`` gets text tokens, each finished image row of codes and
   each audio chunk of frames as they are produced; time to first token and to first audio chunk are
   measured.
@@ -25,7 +27,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from omnitrain.model.transformer import KVCache, Transformer
+from omnitrain.data.audio_regroup import AudioGrouping
+from omnitrain.model.audio_layouts import level_slice
+from omnitrain.model.transformer import KVCache, Transformer, decoding_mask
 from omnitrain.tokenizer.constraints import LayoutConstraint
 from omnitrain.tokenizer.layout import TokenLayout
 
@@ -85,6 +89,8 @@ def generate(
         on_event: called as ``on_event(row, kind, payload)`` for every new token (see the module doc).
         use_cache: False runs the whole sequence again at every step, the reference the KV cache is tested against.
     """
+    if model.cfg.audio_layout != "flat":  # one position per audio frame: its own loop (below)
+        return generate_grouped(model, layout, prompts, cfg, on_event, use_cache)
     model.eval()
     device = next(model.parameters()).device
     B = len(prompts)
@@ -186,3 +192,163 @@ def _emit(row: int, tok: int, out: list[int], layout: TokenLayout | None, c: Lay
     if on_event is not None:
         on_event(row, kind, payload)
     return kind
+
+
+# ----------------------------------------------------------------------------- delay / depth audio layouts
+def _sample(logits: torch.Tensor, cfg: SamplingConfig, gen: torch.Generator) -> int:
+    """One id from [V'] logits (disallowed ones already -inf)."""
+    if cfg.greedy:
+        return int(logits.argmax())
+    probs = _filter(logits.float()[None], cfg).softmax(-1).cpu()
+    return int(torch.multinomial(probs, 1, generator=gen)[0, 0])
+
+
+class _GroupedRow:
+    """One row's decoding state in a delay / depth layout: the flat output so far, and the open audio span."""
+
+    def __init__(self, g: AudioGrouping, layout: TokenLayout, prompt: list[int], constrain: bool) -> None:
+        self.g, self.layout, self.out = g, layout, []
+        self.flat = LayoutConstraint(layout).feed(prompt) if constrain else None
+        self.in_audio = bool(prompt) and prompt[-1] == g.boa  # a prompt may end by opening the span to generate
+        self.span: list[list[int]] = []  # the span's positions so far (delay: levels still to come sit later)
+        self.frames_done, self.F = 0, None  # frames handed to the flat output; frames in the span once <eoa> came
+
+    @property
+    def in_tail(self) -> bool:  # delay, after <eoa>: positions that only place the delayed levels
+        return self.F is not None
+
+    def codes(self) -> int:  # level-0 codes placed in the span
+        return self.F if self.F is not None else len(self.span)
+
+    def place(self, row: list[int]) -> list[tuple[str, object]]:
+        """Record one generated position; returns the (kind, payload) events it completes, in order."""
+        g, events = self.g, []
+        tok = row[0]
+        if not self.in_audio and not self.in_tail:  # text / image / specials: one token per position
+            self._flat([tok])
+            self.in_audio, self.span = tok == g.boa, []
+            events.append(("text_token" if tok < self.layout.text_vocab_size and tok >= 0 else "token", tok))
+            return events
+        if tok == g.eoa and not self.in_tail:
+            self.F, self.in_audio = len(self.span), False
+        self.span.append(row)
+        lag = g.K - 1 if g.layout == "delay" else 0  # a frame is complete lag positions after its level 0
+        complete = min(self.codes(), len(self.span) - lag)
+        while self.frames_done < complete:
+            f = self.frames_done
+            frame = [self.span[f + lvl][lvl] for lvl in range(g.K)] if lag else self.span[f]
+            self._flat(frame)
+            self.frames_done += 1
+            events.append(("frame", np.asarray(frame) - self.layout.audio_base - np.arange(g.K) * self.layout.audio_codebook_size))
+        if self.F is not None and self.frames_done == self.F and len(self.span) >= self.F + max(lag, 1):
+            self._flat([g.eoa])
+            self.F, self.span, self.frames_done = None, [], 0
+            events.append(("token", g.eoa))
+        return events
+
+    def _flat(self, ids: list[int]) -> None:
+        self.out += ids
+        if self.flat is not None:
+            self.flat.feed(ids)
+
+
+@torch.no_grad()
+def generate_grouped(model: Transformer, layout: TokenLayout | None, prompts: list[list[int]], cfg: SamplingConfig,
+                     on_event: Callable[[int, str, object], None] | None = None, use_cache: bool = True) -> GenerationResult:  # fmt: skip
+    """``generate`` for ``model.audio_layout`` delay / depth: one position per step (a text token, or an audio frame
+    position), the new tokens returned in the flat layout (so ``layout.parse`` and the codecs read them as ever).
+
+    Per position: channel 0 from the main head (in an audio span only level-0 codes and ``<eoa>``; elsewhere the
+    layout's constraints); delay: level l of the frame l positions back from level l's rows of the output matrix
+    (the delay undone when a frame's last level arrives); depth: the frame's levels 1..K-1 one by one from the depth
+    transformer. Each level is sampled within its own id range. ``max_new_tokens`` counts positions."""
+    if layout is None:
+        raise ValueError(f"model.audio_layout={model.cfg.audio_layout}: generation needs the token layout (pass layout=)")
+    if cfg.cfg_scale != 1.0:
+        raise ValueError(f"cfg_scale={cfg.cfg_scale}: classifier-free guidance is not implemented for audio_layout="
+                         f"{model.cfg.audio_layout} yet; use cfg_scale=1")  # fmt: skip
+    model.eval()
+    model.set_modalities(layout.modality_of(np.arange(layout.vocab_size)))
+    g = AudioGrouping.of(layout, model.cfg.audio_layout)
+    K, device, B, pad = g.K, next(model.parameters()).device, len(prompts), layout.specials["pad"]
+    if B == 0 or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token (e.g. <bos>)")
+    grouped = []
+    for i, p in enumerate(prompts):
+        try:
+            grouped.append(g.to_grouped(np.asarray(p))[0])
+        except ValueError as e:
+            raise ValueError(f"prompt {i}: {e}; a prompt may end with a closed audio span or with <boa>") from None
+    L = max(len(x) for x in grouped)
+    ids = torch.full((B, L, K), -1, dtype=torch.long)
+    ids[..., 0] = pad
+    valid = torch.zeros(B, L, dtype=torch.bool)
+    for i, x in enumerate(grouped):
+        ids[i, L - len(x) :] = torch.from_numpy(x)
+        valid[i, L - len(x) :] = True
+    ids, valid = ids.to(device), valid.to(device)
+    positions = (valid.long().cumsum(1) - 1).clamp(min=0)  # [B, L]
+    rows = [_GroupedRow(g, layout, list(p), cfg.constrain) for p in prompts]
+    W, gen = model.output.weight, torch.Generator(device="cpu").manual_seed(cfg.seed)
+    slices = [level_slice(model, lvl, K) for lvl in range(K)]
+    level0_or_eoa = torch.from_numpy(layout.mask("audio", level=0)).to(device)
+    level0_or_eoa[g.eoa] = True
+    cache = KVCache(model, B, L + cfg.max_new_tokens) if use_cache else None
+
+    def hidden(x: torch.Tensor, pos: torch.Tensor, key_valid: torch.Tensor) -> torch.Tensor:  # -> [B, D] of the last position
+        past = cache.length if cache is not None else 0
+        return model.norm(model.hidden(x, pos, decoding_mask(key_valid, x.shape[1], past), cache))[:, -1]
+
+    done, t0, ttft, ttfa, n_frames = [False] * B, time.perf_counter(), None, None, [0] * B
+    seq, seq_valid, next_pos = ids, valid, positions[:, -1] + 1
+    h = hidden(ids, positions, valid)  # [B, D]
+    for _ in range(cfg.max_new_tokens):
+        logits0 = (h @ W.t()).float()  # [B, V]
+        step = torch.full((B, K), -1, dtype=torch.long)
+        step[:, 0] = pad
+        for i, r in enumerate(rows):
+            if done[i]:
+                continue
+            new = [-1] * K
+            if not r.in_tail:  # channel 0 (in a delay tail it is empty)
+                allowed = level0_or_eoa if r.in_audio else (torch.from_numpy(r.flat.allowed()).to(device) if r.flat else None)
+                new[0] = _sample(logits0[i] if allowed is None else logits0[i].masked_fill(~allowed, float("-inf")), cfg, gen)
+            is_code = r.in_audio and new[0] != g.eoa
+            if g.layout == "delay" and (r.in_audio or r.in_tail):
+                p, count = len(r.span), r.codes() + int(is_code)
+                for lvl in range(1, K):
+                    if 0 <= p - lvl < count:  # level l of frame p - l
+                        lo, hi = slices[lvl]
+                        new[lvl] = lo + _sample((h[i] @ W[lo:hi].t()).float(), cfg, gen)
+            elif g.layout == "depth" and is_code:  # the frame's levels 1..K-1, each from the ones below it
+                for lvl in range(1, K):
+                    prev = model.tok_embeddings(torch.tensor([new[:lvl]], device=device))  # [1, lvl, D]
+                    x = model.depth(h[i : i + 1], prev)[0, -1]  # [D]
+                    lo, hi = slices[lvl]
+                    new[lvl] = lo + _sample((x @ W[lo:hi].t()).float(), cfg, gen)
+            step[i] = torch.tensor(new)
+            ttft = ttft if ttft is not None else time.perf_counter() - t0
+            for kind, payload in r.place(new):
+                if kind == "frame":
+                    n_frames[i] += 1
+                    if n_frames[i] % cfg.audio_chunk_frames:
+                        continue
+                    kind, payload = "audio_chunk", np.asarray(r.out[-cfg.audio_chunk_frames * K :]).reshape(-1, K) - (
+                        layout.audio_base + np.arange(K) * layout.audio_codebook_size)  # [frames, K]
+                    ttfa = ttfa if ttfa is not None else time.perf_counter() - t0
+                if on_event is not None:
+                    on_event(i, kind, payload)
+            if any(len(s) and r.out[-len(s) :] == s for s in cfg.stop):
+                done[i] = True
+        if all(done):
+            break
+        step = step.to(device)[:, None]  # [B, 1, K]
+        seq_valid = torch.cat([seq_valid, torch.ones(B, 1, dtype=torch.bool, device=device)], 1)
+        if cache is not None:
+            h = hidden(step, next_pos[:, None], seq_valid)
+        else:  # the reference: the whole sequence again
+            seq = torch.cat([seq, step], 1)
+            h = hidden(seq, (seq_valid.long().cumsum(1) - 1).clamp(min=0), seq_valid)
+        next_pos = next_pos + 1
+    out = [r.out for r in rows]
+    return GenerationResult(out, ttft or 0.0, ttfa, sum(map(len, out)) / max(time.perf_counter() - t0, 1e-9))

@@ -10,7 +10,8 @@ Legend: B batch, T tokens, N = B*T rows, D dim, V vocab, M modalities.
   tested against).
 * ``LOSS_KEYS`` / ``loss_stats`` / ``loss_metrics``: additive sums per modality (summed over
   micro-batches and ranks before anything is divided), then the logged metrics
-  (``loss/<m>``, ``acc/<m>``, ``tokens/<m>``, ``z_loss``).
+  (``loss/<m>``, ``acc/<m>``, ``tokens/<m>``, ``z_loss``); with a delay / depth audio layout also per audio
+  level (``loss/audio_l<l>``, ``acc/audio_l<l>``, ``tokens/audio_l<l>``: ``omnitrain.model.audio_layouts``).
 """
 
 from __future__ import annotations
@@ -29,7 +30,11 @@ from omnitrain.tokenizer.layout import MODALITIES
 CHUNK_BYTES = {"cuda": 256 << 20, "cpu": 32 << 20}
 
 # Additive sums of one batch: summed over micro-batches and ranks before anything is divided.
-LOSS_KEYS = ["sum_weighted", "sum_z"] + [f"{k}/{m}" for m in MODALITIES for k in ("sum_loss", "sum_correct", "tokens")]
+# Then per audio level, for the delay / depth layouts (zeros in flat, and for levels a layout lacks): a fixed
+# number of slots so that the objective's keys do not depend on the layout (Mimi and EnCodec have at most 32 levels)
+MAX_AUDIO_LEVELS = 32
+LEVEL_KEYS = [f"{k}/audio_l{lvl}" for lvl in range(MAX_AUDIO_LEVELS) for k in ("sum_loss", "sum_correct", "tokens")]
+LOSS_KEYS = ["sum_weighted", "sum_z"] + [f"{k}/{m}" for m in MODALITIES for k in ("sum_loss", "sum_correct", "tokens")] + LEVEL_KEYS
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -135,7 +140,7 @@ def loss_stats(ce: torch.Tensor, correct: torch.Tensor, lse: torch.Tensor, targe
         for i in range(len(MODALITIES)):
             sel = ((mod == i) & (w > 0)).float()
             out += [(ce * sel).sum(), (correct.float() * sel).sum(), sel.sum()]
-        return torch.stack(out)
+        return torch.cat([torch.stack(out), out[0].new_zeros(len(LEVEL_KEYS))])  # no per-level sums in flat
 
 
 def loss_metrics(stats: torch.Tensor, loss: torch.Tensor, denom: torch.Tensor | float) -> dict[str, float]:
@@ -146,8 +151,21 @@ def loss_metrics(stats: torch.Tensor, loss: torch.Tensor, denom: torch.Tensor | 
         m[f"tokens/{mod}"] = n = int(m[f"tokens/{mod}"])
         if n:
             m[f"loss/{mod}"], m[f"acc/{mod}"] = m[f"sum_loss/{mod}"] / n, m[f"sum_correct/{mod}"] / n
+    m.update(level_metrics(m))  # (the raw sums of LOSS_KEYS stay, as for the modalities)
     m["loss"] = float(loss.detach())
     return m
+
+
+def level_metrics(sums: dict[str, float]) -> dict[str, float]:
+    """``loss/audio_l<l>``, ``acc/audio_l<l>``, ``tokens/audio_l<l>`` of the levels that had targets (none in flat)."""
+    row: dict[str, float] = {}
+    for lvl in range(MAX_AUDIO_LEVELS):
+        n = int(sums[f"tokens/audio_l{lvl}"])
+        if n:
+            row[f"loss/audio_l{lvl}"] = sums[f"sum_loss/audio_l{lvl}"] / n
+            row[f"acc/audio_l{lvl}"] = sums[f"sum_correct/audio_l{lvl}"] / n
+            row[f"tokens/audio_l{lvl}"] = n
+    return row
 
 
 def lm_loss(logits: torch.Tensor, batch: dict[str, torch.Tensor], modality_table: torch.Tensor, z_loss: float = 0.0,

@@ -42,6 +42,7 @@ from torch import nn
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 from torch.utils.checkpoint import checkpoint
 
+from omnitrain.data.audio_regroup import check_audio_layout
 from omnitrain.model.loss import linear_cross_entropy, loss_metrics, loss_stats
 
 ATTENTION_BACKENDS = ("auto", "sdpa", "flex")
@@ -64,8 +65,17 @@ class ModelConfig:
     init_std: float = 0.02
     activation_checkpointing: bool = False
     attention: str = "auto"  # one of ATTENTION_BACKENDS; auto: flex on CUDA, sdpa elsewhere
+    # flat: K positions per audio frame (the shards' serialization) | delay | depth: one position per frame
+    # (omnitrain.model.audio_layouts); the loader follows it (data.audio_layout, set by the recipes)
+    audio_layout: str = "flat"
+    depth_layers: int = 2  # audio_layout=depth: layers of the depth transformer over a frame's levels
+    depth_dim: int = 0  # audio_layout=depth: its width (0: dim)
 
     def __post_init__(self) -> None:
+        check_audio_layout(self.audio_layout, "model.audio_layout")
+        if self.audio_layout == "depth" and (self.depth_layers < 1 or (self.depth_dim or self.dim) % self.n_heads):
+            raise ValueError(f"model.depth_layers={self.depth_layers}, model.depth_dim={self.depth_dim}: the depth transformer "
+                             f"needs >= 1 layer and a width that is a multiple of n_heads={self.n_heads}")  # fmt: skip
         if self.attention not in ATTENTION_BACKENDS:
             raise ValueError(f"model.attention={self.attention!r}: choose one of {', '.join(ATTENTION_BACKENDS)} "
                              "(auto: flex on CUDA, sdpa elsewhere)")
@@ -304,8 +314,14 @@ class Transformer(nn.Module):
             self.layers = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.n_layers))
             self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
             self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+            self.depth = None
+            if cfg.audio_layout == "depth":
+                from omnitrain.model.depth import DepthTransformer  # (it builds on this module's blocks)
+
+                self.depth = DepthTransformer(cfg)
             self.register_buffer("modality_table", torch.zeros(cfg.vocab_size, dtype=torch.long), persistent=False)
         self.tie_weights()
+        self.audio_base = cfg.vocab_size  # the first audio code id (set_modalities; the delay / depth heads need it)
         device = torch.device(device) if device is not None else torch.get_default_device()  # with torch.device(...) too
         if device.type != "meta":
             self.to_empty(device=device)
@@ -346,6 +362,10 @@ class Transformer(nn.Module):
     def set_modalities(self, table: torch.Tensor) -> None:
         """Modality index per vocabulary id (``TokenLayout.modality_of(arange(V))``), for per-modality metrics."""
         self.modality_table.copy_(torch.as_tensor(table, dtype=torch.long))
+        if self.cfg.audio_layout != "flat":
+            from omnitrain.model.audio_layouts import audio_base_of  # (it imports this module)
+
+            self.audio_base = audio_base_of(self.modality_table)
 
     def num_params(self, non_embedding: bool = True) -> int:
         n = sum(p.numel() for p in self.parameters())
@@ -388,7 +408,10 @@ class Transformer(nn.Module):
         if positions is None:
             positions = torch.arange(input_ids.shape[1], device=input_ids.device)[None]  # [1, T]: broadcast over the batch
         cos, sin = rope_tables(positions, self.cfg.head_dim, self.cfg.rope_theta)  # [B or 1, 1, T, Dh]
-        h = self.tok_embeddings(input_ids)  # [B, T, D]
+        if input_ids.dim() == 2:
+            h = self.tok_embeddings(input_ids)  # [B, T, D]
+        else:  # delay / depth audio layouts: [B, T, K] -> the sum of each position's code embeddings [B, T, D]
+            h = (self.tok_embeddings(input_ids.clamp(min=0)) * (input_ids >= 0).unsqueeze(-1)).sum(dim=2)
         for layer in self.layers:
             if self.cfg.activation_checkpointing and self.training and cache is None:  # a recompute would write the cache twice
                 h = checkpoint(layer, h, cos, sin, mask, use_reentrant=False)
@@ -401,7 +424,8 @@ class Transformer(nn.Module):
     def forward(self, input_ids: torch.Tensor, doc_ids: torch.Tensor | None = None, targets: torch.Tensor | None = None,
                 loss_weights: torch.Tensor | None = None, denom: torch.Tensor | float | None = None
                 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-        """input_ids [B, T] (and doc_ids [B, T]) -> logits [B, T, V].
+        """input_ids [B, T] (and doc_ids [B, T]) -> logits [B, T, V]. With ``audio_layout`` delay / depth,
+        input_ids [B, T, K] (``omnitrain.model.audio_layouts``) and the logits are channel 0's.
 
         ``doc_ids`` None: every row is one document (plain causal attention, no mask). Given, the
         document mask is built here once (``document_mask``) and every layer shares it.
@@ -410,6 +434,9 @@ class Transformer(nn.Module):
         chunked output projection fused with the cross entropy (``loss.linear_cross_entropy``: the
         [B*T, V] logits are never held whole). It is computed inside ``forward`` so that DDP / FSDP /
         DeepSpeed wrappers see one call. ``stats`` [len(LOSS_KEYS)] are additive sums (``loss.LOSS_KEYS``)."""
+        if (input_ids.dim() == 3) != (self.cfg.audio_layout != "flat"):
+            raise ValueError(f"model.audio_layout={self.cfg.audio_layout} got input_ids of shape {tuple(input_ids.shape)}: "
+                             "set data.audio_layout to the model's (the recipes do: ${model.audio_layout})")  # fmt: skip
         mask, positions = None, None  # no doc_ids: one document per row, plain causal attention
         if doc_ids is not None:
             mask = document_mask(doc_ids, self.attention_backend(input_ids.device), self.compute_dtype())
@@ -419,6 +446,10 @@ class Transformer(nn.Module):
             return self.output(h)  # [B, T, V]
         w = torch.ones_like(targets, dtype=torch.float32) if loss_weights is None else loss_weights.float()
         denom = w.sum().clamp(min=1.0) if denom is None else denom
+        if targets.dim() == 3:  # delay / depth: every audio level's loss (omnitrain.model.audio_layouts)
+            from omnitrain.model.audio_layouts import grouped_loss  # (it imports this module)
+
+            return grouped_loss(self, h, targets, w, denom)
         loss, ce, correct, lse = linear_cross_entropy(h.flatten(0, 1), self.output.weight, targets.flatten(), w.flatten(),
                                                       self.cfg.z_loss, denom)  # fmt: skip
         return loss, loss_stats(ce, correct, lse, targets.flatten(), w.flatten(), self.modality_table, self.cfg.z_loss)

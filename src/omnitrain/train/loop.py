@@ -52,6 +52,8 @@ from omnitrain.tokenizer.layout import MODALITIES
 from omnitrain.train import checkpoint, lock
 from omnitrain.train.build import Run, build_model, build_objective, build_run, resolve, sharded_init  # noqa: F401 (also loop.*)
 from omnitrain.train.dpo import DPOConfig
+from omnitrain.train.evaluation import EvalInTrainingConfig, Evaluator, InLoopChecks
+from omnitrain.train.guard import GuardConfig
 from omnitrain.train.hardstop import watch_second_signal
 from omnitrain.train.objectives import HFInitConfig, ValConfig
 from omnitrain.train.optim import OptimConfig, warmup_warning
@@ -94,6 +96,8 @@ class TrainConfig:
     objective: Literal["lm", "dpo"] = "lm"  # lm: pretraining / continued pretraining / SFT; dpo: preference pairs
     dpo: DPOConfig = field(default_factory=DPOConfig)
     val: ValConfig = field(default_factory=ValConfig)  # held-out shard sets scored during training
+    eval_in_training: EvalInTrainingConfig = field(default_factory=EvalInTrainingConfig)  # benchmarks every N steps (evaluation.py)
+    guard: GuardConfig = field(default_factory=GuardConfig)  # watched metrics vs their step-0 baselines (guard.py)
     on_nonfinite: Literal["skip", "stop"] = "stop"  # a NaN/inf loss or gradient: skip the step, or stop
     max_skipped: int = 10  # on_nonfinite=skip: stop after this many skipped steps in a row
     compile: bool = False  # torch.compile each transformer block, fullgraph (Strategy.setup: before FSDP shards it)
@@ -116,6 +120,8 @@ class TrainConfig:
             raise ValueError("give one of init_from (an omnitrain model) and hf_init.path (a Hugging Face model), not both")
         if self.keep_last < 0:
             raise ValueError(f"keep_last={self.keep_last}: give the number of newest checkpoints to keep (>= 1), or 0 to keep all")
+        if (watched := [k for k in self.guard.watch if k.startswith("eval/")]) and not self.eval_in_training.every:
+            raise ValueError(f"guard.watch {watched} needs eval_in_training.every > 0 and the task in eval_in_training.tasks")
         if (warning := warmup_warning(self.optim, self.steps)) is not None:
             warnings.warn(warning, stacklevel=2)
 
@@ -124,19 +130,25 @@ def every(step: int, n: int) -> bool:
     return n > 0 and step % n == 0
 
 
-def train(cfg: TrainConfig, plain_config: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Train; returns a summary (run_dir, final step, tokens, preempted, seconds, steps/s)."""
+def train(cfg: TrainConfig, plain_config: dict[str, Any] | None = None, evaluator: Evaluator | None = None) -> dict[str, Any]:
+    """Train; returns a summary (run_dir, final step, tokens, preempted, seconds, steps/s, guard_stopped).
+
+    ``evaluator``: what scores the model every ``eval_in_training.every`` steps (``omnitrain.train.evaluation``;
+    built by the eval stage, ``omnitrain.eval.in_training.build_evaluator``, as ``omnitrain train`` does)."""
+    if cfg.eval_in_training.every and evaluator is None:
+        raise ValueError("eval_in_training.every is set but train() got no evaluator: run `omnitrain train`, or pass "
+                         "evaluator=omnitrain.eval.in_training.build_evaluator(cfg) to train()")  # fmt: skip
     preempt = Preemption.install()  # first: a USR1 / TERM during start-up (launch, build, resume) stops before step 1
     second = watch_second_signal()  # a second TERM / INT exits at once, even inside a long step (hardstop.py)
     try:
-        return _train(cfg, plain_config, preempt)
+        return _train(cfg, plain_config, preempt, evaluator)
     finally:
         if second is not None:
             second.stop()
         preempt.restore()
 
 
-def _train(cfg: TrainConfig, plain_config: dict[str, Any] | None, preempt: Preemption) -> dict[str, Any]:
+def _train(cfg: TrainConfig, plain_config: dict[str, Any] | None, preempt: Preemption, evaluator: Evaluator | None = None) -> dict[str, Any]:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     cfg, layout = resolve(cfg)
@@ -150,15 +162,20 @@ def _train(cfg: TrainConfig, plain_config: dict[str, Any] | None, preempt: Preem
         raise
     cfg, fabric = run.cfg, run.fabric
     state: dict[str, Any] = {"model": run.model, "optimizer": run.optimizer, "step": 0, "tokens": 0}  # what checkpoints hold
-    if run.resume_from is not None:
-        resume(run, state)
+    meta = resume(run, state) if run.resume_from is not None else {}
     start_step = state["step"]
     log = open_log(run, start_step, plain_config)
+    checks = InLoopChecks(cfg, run, evaluator, log.print)  # eval_in_training and the guard (train/evaluation.py)
+    checks.resumed(meta.get("guard"), start_step, fabric.global_rank)
     stopped_by, skipped = preempt.requested(fabric), 0  # a signal during start-up: no step, nothing new to save
 
     # --- the loop
-    if run.validation.due(start_step, False) and start_step == 0 and not stopped_by:
-        log.log(0, run.validation.run(fabric, run.model, run.objective))  # the held-out losses before any training
+    if start_step == 0 and not stopped_by:  # held-out losses and benchmarks before any training (the guard's baselines)
+        row0 = run.validation.run(fabric, run.model, run.objective) if run.validation.due(0, False) else {}
+        row0.update(checks.run(run, 0, False, row0)[0])
+        if row0:
+            log.log(0, row0)
+    guard_stop = False
     meter = Throughput(COUNTS, fabric.device)  # token counts since the last log step, on the device
     t_start = time.perf_counter()
     while state["step"] < cfg.steps and not stopped_by:
@@ -169,10 +186,12 @@ def _train(cfg: TrainConfig, plain_config: dict[str, Any] | None, preempt: Preem
 
         t_val = time.perf_counter()
         val_row = run.validation.run(fabric, run.model, run.objective) if run.validation.due(step, step == cfg.steps) else {}
+        eval_row, guard_stop = checks.run(run, step, step == cfg.steps, val_row)  # before this step's checkpoint
+        val_row = {**val_row, **eval_row}
         meter.exclude(time.perf_counter() - t_val)  # throughput counts training time only
         stopped_by = out.signal  # agreed by all ranks inside the step's collective and read with its finiteness
         logged = every(step, cfg.log_every) or step == cfg.steps or bool(val_row) or not out.finite
-        ckpt = every(step, cfg.ckpt_every) or step == cfg.steps or stopped_by
+        ckpt = every(step, cfg.ckpt_every) or step == cfg.steps or stopped_by or guard_stop
         if logged or ckpt:  # the host reads of a step's stats and token counts: log and checkpoint steps only
             counts, seconds, steps = meter.read()
             state["tokens"] += round(sum(counts[f"tokens/{m}"] for m in MODALITIES))
@@ -182,17 +201,18 @@ def _train(cfg: TrainConfig, plain_config: dict[str, Any] | None, preempt: Preem
 
         if ckpt:
             t_save = time.perf_counter()
-            path = save_checkpoint(run, state, out.summary(run.objective)["loss"])
+            path = save_checkpoint(run, state, out.summary(run.objective)["loss"], checks.guard.state_dict())
             meter.exclude(time.perf_counter() - t_save)
             log.print(f"checkpoint {path}")
-        if stopped_by:
+        if stopped_by or guard_stop:
             break
 
-    return finish(run, state, log, start_step, t_start, stopped_by)
+    return {**finish(run, state, log, start_step, t_start, stopped_by), "guard_stopped": guard_stop}
 
 
-def resume(run: Run, state: dict[str, Any]) -> None:
-    """Restore ``state`` (model, optimizer, step, tokens), this rank's loader position and RNG from ``run.resume_from``."""
+def resume(run: Run, state: dict[str, Any]) -> dict[str, Any]:
+    """Restore ``state`` (model, optimizer, step, tokens), this rank's loader position and RNG from ``run.resume_from``;
+    returns the checkpoint's meta.json."""
     fabric, path = run.fabric, run.resume_from
     meta, ranks = checkpoint.load(fabric, path, state, layout_hash=run.layout.hash)  # the layout is checked first
     if meta["world_size"] == fabric.world_size:
@@ -203,6 +223,7 @@ def resume(run: Run, state: dict[str, Any]) -> None:
         run.notes["world_size_changed"] = world_size_change(run, meta)
     if fabric.global_rank == 0:
         truncate_metrics(Path(run.cfg.run_dir) / "metrics.jsonl", state["step"])
+    return meta
 
 
 def world_size_change(run: Run, meta: dict[str, Any]) -> dict[str, Any]:
@@ -235,11 +256,12 @@ def open_log(run: Run, start_step: int, plain_config: dict[str, Any] | None) -> 
     return log
 
 
-def save_checkpoint(run: Run, state: dict[str, Any], loss: float) -> Path:
-    """Checkpoint ``state`` and every rank's loader position and RNG (a collective)."""
+def save_checkpoint(run: Run, state: dict[str, Any], loss: float, guard: dict[str, Any] | None = None) -> Path:
+    """Checkpoint ``state`` and every rank's loader position and RNG (a collective); ``guard``: the guard's state."""
     rank_state = {"loader": run.loader.state_dict(), "rng": checkpoint.rng_state()}
     meta = {"tokens": state["tokens"], "layout_hash": run.layout.hash, "loss": loss,
-            "batch": {"batch_size": run.cfg.data.batch_size, "grad_accum": run.cfg.grad_accum, "seq_len": run.cfg.data.seq_len}}
+            "batch": {"batch_size": run.cfg.data.batch_size, "grad_accum": run.cfg.grad_accum, "seq_len": run.cfg.data.seq_len},
+            **({"guard": guard} if guard else {})}
     return checkpoint.save(run.fabric, Path(run.cfg.run_dir), state["step"], state, rank_state, meta, run.cfg.keep_last)
 
 

@@ -30,7 +30,7 @@ import torch
 
 from omnitrain.data.loader import LoaderConfig, OmniLoader, SourceSpec
 from omnitrain.model.io import resolve_path
-from omnitrain.model.loss import LOSS_KEYS
+from omnitrain.model.loss import LOSS_KEYS, level_metrics
 from omnitrain.model.transformer import ModelConfig, Transformer
 from omnitrain.model.weights import GrownVocabulary, WeightSource, hf_weights, materialise
 from omnitrain.tokenizer.layout import MODALITIES, TokenLayout
@@ -77,7 +77,8 @@ def hf_start(cfg: HFInitConfig, model_cfg: ModelConfig, layout: TokenLayout) -> 
                          f"{layout.text_vocab_size} ids: build the layout and shards with the LLM's own tokenizer "
                          f"(tokenizers.text=<its folder or .gguf>) so that text ids keep their meaning")  # fmt: skip
     grown = replace(imported, vocab_size=layout.vocab_size, z_loss=model_cfg.z_loss, attention=model_cfg.attention,
-                    activation_checkpointing=model_cfg.activation_checkpointing)  # fmt: skip
+                    activation_checkpointing=model_cfg.activation_checkpointing, audio_layout=model_cfg.audio_layout,
+                    depth_layers=model_cfg.depth_layers, depth_dim=model_cfg.depth_dim)  # fmt: skip
     return grown, GrownVocabulary(weights, layout.vocab_size, cfg.seed), n_text
 
 
@@ -153,6 +154,7 @@ class LMObjective:
         for m in MODALITIES:
             if tokens[m]:
                 row[f"loss/{m}"], row[f"acc/{m}"] = s[f"sum_loss/{m}"] / tokens[m], s[f"sum_correct/{m}"] / tokens[m]
+        row.update(level_metrics(s))  # delay / depth audio layouts: loss, accuracy and targets per audio level
         return row, tokens
 
 

@@ -1,0 +1,135 @@
+"""Audio layouts (issue 23): the same flat shards regrouped to one position per frame (delay, depth), a tiny
+model's loss and per-level stats on such batches, and generation that returns valid flat audio."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from omnitrain.data.audio_regroup import AudioGrouping
+from omnitrain.data.loader import LoaderConfig, OmniLoader, SourceSpec
+from omnitrain.data.shards import SCHEMA_VERSION, Sample
+from omnitrain.model.generate import SamplingConfig, generate
+from omnitrain.model.transformer import ModelConfig, Transformer
+from omnitrain.tokenizer.layout import AudioSegment, SpecialSegment, TextSegment, TokenLayout
+from tests.synthetic import write_shard_set
+
+LAYOUTS = ("flat", "delay", "depth")
+
+
+def speech_layout(K: int = 3) -> TokenLayout:
+    return TokenLayout.build(1000, "synthetic", {"bos": 1, "eos": 2, "pad": 3}, image_codebook_size=64,
+                             audio_codebook_size=32, audio_levels=K)  # fmt: skip
+
+
+def make_speech_shards(folder: Path, layout: TokenLayout, n_shards: int = 4, per_shard: int = 12, seed: int = 0) -> Path:
+    """TTS-like samples ``<bos> text <boa> frames <eoa> <eos>``: each frame's levels follow its level 0 (learnable)."""
+    rng, K, k, shards = np.random.default_rng(seed), layout.audio_levels, 0, []
+    folder.mkdir(parents=True, exist_ok=True)
+    layout.save(folder)
+    for _ in range(n_shards):
+        samples = []
+        for _ in range(per_shard):
+            F, start = int(rng.integers(8, 40)), int(rng.integers(32))
+            codes = np.stack([(start + np.arange(F) * (lvl + 1)) % 32 for lvl in range(K)], axis=1)  # [F, K]
+            text = 10 + (start + np.arange(int(rng.integers(3, 12)))) % 50
+            ids = layout.serialize([SpecialSegment("bos"), TextSegment(text), AudioSegment(codes), SpecialSegment("eos")])
+            a = 1 + len(text)
+            meta = {"schema_version": SCHEMA_VERSION, "layout_hash": layout.hash, "source": "speech", "template": "tts",
+                    "segments": [[1, a, "text"], [a, a + F * K + 2, "audio"]], "learn": [[1, len(ids)]], "origin": f"speech:{k}"}  # fmt: skip
+            samples.append(Sample(f"p000-{k:09d}", ids.astype(np.uint32), meta))
+            k += 1
+        shards.append(samples)
+    return write_shard_set(folder, "speech", layout, shards, "tts")
+
+
+@pytest.fixture(scope="module")
+def speech(tmp_path_factory) -> tuple[TokenLayout, Path]:
+    layout = speech_layout()
+    return layout, make_speech_shards(tmp_path_factory.mktemp("speech") / "speech", layout)
+
+
+def loader(path: Path, audio_layout: str, seq_len: int = 96) -> OmniLoader:
+    return OmniLoader(LoaderConfig(sources={"speech": SourceSpec(str(path))}, seq_len=seq_len, batch_size=4, audio_layout=audio_layout))
+
+
+@pytest.mark.parametrize("audio_layout", ["delay", "depth"])
+def test_regrouping_inverts_exactly_and_takes_one_position_per_frame(audio_layout):
+    layout = speech_layout()
+    g, K, rng = AudioGrouping.of(layout, audio_layout), layout.audio_levels, np.random.default_rng(0)
+    for F in (0, 1, 2, 5, 17):
+        segs = [SpecialSegment("bos"), TextSegment(np.array([11, 12])), AudioSegment(rng.integers(0, 32, (F, K))),
+                TextSegment(np.array([13])), AudioSegment(rng.integers(0, 32, (3, K))), SpecialSegment("eos")]  # fmt: skip
+        ids = layout.serialize(segs)
+        grouped, src = g.to_grouped(ids)
+        assert np.array_equal(g.to_flat(grouped), ids) and len(src) == len(grouped)
+        extra = K - 1 if audio_layout == "delay" else 1  # the delay tail (its first position holds <eoa>) / <eoa>
+        assert len(grouped) == 2 + 2 + 1 + (1 + F + extra) + (1 + 3 + extra)  # one position per frame
+        levels = (grouped[:, 1:] - layout.audio_base) // layout.audio_codebook_size  # each channel holds its own level
+        assert ((grouped[:, 1:] < 0) | (levels == np.arange(1, K))).all()
+
+
+def test_flat_batches_are_unchanged_and_grouped_batches_take_one_position_per_frame(speech):
+    layout, path = speech
+    K = layout.audio_levels
+    flat = next(loader(path, "flat"))
+    assert flat["input_ids"].shape == (4, 96) and flat["loss_weights"].shape == (4, 96)
+    flat_codes = flat["input_ids"] >= layout.audio_base
+    assert flat_codes.sum() > 0  # flat: one code per audio position
+    for name in ("delay", "depth"):
+        b = next(loader(path, name))
+        ids = b["input_ids"]
+        assert ids.shape == (4, 96, K) and b["targets"].shape == (4, 96, K) and b["doc_ids"].shape == (4, 96)
+        assert (b["loss_weights"][b["targets"] < 0] == 0).all() and b["loss_weights"].sum() > 0
+        codes, positions = (ids >= layout.audio_base).sum(), (ids >= layout.audio_base).any(-1).sum()
+        spans = (ids[..., 0] == layout.specials["boa"]).sum() + 4  # (+ a span cut at each row's start)
+        if name == "depth":
+            assert codes == K * positions  # every audio position holds a whole frame: 1/K of flat's positions
+        else:  # delay: a frame per position, but for the K-1 tail positions of each span
+            assert K * (positions - (K - 1) * spans) <= codes <= K * positions
+
+
+@pytest.mark.slow  # ~17 s each on 2 loaded cores
+@pytest.mark.parametrize("audio_layout", ["delay", "depth"])
+def test_a_tiny_model_learns_every_level_and_logs_it(speech, audio_layout):
+    layout, path = speech
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=layout.vocab_size, dim=64, n_layers=2, n_heads=4, audio_layout=audio_layout, z_loss=1e-5))
+    model.set_modalities(layout.modality_of(np.arange(layout.vocab_size)))
+    opt, data, first = torch.optim.AdamW(model.parameters(), lr=3e-3), loader(path, audio_layout), None
+    for _ in range(25):
+        loss, m = model.loss(next(data))
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        first = first or m
+    assert np.isfinite(m["loss"]) and m["loss"] < 0.8 * first["loss"]
+    for lvl in range(layout.audio_levels):
+        assert m[f"tokens/audio_l{lvl}"] > 0 and m[f"loss/audio_l{lvl}"] < first[f"loss/audio_l{lvl}"]
+    assert m["tokens/audio"] > sum(m[f"tokens/audio_l{lvl}"] for lvl in range(layout.audio_levels))  # + <boa> / <eoa>
+    with pytest.raises(ValueError, match="data.audio_layout"):
+        model.loss(next(loader(path, "flat")))
+
+
+@pytest.mark.parametrize("audio_layout", ["delay", "depth"])
+def test_generation_gives_valid_flat_audio_with_and_without_the_cache(speech, audio_layout):
+    layout, _ = speech
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=layout.vocab_size, dim=64, n_layers=2, n_heads=4, audio_layout=audio_layout))
+    boa, eoa = layout.specials["boa"], layout.specials["eoa"]
+    prompts = [[1, 20, 21, boa], [1, 30], layout.serialize([SpecialSegment("bos"), AudioSegment(np.zeros((2, 3), int))]).tolist()]
+    events = []
+    cfg = SamplingConfig(max_new_tokens=24, seed=3, audio_chunk_frames=4, stop=[[eoa]])
+    out = generate(model, layout, prompts, cfg, on_event=lambda *e: events.append(e))
+    assert out.tokens == generate(model, layout, prompts, cfg, use_cache=False).tokens
+    speech_out = out.tokens[0]
+    body = speech_out[: speech_out.index(eoa)] if eoa in speech_out else speech_out[: len(speech_out) // 3 * 3]
+    assert len(body) >= 3 and len(body) % 3 == 0  # whole frames in the flat layout
+    segs = layout.parse([1, boa, *body, eoa])
+    assert isinstance(segs[1], AudioSegment) and segs[1].codes.shape[1] == 3  # each level within its own range
+    assert any(kind == "audio_chunk" for row, kind, _ in events if row == 0) == (len(body) // 3 >= 4)  # a chunk: 4 frames
+    with pytest.raises(ValueError, match="cfg_scale"):
+        generate(model, layout, prompts, SamplingConfig(max_new_tokens=2, cfg_scale=2.0))
