@@ -302,8 +302,10 @@ def main(argv: list[str] | None = None) -> int:
                 cmd.run(cfg, lambda name, overrides: compose(next(c for c in COMMANDS if c.name == name), overrides, recipes))
             else:
                 cmd.run(cfg)
-        except (ValueError, FileNotFoundError) as e:  # user-fixable problems: one clear line, no traceback
-            if os.environ.get("OMNITRAIN_DEBUG"):
+        except Exception as e:  # user-fixable problems: one clear line, no traceback
+            from omnitrain.data.reading import ShardReadError  # (imports torch: not before the command has)
+
+            if not isinstance(e, (ValueError, FileNotFoundError, ShardReadError)) or os.environ.get("OMNITRAIN_DEBUG"):
                 raise
             print(f"omnitrain {cmd.name}: error: {e}  (OMNITRAIN_DEBUG=1 shows the traceback)", file=sys.stderr)
             return 1

@@ -33,6 +33,7 @@ requeued job resumes from that checkpoint (``resume=auto``); SIGTERM (``scancel`
 
 from __future__ import annotations
 
+import copy
 import os
 import signal
 import subprocess
@@ -46,6 +47,7 @@ import torch
 
 from omnitrain.config import to_dict
 from omnitrain.data.loader import LoaderConfig
+from omnitrain.data.reading import ShardReadError
 from omnitrain.model.io import save_model
 from omnitrain.model.transformer import ModelConfig
 from omnitrain.tokenizer.layout import MODALITIES
@@ -179,7 +181,12 @@ def _train(cfg: TrainConfig, plain_config: dict[str, Any] | None, preempt: Preem
     meter = Throughput(COUNTS, fabric.device)  # token counts since the last log step, on the device
     t_start = time.perf_counter()
     while state["step"] < cfg.steps and not stopped_by:
-        out = train_step(run, state["step"], skipped, preempt)
+        # where this step's batches begin: with one micro-batch the loader's own state stands there after a read error
+        before = copy.deepcopy(run.loader.state_dict()) if cfg.grad_accum > 1 else None
+        try:
+            out = train_step(run, state["step"], skipped, preempt)
+        except ShardReadError as e:  # retried already (data.read_retries): save where the data stopped, then stop
+            return stop_on_unreadable_data(run, state, log, before, e)
         skipped = 0 if out.finite else skipped + 1
         state["step"] = step = state["step"] + 1
         meter.add(out.counts)
@@ -208,6 +215,33 @@ def _train(cfg: TrainConfig, plain_config: dict[str, Any] | None, preempt: Preem
             break
 
     return {**finish(run, state, log, start_step, t_start, stopped_by), "guard_stopped": guard_stop}
+
+
+def stop_on_unreadable_data(run: Run, state: dict[str, Any], log: RunLog, before: dict | None, error: ShardReadError) -> dict[str, Any]:
+    """A shard still unreadable after the loader's retries (a remote store down): checkpoint the last complete step with
+    the loader where that step's batches began (no batch lost or repeated on resume), requeue under Slurm, and stop
+    with one line. One process only: with several ranks the others would wait in the step's collective, so the error
+    ends the job as before (the last periodic checkpoint stands)."""
+    if run.fabric.world_size > 1:
+        raise error
+    if before is not None:  # micro-batches of this step were read before the error: give them back
+        run.loader.load_state_dict(before)
+    path = save_checkpoint(run, state, float("nan"))
+    log.print(f"checkpoint {path}")
+    log.close()
+    requeued = requeue(run.cfg)
+    raise ShardReadError(f"{error} -- saved step {state['step']} ({path}); resume with the same command once the data is back"
+                         + (" (the job was requeued)" if requeued else ""))  # fmt: skip
+
+
+def requeue(cfg: TrainConfig) -> bool:
+    """Under Slurm (and ``requeue=true``), ``scontrol requeue`` this job: its next start resumes from the last checkpoint."""
+    if not (cfg.requeue and os.environ.get("SLURM_JOB_ID")):
+        return False
+    job = os.environ.get("SLURM_ARRAY_JOB_ID", os.environ["SLURM_JOB_ID"])
+    res = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+    print(f"scontrol requeue {job}: {'ok' if res.returncode == 0 else res.stderr.strip()}", flush=True)
+    return res.returncode == 0
 
 
 def resume(run: Run, state: dict[str, Any]) -> dict[str, Any]:
@@ -295,10 +329,8 @@ def finish(run: Run, state: dict[str, Any], log: RunLog, start_step: int, t_star
             saved = state["step"] > start_step  # else: stopped during start-up, the last checkpoint holds everything
             done = f"saved step {state['step']}" if saved else f"during start-up, before step {start_step + 1} (nothing new to save)"
             print(f"{name}: {done} and stopped", flush=True)
-        if stopped_by == signal.SIGUSR1 and cfg.requeue and os.environ.get("SLURM_JOB_ID") and fabric.global_rank == 0:
-            job = os.environ.get("SLURM_ARRAY_JOB_ID", os.environ["SLURM_JOB_ID"])
-            res = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
-            print(f"scontrol requeue {job}: {'ok' if res.returncode == 0 else res.stderr.strip()}", flush=True)
+        if stopped_by == signal.SIGUSR1 and fabric.global_rank == 0:
+            requeue(cfg)
     elif fabric.global_rank == 0:
         print(f"train done: step {state['step']}, {state['tokens']:,} tokens in {elapsed:.1f}s, run {run_dir}", flush=True)
     return summary

@@ -124,5 +124,9 @@ def metrics_row(run: Run, out: StepResult, tokens: int, counts: dict[str, float]
         row["frozen"] = int(out.frozen)
     row.update(val_row)
     row["packing_efficiency"] = run.loader.packing_efficiency()
+    skipped = torch.tensor([run.loader.skipped_shards(), run.loader.skipped_samples()], dtype=torch.float64, device=run.fabric.device)
+    if run.fabric.world_size > 1:  # every rank writes this row's numbers (log steps only): one small collective
+        skipped = run.fabric.all_reduce(skipped, reduce_op="sum")
+    row["skipped_shards"], row["skipped_samples"] = (int(x) for x in skipped.tolist())  # data.on_corrupt=skip, all ranks
     row.update({f"share/{k}": v for k, v in run.loader.realised_shares().items()})
     return row
