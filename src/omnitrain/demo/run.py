@@ -36,7 +36,8 @@ from omnitrain.demo.corpus import (
     spoken_digits,
     tokenizer_inputs,
 )
-from omnitrain.demo.report import evaluate, loss_drop, write_demo_report
+from omnitrain.demo.report import ANSWER_MAX_TOKENS, TEXT_CHUNK_CHARS, evaluate, loss_drop, write_demo_report
+from omnitrain.eval.in_training import build_evaluator
 from omnitrain.model.generate_command import GenerateConfig, run_generate
 from omnitrain.model.io import save_model
 from omnitrain.model.transformer import Transformer
@@ -73,6 +74,7 @@ class DemoConfig:
     report_languages: list[str] = field(default_factory=list)  # tokenizer report; empty: all 20
     train_steps: int = 600  # steps of `omnitrain train experiment=demo` (0: stop after the shards)
     train_overrides: list[str] = field(default_factory=list)  # more overrides for the training recipe
+    eval_every: int = 100  # in-training eval (perplexity, reading) every N training steps, for the report's curves; 0: off
     eval_batch_size: int = 16
     workers: int = 1  # shard-building processes
     # torch threads for the image tokenizer and the audio codec: these small conv nets ran faster on 1
@@ -240,10 +242,24 @@ def run_demo(cfg: DemoConfig, compose: Compose) -> dict:
     return summary
 
 
+def in_training_overrides(cfg: DemoConfig, corpus: dict[str, Any], tokenizers: TokenizerPaths) -> list[str]:
+    """``eval_in_training``: held-out text perplexity and reading on the training model every ``eval_every`` steps
+    (small limits: the curves cost a few seconds each time), for the report's benchmark curves."""
+    if not cfg.eval_every:
+        return []
+    texts = ",".join(f"'{p}'" for p in corpus["text"]["test"])
+    tasks = (f"{{perplexity:{{limit:4,chunk_chars:{TEXT_CHUNK_CHARS},paths:[{texts}]}},"
+             f"reading:{{limit:8,path:'{corpus['digits']['test']}',image_size:{image_sizes(cfg)['reading']},max_new_tokens:{ANSWER_MAX_TOKENS}}}}}")
+    return [f"eval_in_training.every={cfg.eval_every}", "~eval_in_training.tasks", f"+eval_in_training.tasks={tasks}",
+            f"eval_in_training.tokenizers.text={tokenizers.text}", f"eval_in_training.tokenizers.image={tokenizers.image}",
+            f"eval_in_training.tokenizers.audio={tokenizers.audio}"]  # fmt: skip
+
+
 def _train_eval_generate(cfg: DemoConfig, run: Path, corpus: dict[str, Any], tokenizers: TokenizerPaths, layout: TokenLayout,
                          st: Stages, summary: dict[str, Any], compose: Compose) -> None:  # fmt: skip
     overrides = [f"run_dir={run / 'train'}", f"steps={cfg.train_steps}", "resume=never", f"init_from={run / 'init' / 'model'}",
-                 *(f"data.sources.{k}.path={run / 'shards' / k}" for k in summary["shards"]), *cfg.train_overrides]  # fmt: skip
+                 *(f"data.sources.{k}.path={run / 'shards' / k}" for k in summary["shards"]),
+                 *in_training_overrides(cfg, corpus, tokenizers), *cfg.train_overrides]  # fmt: skip
     train_cfg, plain = compose("train", overrides)
     missing = set(summary["shards"]) ^ set(train_cfg.data.sources)
     if missing:
@@ -260,8 +276,8 @@ def _train_eval_generate(cfg: DemoConfig, run: Path, corpus: dict[str, Any], tok
 
     st.start("train", "training: the tiny omni model on all shard sets (recipes/experiment/demo.yaml, Fabric)")
     shutil.rmtree(run / "train", ignore_errors=True)  # new tokenizers, new shards: a new run
-    result = train(train_cfg, plain)
-    rows = read_metrics(run / "train")
+    result = train(train_cfg, plain, evaluator=build_evaluator(train_cfg))
+    rows = [r for r in read_metrics(run / "train") if "loss" in r]  # (step 0: the in-training eval's baseline, no loss)
     drops = loss_drop(rows)
     summary["train"] = {"step": result["step"], "tokens": result["tokens"], "first_loss": rows[0]["loss"], "loss": rows[-1]["loss"],
                         "params": sum(p.numel() for p in init.parameters()), "loss_by_modality": drops,
