@@ -10,6 +10,14 @@ patterns are learnable, so the curves show the new rows and the network learning
 The layout is SmolLM2's 49,152 text ids, then the specials, 16 size tokens, 256 image codes and
 2 x 128 audio codes. Prints the start and end of the three held-out curves (val/*) and checks the
 bound: held-out text loss may rise by at most ``TEXT_BOUND`` nats.
+
+    python benchmarks/continue_pretrain.py guard               # with and without the forgetting guard (issue 24)
+
+``guard_comparison`` (also ``benchmarks/bench_forgetting_guard.py``, so ``run_all.py forgetting`` records it) runs
+the same steps twice at a learning rate that makes text forget (5e-4: +0.77 nats in 12 steps, measured for the
+recipe), once plain and once with ``guard.action=rebalance`` watching the held-out text loss; both evaluate a small
+MMLU subset inside training (``eval_in_training``). Rows: held-out text loss and MMLU at start, worst and end; image
+and audio held-out losses at the end; the wall time of each run.
 """
 
 from __future__ import annotations
@@ -74,5 +82,69 @@ def main(overrides: list[str]) -> dict:
     return out
 
 
+# the comparison of issue 24: small enough for 2 shared CPU cores (< 15 min for both runs)
+GUARD_RUN = ["optim.lr=5e-4", "optim.warmup_steps=2", "freeze_warmup_steps=0", "data.seq_len=64", "data.batch_size=2",
+             "val.batches=1", "ckpt_every=1000", "export=false", "eval_in_training.batch_size=4",
+             "+eval_in_training.tasks.mmlu.limit=8", "+eval_in_training.tasks.mmlu.per_subject_limit=1"]  # fmt: skip
+GUARD = ["guard.action=rebalance", "guard.step=0.3", "guard.max_share=0.9",
+         "+guard.watch={val/text_heldout/loss/text:{tolerance:0.1}}", "+guard.watch.eval/mmlu/acc.tolerance=0.13"]  # fmt: skip
+TEXT, MMLU = "val/text_heldout/loss/text", "eval/mmlu/acc"
+
+
+def guard_comparison(steps: int = 12, every: int = 3) -> list[dict]:
+    """The same run without and with the guard; benchmark rows (``run_all.py``'s convention)."""
+    import time
+
+    from omnitrain.cli import main as cli
+    from omnitrain.train.runlog import read_metrics
+
+    make_shards(ROOT / "shards")
+    runs = {}
+    for name, extra in (("plain", []), ("guard", GUARD)):
+        run_dir = ROOT / f"guard_{name}"
+        t0 = time.perf_counter()
+        code = cli(["train", "experiment=continue_pretrain", f"run_dir={run_dir}", "resume=never", f"steps={steps}",
+                    f"val.every={every}", f"eval_in_training.every={every}", *GUARD_RUN, *extra])  # fmt: skip
+        if code:
+            raise SystemExit(code)
+        runs[name] = (read_metrics(run_dir), time.perf_counter() - t0)
+    rows = []
+    for name, (metrics, seconds) in runs.items():
+        text = [(r["step"], r[TEXT]) for r in metrics if TEXT in r]
+        mmlu = [(r["step"], r[MMLU]) for r in metrics if MMLU in r]
+        worst_text, worst_mmlu = max(text, key=lambda x: x[1]), min(mmlu, key=lambda x: x[1])
+        last = [r for r in metrics if TEXT in r][-1]
+        shares = [r["share_target/text"] for r in metrics if "share_target/text" in r]
+        note = f"{steps} steps; guard raised the text share to {shares[-1]:.2f}" if shares else f"{steps} steps"
+        rows += [
+            {"metric": f"{name}: held-out text loss start", "value": text[0][1], "unit": "nats", "baseline": None, "note": note},
+            {"metric": f"{name}: held-out text loss worst", "value": worst_text[1], "unit": "nats", "baseline": text[0][1],
+             "note": f"step {worst_text[0]}"},
+            {"metric": f"{name}: held-out text loss end", "value": text[-1][1], "unit": "nats", "baseline": text[0][1], "note": ""},
+            {"metric": f"{name}: MMLU acc start", "value": mmlu[0][1], "unit": "acc", "baseline": None, "note": "8 questions"},
+            {"metric": f"{name}: MMLU acc worst", "value": worst_mmlu[1], "unit": "acc", "baseline": mmlu[0][1],
+             "note": f"step {worst_mmlu[0]}"},
+            {"metric": f"{name}: MMLU acc end", "value": mmlu[-1][1], "unit": "acc", "baseline": mmlu[0][1], "note": ""},
+            {"metric": f"{name}: held-out image loss end", "value": last["val/caption_heldout/loss/image"], "unit": "nats",
+             "baseline": metrics[0]["val/caption_heldout/loss/image"], "note": "baseline: step 0"},
+            {"metric": f"{name}: held-out audio loss end", "value": last["val/speech_heldout/loss/audio"], "unit": "nats",
+             "baseline": metrics[0]["val/speech_heldout/loss/audio"], "note": "baseline: step 0"},
+            {"metric": f"{name}: wall time", "value": seconds, "unit": "s", "baseline": None, "note": "loaded machine"},
+        ]  # fmt: skip
+    by = {r["metric"]: r["value"] for r in rows}
+    for m in ("image", "audio"):  # the guard's cost: how much higher the other modalities end
+        rows.append({"metric": f"guard cost: {m} loss end (guard - plain)", "value": by[f"guard: held-out {m} loss end"]
+                     - by[f"plain: held-out {m} loss end"], "unit": "nats", "baseline": None, "note": ""})  # fmt: skip
+    rows.append({"metric": "guard cost: wall time (guard - plain)", "value": by["guard: wall time"] - by["plain: wall time"],
+                 "unit": "s", "baseline": None, "note": ""})  # fmt: skip
+    from _table import print_rows
+
+    print_rows(rows, notes=True)
+    return rows
+
+
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    if sys.argv[1:2] == ["guard"]:
+        guard_comparison()
+    else:
+        main(sys.argv[1:])
