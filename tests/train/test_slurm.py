@@ -22,7 +22,6 @@ from omnitrain.train.slurm import submit
 from omnitrain.train.strategy import StrategyConfig
 from tests.conftest import REPO
 from tests.synthetic import make_omni_sources
-from tests.train.slurm_cluster import SlurmCluster, unavailable_reason
 
 STEPS = 120  # ~11 steps/s on one core: ~11 s of training, the signal lands within the first ~10 steps
 # relative data paths on purpose: the job must run in the submit directory (sbatch --chdir)
@@ -83,15 +82,6 @@ def test_submit_snapshots_code_config_and_overrides_and_shapes_the_job(tmp_path,
     with pytest.raises(ValueError, match="sbatch failed \\(exit 1\\): sbatch: error: invalid partition specified: nope"):
         submit(cfg, [])
     assert (bin_dir / "argv").read_text().splitlines()[-3] == "--partition=nope"
-
-
-@pytest.fixture(scope="module")
-def cluster():
-    reason = unavailable_reason()
-    if reason:
-        pytest.skip(reason)
-    with SlurmCluster() as c:
-        yield c
 
 
 def wait_until(what: str, ready, timeout: float, log: Path | None = None) -> None:

@@ -20,7 +20,6 @@ from omnitrain.train import loop
 from omnitrain.train.preemption import Preemption
 from omnitrain.train.runlog import RunLog, WandbConfig, read_metrics
 from tests.synthetic import make_omni_sources
-from tests.train.slurm_cluster import SlurmCluster, unavailable_reason
 
 TRAIN = next(c for c in COMMANDS if c.name == "train")
 OMNITRAIN = [sys.executable, "-m", "omnitrain.cli"]
@@ -195,15 +194,6 @@ def test_a_refused_resubmit_puts_the_previous_snapshot_back(tmp_path):
 
 
 # ----------------------------------------------------------------------------- on the real local Slurm
-@pytest.fixture(scope="module")
-def cluster():
-    reason = unavailable_reason()
-    if reason:
-        pytest.skip(reason)
-    with SlurmCluster() as c:
-        yield c
-
-
 def _wait(what: str, ready, timeout: float, logs: list[Path]) -> None:  # noqa: ANN001
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -56,6 +56,17 @@ class GenerationResult:
     tokens_per_second: float
 
 
+def left_pad(rows: list[torch.Tensor], blank: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts of different lengths, right-aligned: rows [len_i, ...] -> (ids [B, L, ...] filled with ``blank`` [...]
+    before each row, valid [B, L], False on that left padding)."""
+    L = max(len(r) for r in rows)
+    ids = blank.expand(len(rows), L, *blank.shape).clone()
+    valid = torch.zeros(len(rows), L, dtype=torch.bool)
+    for i, r in enumerate(rows):
+        ids[i, L - len(r) :] = r
+        valid[i, L - len(r) :] = True
+    return ids, valid
+
 def _filter(logits: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
     """Temperature, top-k and top-p on [B, V] logits (disallowed ids are already -inf)."""
     logits = logits / max(cfg.temperature, 1e-6)
@@ -102,11 +113,7 @@ def generate(
     if guided:  # unconditional twins: <bos> and the span the prompt opened (if any)
         rows += [[layout.specials["bos"], *(_open_span(p, layout))] for p in prompts]
     n_rows, L = len(rows), max(map(len, rows))
-    ids = torch.full((n_rows, L), layout.specials["pad"] if layout else 0, dtype=torch.long)
-    valid = torch.zeros(n_rows, L, dtype=torch.bool)
-    for i, p in enumerate(rows):
-        ids[i, L - len(p) :] = torch.tensor(p)
-        valid[i, L - len(p) :] = True
+    ids, valid = left_pad([torch.tensor(p, dtype=torch.long) for p in rows], torch.tensor(layout.specials["pad"] if layout else 0))
     ids, valid = ids.to(device), valid.to(device)
     positions = (valid.long().cumsum(1) - 1).clamp(min=0)  # [n_rows, L]
     gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
@@ -280,12 +287,9 @@ def generate_grouped(model: Transformer, layout: TokenLayout | None, prompts: li
         except ValueError as e:
             raise ValueError(f"prompt {i}: {e}; a prompt may end with a closed audio span or with <boa>") from None
     L = max(len(x) for x in grouped)
-    ids = torch.full((B, L, K), -1, dtype=torch.long)
-    ids[..., 0] = pad
-    valid = torch.zeros(B, L, dtype=torch.bool)
-    for i, x in enumerate(grouped):
-        ids[i, L - len(x) :] = torch.from_numpy(x)
-        valid[i, L - len(x) :] = True
+    blank = torch.full((K,), -1, dtype=torch.long)
+    blank[0] = pad  # a padding position: the pad token, no higher levels
+    ids, valid = left_pad([torch.from_numpy(x).long() for x in grouped], blank)
     ids, valid = ids.to(device), valid.to(device)
     positions = (valid.long().cumsum(1) - 1).clamp(min=0)  # [B, L]
     rows = [_GroupedRow(g, layout, list(p), cfg.constrain) for p in prompts]
