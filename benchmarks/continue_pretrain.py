@@ -87,7 +87,7 @@ GUARD_RUN = ["optim.lr=5e-4", "optim.warmup_steps=2", "freeze_warmup_steps=0", "
              "val.batches=1", "ckpt_every=1000", "export=false", "eval_in_training.batch_size=4",
              "+eval_in_training.tasks.mmlu.limit=8", "+eval_in_training.tasks.mmlu.per_subject_limit=1"]  # fmt: skip
 GUARD = ["guard.action=rebalance", "guard.step=0.3", "guard.max_share=0.9",
-         "+guard.watch={val/text_heldout/loss/text:{tolerance:0.1}}", "+guard.watch.eval/mmlu/acc.tolerance=0.13"]  # fmt: skip
+         "+guard.watch={val/text_heldout/loss/text:{tolerance:0.1},eval/mmlu/acc:{tolerance:0.13}}"]  # fmt: skip
 TEXT, MMLU = "val/text_heldout/loss/text", "eval/mmlu/acc"
 
 
