@@ -163,6 +163,14 @@ def test_submit_refuses_a_job_that_cannot_start_before_writing_or_calling_sbatch
     assert not (tmp_path / "job").exists() and not (bin_dir / "called").exists()
 
 
+def test_data_checks_false_submits_a_job_whose_data_only_the_compute_nodes_see(tmp_path):
+    bin_dir = _fake_sbatch(tmp_path / "bin", "echo 1")
+    res = _submit(tmp_path, "run_dir=job", "data_checks=false", *tiny("nowhere", 5), path=f"{bin_dir}:{os.environ['PATH']}")
+    assert res.returncode == 0, res.stderr
+    assert "NOT CHECKED (data_checks=false): source 'text': nowhere/text does not exist" in res.stdout
+    assert (bin_dir / "called").exists() and "CANNOT START" not in res.stdout
+
+
 @pytest.mark.parametrize("stderr, hint", [
     ("sbatch: error: Unable to contact slurm controller (connect failure)", "the Slurm controller is unreachable from this host"),
     ('sbatch: error: slurm_set_addr: Unable to resolve "ctl.cluster"', "the Slurm controller is unreachable from this host"),

@@ -60,6 +60,7 @@ class SubmitConfig(PlanConfig):
     """``omnitrain slurm submit``: the training config, the cluster its plan checks assume, and ``dry_run``."""
 
     dry_run: bool = False  # print the plan, the sbatch script and the command; submit nothing
+    data_checks: bool = True  # false: data paths this host cannot see (mounted on the compute nodes only) do not stop the submit
 
 
 # sbatch's stderr -> what to do (the first that matches); anything else is shown as sbatch said it
@@ -109,7 +110,7 @@ def submit(cfg: Any, overrides: list[str]) -> str:
     run_dir = Path(cfg.run_dir).resolve()
     _check_no_live_job(run_dir)
     train_cfg = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(TrainConfig)}
-    plan(cfg if isinstance(cfg, PlanConfig) else PlanConfig(**train_cfg))  # raises when the job cannot start or fit
+    plan(cfg if isinstance(cfg, PlanConfig) else PlanConfig(**train_cfg), data_checks=getattr(cfg, "data_checks", True))  # raises
 
     # what the job gets: the resolved training config, and the overrides it composes again (against train.yaml)
     plain = to_dict(TrainConfig(**train_cfg)) | {"run_dir": str(run_dir)}
