@@ -129,7 +129,7 @@ def guard_comparison(steps: int = 12, every: int = 3) -> list[dict]:
              "baseline": metrics[0]["val/caption_heldout/loss/image"], "note": "baseline: step 0"},
             {"metric": f"{name}: held-out audio loss end", "value": last["val/speech_heldout/loss/audio"], "unit": "nats",
              "baseline": metrics[0]["val/speech_heldout/loss/audio"], "note": "baseline: step 0"},
-            {"metric": f"{name}: wall time", "value": seconds, "unit": "s", "baseline": None, "note": "loaded machine"},
+            {"metric": f"{name}: wall time", "value": seconds, "unit": "s", "baseline": None, "note": "run_all.py records the machine's load beside it"},
         ]  # fmt: skip
     by = {r["metric"]: r["value"] for r in rows}
     for m in ("image", "audio"):  # the guard's cost: how much higher the other modalities end
