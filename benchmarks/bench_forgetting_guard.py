@@ -1,6 +1,6 @@
 """The forgetting guard on continued pretraining of SmolLM2-135M (issue 24): ``continue_pretrain.guard_comparison``.
 
-    python benchmarks/run_all.py forgetting     # records the rows in RESULTS.md (~15 min on 2 loaded cores)
+    python benchmarks/run_all.py forgetting     # records the rows in RESULTS.md (~5 min on 2 quiet cores)
 """
 
 from __future__ import annotations
@@ -14,4 +14,4 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 def run(quick: bool) -> list[dict]:
     from continue_pretrain import guard_comparison
 
-    return guard_comparison(steps=6 if quick else 12, every=3)
+    return guard_comparison(steps=8 if quick else 24, every=4)
