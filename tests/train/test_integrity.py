@@ -490,3 +490,11 @@ def test_a_sequence_length_that_cannot_fit_is_refused_before_step_0(shards, tmp_
     line = error_line(capsys.readouterr().err)
     assert "a training step needs about" in line and "lower data.seq_len" in line, line
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_a_fresh_start_in_a_used_run_dir_keeps_no_row_of_the_earlier_run(shards, tmp_path):
+    """Before: resume=never (or resume=auto killed before its first checkpoint) appended to the old metrics.jsonl, so
+    readers mixed steps of two runs (read_metrics keeps the last row of each step: the old run's other steps stayed)."""
+    run(shards, tmp_path / "run", "steps=6", "log_every=3")
+    run(shards, tmp_path / "run", "resume=never", "steps=4", "log_every=2")
+    assert [r["step"] for r in read_metrics(tmp_path / "run")] == [2, 4]

@@ -165,6 +165,8 @@ def _train(cfg: TrainConfig, plain_config: dict[str, Any] | None, preempt: Preem
     cfg, fabric = run.cfg, run.fabric
     state: dict[str, Any] = {"model": run.model, "optimizer": run.optimizer, "step": 0, "tokens": 0}  # what checkpoints hold
     meta = resume(run, state) if run.resume_from is not None else {}
+    if run.resume_from is None and fabric.global_rank == 0:  # a fresh start: no row of an earlier attempt stays
+        truncate_metrics(Path(cfg.run_dir) / "metrics.jsonl", -1)
     start_step = state["step"]
     log = open_log(run, start_step, plain_config)
     checks = InLoopChecks(cfg, run, evaluator, log.print)  # eval_in_training and the guard (train/evaluation.py)
