@@ -92,8 +92,8 @@ def test_chaos_kills_a_corrupted_checkpoint_and_a_truncated_shard_end_on_the_uni
         saved = [int(c.name.split("_")[-1]) for c in (run_dir / "checkpoints").glob("step_*") if c.name[5:].isdigit()]
         done = max(saved, default=0)  # where the next attempt resumes (or a checkpoint before it, if damaged)
         proc = _train_process(shards, run_dir, *skip)
-        if kills < 3:  # SIGKILL once the run reaches a random step past where it stands, at once or a moment later
-            first = max(done + 1, 3)  # past the first checkpoint (step 2), so there is one to damage
+        first = max(done + 1, 3)  # past the first checkpoint (step 2), so there is one to damage
+        if kills < 3 and first < CHAOS_STEPS:  # SIGKILL once the run reaches a random step past where it stands
             target, deadline = rng.randint(first, min(first + 3, CHAOS_STEPS - 1)), time.monotonic() + 300
             while proc.poll() is None and time.monotonic() < deadline:
                 if run_dir.exists() and max((r["step"] for r in read_metrics(run_dir)), default=0) >= target:
@@ -117,7 +117,7 @@ def test_chaos_kills_a_corrupted_checkpoint_and_a_truncated_shard_end_on_the_uni
             corrupted = True
     else:
         pytest.fail("the run did not finish in 12 attempts")
-    assert kills == 3 and corrupted, (kills, corrupted)
+    assert kills >= 2 and corrupted, (kills, corrupted)  # (a kill in the last checkpoint's write leaves no step to kill in)
     got = read_metrics(run_dir)
     assert [r["step"] for r in got] == [r["step"] for r in ref] == list(range(1, CHAOS_STEPS + 1))
     assert [r["loss"] for r in got] == [r["loss"] for r in ref]
