@@ -14,4 +14,4 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 def run(quick: bool) -> list[dict]:
     from continue_pretrain import guard_comparison
 
-    return guard_comparison(steps=8 if quick else 24, every=4)
+    return guard_comparison(steps=8 if quick else 24)

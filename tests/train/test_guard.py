@@ -39,7 +39,7 @@ def test_a_degraded_metric_warns_rebalances_toward_its_sources_within_bounds_and
     data = loader(shards)
     before = dict(data.shares)
     cfg = GuardConfig(watch={"eval/mmlu/acc": WatchConfig(tolerance=0.05), "val/text/loss/text": WatchConfig(tolerance=0.1)},
-                      action="rebalance", step=0.2, max_share=0.6)  # fmt: skip
+                      action="rebalance", step=0.2, max_share=0.6, rebalance_at=1.0)  # fmt: skip
     guard = Guard(cfg, data, said.append)
     assert guard.targets("eval/mmlu/acc") == ["text"]  # the source whose tokens are mostly text
     assert guard.observe(0, {"eval/mmlu/acc": 0.40, "val/text/loss/text": 3.0}) == ({"guard/degraded": 0.0}, False)
@@ -62,6 +62,27 @@ def test_a_degraded_metric_warns_rebalances_toward_its_sources_within_bounds_and
     stop_guard = Guard(GuardConfig(watch={"eval/mmlu/acc": WatchConfig()}, action="stop"), data, said.append)
     stop_guard.observe(0, {"eval/mmlu/acc": 0.5})
     assert stop_guard.observe(5, {"eval/mmlu/acc": 0.2})[1]
+
+
+def test_rebalance_acts_at_its_fraction_of_the_tolerance_and_only_warns_at_the_tolerance(shards):
+    said: list[str] = []
+    data = loader(shards)
+    before = data.shares["text"]
+    cfg = GuardConfig(watch={"val/text/loss/text": WatchConfig(tolerance=0.2)}, action="rebalance", step=0.1, rebalance_at=0.5)
+    guard = Guard(cfg, data, said.append)
+    guard.observe(0, {"val/text/loss/text": 3.0})
+    assert guard.observe(2, {"val/text/loss/text": 3.09})[0] == {"guard/degraded": 0.0} and data.shares["text"] == before
+    row, stop = guard.observe(4, {"val/text/loss/text": 3.15})  # 0.15 worse: past 0.5 x 0.2, within the tolerance
+    assert not stop and row["guard/degraded"] == 0.0 and data.shares["text"] == pytest.approx(before + 0.1)
+    assert "past guard.rebalance_at=0.5 of its tolerance 0.2: rebalance" in said[0]
+    row, _ = guard.observe(6, {"val/text/loss/text": 3.25})  # past the tolerance: counted as degraded, and rebalanced
+    assert row["guard/degraded"] == 1.0 and data.shares["text"] == pytest.approx(before + 0.2)
+    warn = Guard(GuardConfig(watch={"val/text/loss/text": WatchConfig(tolerance=0.2)}, action="warn"), loader(shards), said.append)
+    warn.observe(0, {"val/text/loss/text": 3.0})
+    n = len(said)
+    assert warn.observe(4, {"val/text/loss/text": 3.15}) == ({"guard/degraded": 0.0}, False) and len(said) == n  # warn: silent within
+    with pytest.raises(ValueError, match="rebalance_at=1.5"):
+        GuardConfig(rebalance_at=1.5)
 
 
 @pytest.mark.parametrize("workers,split", [(0, True), (2, True), (0, False)])

@@ -7,7 +7,9 @@ the metric's first value, measured at step 0 on the weights training starts from
 worse than ``baseline - tolerance`` (``+`` for lower-is-better metrics), the run prints one line and:
 
 * ``action=warn``: nothing more;
-* ``action=rebalance``: raises the mixture share of the sources that train that ability (the watch's ``sources``,
+* ``action=rebalance``: already once the metric is ``rebalance_at`` x its tolerance worse (a share change takes
+  steps to act: measured in ``benchmarks/continue_pretrain.py``, a guard acting only past the tolerance let held-out
+  text loss overshoot it by 0.2 nats before the new mixture turned it around), raises the mixture share of the sources that train that ability (the watch's ``sources``,
   or the sources whose tokens are mostly of its ``modality``) by ``step``, up to ``max_share`` together, the other
   sources scaled down in proportion (``OmniLoader.set_shares``: part of the loader's exact-resume state), and logs
   every change (a line and ``share_target/<source>`` in metrics.jsonl);
@@ -50,10 +52,13 @@ class GuardConfig:
     action: Literal["warn", "rebalance", "stop"] = "warn"
     step: float = 0.1  # rebalance: share (0-1) added to the watched sources at each degraded evaluation
     max_share: float = 0.9  # rebalance: the most the watched sources may take together
+    rebalance_at: float = 0.5  # rebalance: act once a metric is this fraction of its tolerance worse (1: at the tolerance)
 
     def __post_init__(self) -> None:
         if not 0 < self.step <= 1 or not 0 < self.max_share <= 1:
             raise ValueError(f"guard.step={self.step} and guard.max_share={self.max_share} must be in (0, 1]")
+        if not 0 <= self.rebalance_at <= 1:
+            raise ValueError(f"guard.rebalance_at={self.rebalance_at} must be in [0, 1] (a fraction of each watch's tolerance)")
         bad = [k for k in self.watch if not k.startswith(("eval/", "val/"))]
         if bad:
             raise ValueError(f"guard.watch {bad}: watch eval/<task>/<metric> (eval_in_training) or val/<source>/<metric> (val) keys")
@@ -87,7 +92,7 @@ class Guard:
             return {}, False
         for k, v in seen.items():
             self.baseline.setdefault(k, v)  # the first value: step 0, on the weights training starts from
-        degraded = []
+        degraded, drifting = [], []  # past the tolerance; past rebalance_at x tolerance (what rebalance acts on)
         for k, v in seen.items():
             w, base = self.cfg.watch[k], self.baseline[k]
             loss = base - v if higher_is_better(k, w) else v - base  # > 0: worse than the baseline
@@ -95,9 +100,14 @@ class Guard:
                 degraded.append(k)
                 self.say(f"guard: {k} = {v:.4f} at step {step} is {loss:.4f} worse than its step-0 {base:.4f} "
                          f"(tolerance {w.tolerance}): {self.cfg.action}")  # fmt: skip
+            elif self.cfg.action == "rebalance" and loss > self.cfg.rebalance_at * w.tolerance:
+                self.say(f"guard: {k} = {v:.4f} at step {step} is {loss:.4f} worse than its step-0 {base:.4f}, past "
+                         f"guard.rebalance_at={self.cfg.rebalance_at} of its tolerance {w.tolerance}: rebalance")  # fmt: skip
+            if loss > self.cfg.rebalance_at * w.tolerance:  # rebalance_at <= 1: every degraded metric too
+                drifting.append(k)
         out: dict[str, float] = {"guard/degraded": float(len(degraded))}
-        if degraded and self.cfg.action == "rebalance":
-            out.update(self.rebalance(step, degraded))
+        if drifting and self.cfg.action == "rebalance":
+            out.update(self.rebalance(step, drifting))
         return out, bool(degraded) and self.cfg.action == "stop"
 
     def targets(self, name: str) -> list[str]:
