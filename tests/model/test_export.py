@@ -143,6 +143,30 @@ def test_a_checkpoint_folder_exports_like_the_model_folder(tmp_path, text_tokeni
         export(ExportConfig(run=str(tmp_path / "nothing"), out=str(tmp_path / "x")))
 
 
+@pytest.mark.parametrize("audio_layout", ["delay", "depth"])
+def test_a_delay_or_depth_model_is_refused_before_anything_is_written(tmp_path, text_tokenizer_dir, audio_layout):
+    """Hugging Face Llama / Qwen3 have one output head and no depth transformer (issue 23): a grouped model folder,
+    and a checkpoint whose meta.json records a grouped layout (also when the run's config.yaml says flat), are
+    refused with what to do instead, and no output folder appears."""
+    run, _, layout = _write_run(tmp_path, text_tokenizer_dir, qk_norm=False)
+    grouped = Transformer(ModelConfig(vocab_size=layout.vocab_size, dim=64, n_layers=2, n_heads=4, audio_layout=audio_layout))
+    save_model(grouped, run / "model", run, {"step": 40, "tokens": 20480})
+    paths = TokenizerPaths(text=str(text_tokenizer_dir))
+    refused = f"model.audio_layout={audio_layout} model: Hugging Face LlamaForCausalLM / Qwen3ForCausalLM have one token"
+    for source in (run, run / "model"):
+        with pytest.raises(ValueError, match=refused):
+            export(ExportConfig(run=str(source), out=str(tmp_path / "hf"), tokenizers=paths))
+    assert not (tmp_path / "hf").exists()
+    ckpt = run / "checkpoints" / "step_000000040"  # config.yaml (the run's latest start) says flat; the checkpoint says not
+    ckpt.mkdir(parents=True)
+    torch.save({"model": grouped.state_dict(), "optimizer": {}, "step": 40}, ckpt / "state")
+    meta = {"schema_version": 2, "step": 40, "world_size": 1, "layout_hash": layout.hash, "audio_layout": audio_layout}
+    (ckpt / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=refused):
+        export(ExportConfig(run=str(ckpt), out=str(tmp_path / "hf"), tokenizers=paths))
+    assert not (tmp_path / "hf").exists()
+
+
 def test_a_hugging_face_text_tokenizer_passes_through_with_the_layout_ids_added(tmp_path, text_tokenizer):
     from omnitrain.tokenizer.hf_text import HFTextTokenizer
 

@@ -24,6 +24,7 @@ back. As in any Hugging Face tokenizer, these names typed into text are parsed a
 ``tokenizer("text")`` starts with ``<bos>``, as every document did in training (``add_special_tokens=False``
 gives the bare text ids). ``run`` may also be a checkpoint folder (``checkpoints/step_N``) of a single-process or
 DDP run; sharded (FSDP / DeepSpeed) checkpoints are consolidated by ``omnitrain train`` at the end of the run.
+Only ``model.audio_layout=flat`` models export: delay / depth have no Hugging Face form (``refuse_grouped``).
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ import yaml
 
 from omnitrain.config import from_dict
 from omnitrain.model.hf import export_hf
-from omnitrain.model.io import find_model_dir, load_model, resolve_path
+from omnitrain.model.io import find_model_dir, load_model, read_model_config, resolve_path
 from omnitrain.model.transformer import ModelConfig, Transformer
 from omnitrain.tokenizer.bundle import TokenizerPaths, recorded_paths
 from omnitrain.tokenizer.hf_text import load_text_tokenizer
@@ -78,6 +79,7 @@ def read_source(path: str) -> Source:
     root = Path(resolve_path(path))
     folder = find_model_dir(root)
     if folder is not None:
+        refuse_grouped(read_model_config(folder), folder)  # before the weights are read
         model, layout = load_model(folder)
         if layout is None:
             raise ValueError(f"{folder} has no layout.json: export needs the token layout the model was trained on")
@@ -92,6 +94,18 @@ def read_source(path: str) -> Source:
     raise FileNotFoundError(f"run={path}: not an omnitrain run directory, model folder or checkpoint folder")
 
 
+def refuse_grouped(cfg: ModelConfig, where: Path) -> None:
+    """A Hugging Face Llama / Qwen3 reads one token per position through one output head: a model with
+    ``model.audio_layout`` delay (a position sums K level embeddings; K heads) or depth (plus a depth transformer)
+    has no such form, and exporting its weights alone would give a model that cannot read or write its audio."""
+    if cfg.audio_layout != "flat":
+        extra = "level heads" if cfg.audio_layout == "delay" else "depth transformer"
+        raise ValueError(f"{where} is a model.audio_layout={cfg.audio_layout} model: Hugging Face LlamaForCausalLM / "
+                         f"Qwen3ForCausalLM have one token per position and one output head, no {extra}, so it cannot "
+                         "be exported. Use the omnitrain model folder itself (omnitrain eval / generate / init_from read it), "
+                         "or train with model.audio_layout=flat for a Hugging Face export")  # fmt: skip
+
+
 def _read_checkpoint(ckpt: Path) -> Source:
     run_dir = ckpt.parent.parent
     meta = json.loads((ckpt / "meta.json").read_text())
@@ -101,7 +115,11 @@ def _read_checkpoint(ckpt: Path) -> Source:
     if not (run_dir / "config.yaml").is_file() or not (run_dir / "layout.json").is_file():
         raise FileNotFoundError(f"{ckpt}: its run directory {run_dir} lacks config.yaml or layout.json, which say the model's shape")
     layout = TokenLayout.load(run_dir, expect_hash=meta.get("layout_hash"))
-    cfg = from_dict(ModelConfig, {**yaml.safe_load((run_dir / "config.yaml").read_text())["model"], "vocab_size": layout.vocab_size})
+    model_cfg = yaml.safe_load((run_dir / "config.yaml").read_text())["model"]
+    if "audio_layout" in meta:  # the checkpoint's own record wins over config.yaml, which the run's latest start wrote
+        model_cfg["audio_layout"] = meta["audio_layout"]
+    cfg = from_dict(ModelConfig, {**model_cfg, "vocab_size": layout.vocab_size})
+    refuse_grouped(cfg, ckpt)
     state = torch.load(ckpt / "state", map_location="cpu", weights_only=False)["model"]
     model = Transformer(cfg, device="meta")
     sd = {k.replace("_orig_mod.", ""): v for k, v in state.items()}

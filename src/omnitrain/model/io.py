@@ -7,6 +7,12 @@ The one on-disk format a single process loads for evaluation, generation and Hug
       config.json          {"schema_version", "kind": "omnitrain-model", "model": ModelConfig, step, tokens, ...}
       layout.json          the token layout the model was trained on (when there is one)
 
+The token layout's hash (layout.json) says what the ids mean and is the shards'; how the model arranges audio
+(``model.audio_layout`` flat / delay / depth, issue 23) is recorded in config.json's ``model``, and every reader
+builds the model it says (eval, generation: ``load_model``; ``init_from`` refuses another layout). A delay model
+has exactly a flat one's weights, so config.json is that record; a depth model's weights must hold its depth
+transformer and others must not (``check_audio_layout``).
+
 The trainer writes it at the end of a run (``run_dir/model``, through ``omnitrain.train.checkpoint``);
 everything that reads a model (eval, generation, ``init_from``) reads it here, never through the
 trainer. Wherever a model path is accepted, a run directory stands for its ``model/`` folder
@@ -123,6 +129,18 @@ def read_model_config(folder: Path) -> ModelConfig:
     return from_dict(ModelConfig, config["model"])
 
 
+def check_audio_layout(folder: Path, audio_layout: str, state: dict[str, torch.Tensor]) -> None:
+    """Refuse weights that contradict config.json's ``model.audio_layout``: a depth transformer (``depth.*``) in the
+    weights of a flat / delay model, or none in a depth model's (a folder put together from two exports). Flat and
+    delay have the same weights: for them config.json is the record, which ``save_model`` writes with the weights."""
+    has_depth = any(k.startswith("depth.") for k in state)
+    if has_depth != (audio_layout == "depth"):
+        held = "a depth transformer (depth.* weights, model.audio_layout=depth)" if has_depth else "no depth transformer"
+        raise ValueError(f"{folder}: config.json says model.audio_layout={audio_layout} but model.safetensors holds {held}: "
+                         "the two files come from different models. Use the pair omnitrain train wrote together (run_dir/model; "
+                         "resuming the run to its end with resume=auto writes it again)")  # fmt: skip
+
+
 def load_model(path: str | Path, device: str = "cpu") -> tuple[Transformer, TokenLayout | None]:
     """A consolidated model folder (``save_model``), a run directory (its ``model/``) or ``package:NAME``
     -> (Transformer in eval mode on ``device``, its TokenLayout or None)."""
@@ -130,7 +148,9 @@ def load_model(path: str | Path, device: str = "cpu") -> tuple[Transformer, Toke
 
     folder = model_folder(path)
     model = Transformer(read_model_config(folder))
-    missing, unexpected = model.load_state_dict(load_file(folder / "model.safetensors", device="cpu"), strict=False)
+    state = load_file(folder / "model.safetensors", device="cpu")
+    check_audio_layout(folder, model.cfg.audio_layout, state)
+    missing, unexpected = model.load_state_dict(state, strict=False)
     if unexpected or [m for m in missing if not (m == "output.weight" and model.cfg.tie_embeddings)]:
         raise ValueError(f"{folder}: weights do not match the config (missing {missing}, unexpected {unexpected})")
     layout = TokenLayout.load(folder) if (folder / "layout.json").is_file() else None

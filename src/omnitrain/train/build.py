@@ -66,7 +66,28 @@ def resolve(cfg: TrainConfig) -> tuple[TrainConfig, TokenLayout]:
                          f"{layout.vocab_size} ids: drop model.vocab_size, training takes it from the layout")  # fmt: skip
     cfg = copy.deepcopy(cfg)
     cfg.model.vocab_size, cfg.data.layout_hash = layout.vocab_size, layout.hash
+    cfg.data.audio_layout = data_audio_layout(cfg)
+    if cfg.objective == "dpo" and cfg.model.audio_layout != "flat":
+        raise ValueError(f"objective=dpo with model.audio_layout={cfg.model.audio_layout}: DPO scores a whole sequence through "
+                         "the main output head of flat rows, so the audio levels a grouped model predicts with its "
+                         f"{'level heads' if cfg.model.audio_layout == 'delay' else 'depth transformer'} would not be scored. "
+                         "Run preference tuning with model.audio_layout=flat (a flat model: init_from one trained flat), "
+                         "or tune the grouped model with objective=lm on SFT data")  # fmt: skip
     return cfg, layout
+
+
+def data_audio_layout(cfg: TrainConfig) -> str:
+    """The loader's audio layout: the model's (``model.audio_layout`` is the one switch; the recipes interpolate
+    ``data.audio_layout: ${model.audio_layout}``, a config built in Python may leave the loader's default, flat).
+
+    Raises:
+        ValueError: ``data.audio_layout`` is set to a grouped layout other than the model's.
+    """
+    model, data = cfg.model.audio_layout, cfg.data.audio_layout
+    if data not in ("flat", model):  # flat is LoaderConfig's default: a config that never set it follows the model
+        raise ValueError(f"data.audio_layout={data} but model.audio_layout={model}: the loader must group audio as the model "
+                         f"reads it. Drop data.audio_layout (it follows the model) or set model.audio_layout={data}")  # fmt: skip
+    return model
 
 
 def build_run(cfg: TrainConfig, layout: TokenLayout, strategy: Strategy) -> Run:
@@ -74,6 +95,8 @@ def build_run(cfg: TrainConfig, layout: TokenLayout, strategy: Strategy) -> Run:
     fabric = strategy.fabric
     fabric.seed_everything(cfg.seed)  # the same initial weights on every rank
     resume_from = checkpoint.choose(fabric, Path(cfg.run_dir), cfg.resume)  # verified; auto falls back past damaged ones
+    if resume_from is not None:  # before anything is built: the checkpoint's audio layout is the run's
+        checkpoint.check_audio_layout(resume_from, cfg.model.audio_layout)
     model, weights, new_rows_from = build_model(cfg, layout, resume_from)
     cfg = replace(cfg, model=model.cfg)  # hf_init: the run records the imported architecture
     from omnitrain.train.plan import refuse_if_too_big  # (plan imports the loop, which imports this module)
@@ -108,6 +131,10 @@ def build_model(cfg: TrainConfig, layout: TokenLayout, resume_from: Path | None)
         model_cfg, weights, new_rows_from = hf_start(cfg.hf_init, cfg.model, layout)
     if cfg.init_from and resume_from is None:
         init_cfg, weights = omnitrain_weights(cfg.init_from)
+        if init_cfg.audio_layout != model_cfg.audio_layout:  # (delay has flat's weights: the config is the only record)
+            raise ValueError(f"init_from={cfg.init_from} holds a model trained with model.audio_layout={init_cfg.audio_layout}, "
+                             f"this run builds model.audio_layout={model_cfg.audio_layout}: set model.audio_layout="
+                             f"{init_cfg.audio_layout} (the shards serve every layout), or start without init_from")  # fmt: skip
         if init_cfg != model_cfg:
             raise ValueError(f"init_from={cfg.init_from} holds a model with {init_cfg}, this run builds {model_cfg}: "
                              "choose the matching model= recipe or override its fields")  # fmt: skip

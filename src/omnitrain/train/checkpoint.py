@@ -8,7 +8,8 @@ A run directory::
         step_000000200/            a complete checkpoint: only whole ones carry this name
           state/                   Fabric's save: model + optimizer (+ step); a folder of shards for FSDP / DeepSpeed
           rank_00000.pt ...        per rank: loader state and RNG states
-          meta.json                step, tokens, world size, batch shape, layout hash, size + sha256 of every file (written last)
+          meta.json                step, tokens, world size, batch shape, layout hash, model.audio_layout, size + sha256
+                                   of every file (written last)
         step_000000300.tmp/        a save in progress (or killed mid-way): ignored, removed by the next save
         step_000000100.damaged/    failed its checksums on resume=auto: set aside (kept for inspection), never loaded
       model/                       consolidated export: model.safetensors + config.json + layout.json (omnitrain.model.io)
@@ -25,6 +26,11 @@ one; an explicit ``resume=<folder>`` refuses a damaged one. Why SHA-256: it is h
 runs (SHA-NI on x86 since Ice Lake / Zen, ARMv8 crypto extensions), 1.17 GB/s on one core here against 1.03 for
 BLAKE2b, and ``sha256sum`` checks a file by hand; CRC32 (2.3 GB/s) is not worth 32-bit checksums. The cost on a 150m
 checkpoint: benchmarks/bench_checkpoint_hash.py. Schema 1 checkpoints (no checksums) still load, unverified.
+
+Audio layout (issue 23). The token layout hash says what ids mean; it is the shards' and stays the same for every
+``model.audio_layout`` (flat, delay, depth: the loader regroups the same flat shards). How a model arranges audio
+is recorded beside it, in meta.json's ``audio_layout``, and a resume under another one is refused
+(:func:`check_audio_layout`): a delay model has exactly a flat one's weights, so nothing else would notice.
 """
 
 from __future__ import annotations
@@ -155,6 +161,33 @@ def read_meta(path: Path) -> dict[str, Any]:
         raise SchemaError(f"{file}: schema_version {meta.get('schema_version')}, this omnitrain reads {list(READABLE_SCHEMAS)}: "
                               "resume it with the omnitrain version that wrote it")  # fmt: skip
     return meta
+
+
+def audio_layout_of(path: Path) -> str | None:
+    """The ``model.audio_layout`` checkpoint ``path`` was trained with: its meta.json's ``audio_layout``; a checkpoint
+    written before that was recorded falls back to its run's ``config.yaml`` (the start that wrote the run's newest
+    files); None when neither says."""
+    meta = read_meta(path)
+    if "audio_layout" in meta:
+        return str(meta["audio_layout"])
+    try:
+        import yaml
+
+        return str(yaml.safe_load((Path(path).parent.parent / "config.yaml").read_text())["model"]["audio_layout"])
+    except (OSError, KeyError, TypeError, ValueError):  # (yaml's errors are ValueErrors) no readable record
+        return None
+
+
+def check_audio_layout(path: Path, audio_layout: str) -> None:
+    """Refuse to resume checkpoint ``path`` as a model of another ``model.audio_layout`` (issue 23). The shards are the
+    same for every audio layout and a delay model has exactly a flat one's weights, so nothing else would notice:
+    the run would go on training the weights on another arrangement of the same audio."""
+    trained = audio_layout_of(path)
+    if trained is not None and trained != audio_layout:
+        raise CheckpointError(f"checkpoint {path} was trained with model.audio_layout={trained}, this run has "
+                              f"model.audio_layout={audio_layout}: resume with model.audio_layout={trained}, or start "
+                              f"another layout in a new run_dir (init_from=<this run's model/> starts it from these weights "
+                              "only under the same layout)")  # fmt: skip
 
 
 def sha256_file(path: Path) -> str:

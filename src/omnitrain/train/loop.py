@@ -295,7 +295,7 @@ def open_log(run: Run, start_step: int, plain_config: dict[str, Any] | None) -> 
 def save_checkpoint(run: Run, state: dict[str, Any], loss: float, guard: dict[str, Any] | None = None) -> Path:
     """Checkpoint ``state`` and every rank's loader position and RNG (a collective); ``guard``: the guard's state."""
     rank_state = {"loader": run.loader.state_dict(), "rng": checkpoint.rng_state()}
-    meta = {"tokens": state["tokens"], "layout_hash": run.layout.hash, "loss": loss,
+    meta = {"tokens": state["tokens"], "layout_hash": run.layout.hash, "audio_layout": run.cfg.model.audio_layout, "loss": loss,
             "batch": {"batch_size": run.cfg.data.batch_size, "grad_accum": run.cfg.grad_accum, "seq_len": run.cfg.data.seq_len},
             **({"guard": guard} if guard else {})}
     return checkpoint.save(run.fabric, Path(run.cfg.run_dir), state["step"], state, rank_state, meta, run.cfg.keep_last)
