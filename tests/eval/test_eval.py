@@ -358,6 +358,16 @@ def test_cli_docvqa_and_speech_wer_on_an_omnitrain_model_with_image_and_audio_pr
     assert (out / "docvqa.png").is_file() and (out / "speech_wer.png").is_file()
 
 
+def test_perplexity_on_texts_too_short_for_a_window_is_refused_with_what_to_do(tmp_path):
+    from omnitrain.eval.metrics import text_chunks
+
+    short = tmp_path / "short.txt"
+    short.write_text("only a handful of words here")
+    with pytest.raises(ValueError, match="fewer than 21 words.*smaller perplexity.chunk_chars"):
+        text_chunks([str(short)], 1000)
+    assert text_chunks([str(short)], 5)  # short windows: the same words are scored
+
+
 def test_perplexity_is_the_teacher_forced_nll_per_token_and_bits_per_byte(tiny_lm, tmp_path):
     from omnitrain.eval.tasks import PerplexityConfig, PerplexityTask
 

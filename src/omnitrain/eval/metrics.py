@@ -212,4 +212,7 @@ def text_chunks(paths: list[str], chunk_chars: int) -> list[str]:
                     cur = []
             if len(cur) > 20:
                 chunks.append(" ".join(cur))
+    if not chunks:  # every text shorter than a window: nothing to score (a perplexity of 0 tokens is undefined)
+        raise ValueError(f"perplexity: no window of text in {paths}: each file holds fewer than 21 words, or "
+                         f"no text at all; give longer held-out texts or a smaller perplexity.chunk_chars")  # fmt: skip
     return chunks
