@@ -113,3 +113,23 @@ def test_dpo_refuses_a_grouped_model_before_any_work(speech, tmp_path, layout):
     with pytest.raises(ValueError, match=f"objective=dpo with model.audio_layout={layout}: .* model.audio_layout=flat"):
         train(cfg, plain)
     assert not (tmp_path / "dpo").exists()  # nothing started: no run_dir, no reference scores
+
+
+def test_depth_finds_its_frame_rows_on_the_host_with_the_same_losses(speech, tmp_path, monkeypatch):
+    """The depth transformer runs on the positions whose target is a frame; finding them with ``nonzero`` on the device
+    is a device-to-host sync, so the trainer finds them in the loader's host batch (train.step.host_side). The model
+    then never searches itself during a training step, and the losses are those of the in-model search to the bit."""
+    from omnitrain.model import audio_layouts
+    from omnitrain.train import step
+
+    searched = []
+    in_model = audio_layouts.frame_rows
+    monkeypatch.setattr(audio_layouts, "frame_rows", lambda targets: searched.append(1) or in_model(targets))  # the model's calls
+    run(speech, tmp_path / "host", "depth", 3, "log_every=1")
+    assert searched == []
+    monkeypatch.setattr(step, "host_side", lambda batch, audio_layout: batch)  # as before: the model searches on the device
+    run(speech, tmp_path / "device", "depth", 3, "log_every=1")
+    assert len(searched) == 3
+    losses = [{k: v for k, v in r.items() if k.startswith(("loss", "acc"))} for r in read_metrics(tmp_path / "host")]
+    assert losses == [{k: v for k, v in r.items() if k.startswith(("loss", "acc"))} for r in read_metrics(tmp_path / "device")]
+    assert len(losses) == 3 and "loss/audio_l2" in losses[0]

@@ -50,9 +50,16 @@ def level_slice(model: Transformer, level: int, K: int) -> tuple[int, int]:
     return base + level * C, base + (level + 1) * C
 
 
-def grouped_loss(model: Transformer, h: torch.Tensor, targets: torch.Tensor, w: torch.Tensor, denom: torch.Tensor | float
-                 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    """h [B, T, D] (after the final norm), targets / w [B, T, K] -> (loss, stats [len(LOSS_KEYS)])."""
+def frame_rows(targets: torch.Tensor) -> torch.Tensor:
+    """targets [B, T, K] -> [Na] the flat indices (into B*T) of the positions whose target is an audio frame. ``nonzero``
+    waits for its input: the trainer calls this on the loader's host batch (``train.step``), not on the device."""
+    return torch.nonzero(targets[..., 1].flatten() >= 0)[:, 0]
+
+
+def grouped_loss(model: Transformer, h: torch.Tensor, targets: torch.Tensor, w: torch.Tensor, denom: torch.Tensor | float,
+                 frames: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """h [B, T, D] (after the final norm), targets / w [B, T, K] -> (loss, stats [len(LOSS_KEYS)]). depth: ``frames``
+    [Na] (``frame_rows(targets)``, computed on the host by the trainer; None: here, a device-to-host sync)."""
     B, T, K = targets.shape
     if K > MAX_AUDIO_LEVELS:
         raise ValueError(f"K={K} audio levels: at most {MAX_AUDIO_LEVELS} are logged per level (loss.MAX_AUDIO_LEVELS)")
@@ -66,7 +73,7 @@ def grouped_loss(model: Transformer, h: torch.Tensor, targets: torch.Tensor, w: 
     if model.cfg.audio_layout == "delay":  # level l from the same hidden state, against its own output rows
         rows = [(hf, targets[..., lvl].flatten(), w[..., lvl].flatten(), lvl) for lvl in range(1, K)]
     else:  # depth: only the positions whose target is a frame go through the depth transformer
-        frames = torch.nonzero(targets[..., 1].flatten() >= 0)[:, 0]  # [Na] (a host sync: the number of frames)
+        frames = frame_rows(targets) if frames is None else frames  # [Na] (here: a host sync, the number of frames)
         tf, wf = targets.flatten(0, 1)[frames], w.flatten(0, 1)[frames]  # [Na, K]
         prev = model.tok_embeddings(tf[:, : K - 1])  # [Na, K-1, D]: the frame's levels 0..K-2, teacher-forced
         out = model.depth(hf[frames], prev)  # [Na, K-1, D]: step s predicts level s+1

@@ -422,8 +422,8 @@ class Transformer(nn.Module):
         return h
 
     def forward(self, input_ids: torch.Tensor, doc_ids: torch.Tensor | None = None, targets: torch.Tensor | None = None,
-                loss_weights: torch.Tensor | None = None, denom: torch.Tensor | float | None = None
-                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+                loss_weights: torch.Tensor | None = None, denom: torch.Tensor | float | None = None,
+                frames: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
         """input_ids [B, T] (and doc_ids [B, T]) -> logits [B, T, V]. With ``audio_layout`` delay / depth,
         input_ids [B, T, K] (``omnitrain.model.audio_layouts``) and the logits are channel 0's.
 
@@ -449,7 +449,7 @@ class Transformer(nn.Module):
         if targets.dim() == 3:  # delay / depth: every audio level's loss (omnitrain.model.audio_layouts)
             from omnitrain.model.audio_layouts import grouped_loss  # (it imports this module)
 
-            return grouped_loss(self, h, targets, w, denom)
+            return grouped_loss(self, h, targets, w, denom, frames)  # frames: depth's frame rows, found on the host
         loss, ce, correct, lse = linear_cross_entropy(h.flatten(0, 1), self.output.weight, targets.flatten(), w.flatten(),
                                                       self.cfg.z_loss, denom)  # fmt: skip
         return loss, loss_stats(ce, correct, lse, targets.flatten(), w.flatten(), self.modality_table, self.cfg.z_loss)

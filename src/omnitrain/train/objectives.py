@@ -144,7 +144,8 @@ class LMObjective:
         # chunked output projection + CE inside the model: no [B, T, V] logits. A batch the loader found to hold one
         # document a row (``one_document``, a host-side bool) runs plain causal attention, without the document mask
         doc_ids = None if batch.get("one_document", False) else batch["doc_ids"]
-        return model(batch["input_ids"], doc_ids, batch["targets"], batch["loss_weights"], denom)
+        # frames: audio_layout=depth's frame rows, found on the host by the trainer (train.step.host_side; None: the model finds them)
+        return model(batch["input_ids"], doc_ids, batch["targets"], batch["loss_weights"], denom, frames=batch.get("frames"))
 
     def summary(self, sums: torch.Tensor, count: torch.Tensor) -> tuple[dict[str, float], dict[str, int]]:
         """(row: loss, loss/<modality>, acc/<modality>; tokens per modality)."""

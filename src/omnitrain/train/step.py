@@ -2,7 +2,8 @@
 
 A step's stats stay on the device (``StepResult.sums``, token counts summed by ``runlog.Throughput``) and are read at
 log steps, checkpoint steps and a skipped step only; a non-log step reads one small tensor back (``step_verdict``):
-whether the loss and gradient norm are finite, and the preemption signal the ranks agree on."""
+whether the loss and gradient norm are finite, and the preemption signal the ranks agree on. What a step needs to
+know of its batches' shapes is found on the host before they go to the device (``host_side``)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from typing import Any
 
 import torch
 
+from omnitrain.model.audio_layouts import frame_rows
 from omnitrain.tokenizer.layout import MODALITIES
 from omnitrain.train import checkpoint
 from omnitrain.train.build import Run
@@ -52,7 +54,7 @@ def train_step(run: Run, step: int, skipped: int, preempt: Preemption | None = N
     lr = lr_at(step, cfg.steps, cfg.optim)
     for group in run.optimizer.param_groups:
         group["lr"] = lr
-    micro = [fabric.to_device(next(run.loader)) for _ in range(cfg.grad_accum)]
+    micro = [fabric.to_device(host_side(next(run.loader), cfg.model.audio_layout)) for _ in range(cfg.grad_accum)]
     count = sum(objective.count(b) for b in micro)  # weighted target tokens (LM) or pairs (DPO) of the step
     count = (fabric.all_reduce(count, reduce_op="sum") if fabric.world_size > 1 else count).clamp(min=1.0)
     n_keys = len(objective.keys)
@@ -86,6 +88,16 @@ def train_step(run: Run, step: int, skipped: int, preempt: Preemption | None = N
     with pretrained_rows_kept(strategy.unwrap(), run.new_rows_from) if frozen else nullcontext():
         strategy.optimizer_step(apply=finite)
     return StepResult(sums, count, counts, lr, grad_norm, finite, frozen, signal)
+
+
+def host_side(batch: dict[str, torch.Tensor], audio_layout: str) -> dict[str, torch.Tensor]:
+    """What the host can say of a loader batch before it goes to the device. ``audio_layout=depth``: the rows whose
+    target is a frame (``frames`` [Na], what the depth transformer runs on): found on the device, ``nonzero`` would
+    wait for the step's queued work to learn Na (a second host read per step); here it costs the host a scan of
+    the [B, T] targets it already holds, and the loss is the same to the bit (the same indices)."""
+    if audio_layout == "depth":
+        return {**batch, "frames": frame_rows(batch["targets"])}
+    return batch
 
 
 def step_verdict(sums: torch.Tensor, grad_norm: float | torch.Tensor, signals: torch.Tensor) -> tuple[bool, int]:
