@@ -136,5 +136,4 @@ def test_generation_gives_valid_flat_audio_with_and_without_the_cache(speech, au
     segs = layout.parse([1, boa, *body, eoa])
     assert isinstance(segs[1], AudioSegment) and segs[1].codes.shape[1] == 3  # each level within its own range
     assert any(kind == "audio_chunk" for row, kind, _ in events if row == 0) == (len(body) // 3 >= 4)  # a chunk: 4 frames
-    with pytest.raises(ValueError, match="cfg_scale"):
-        generate(model, layout, prompts, SamplingConfig(max_new_tokens=2, cfg_scale=2.0))
+    # guidance, speech continuation: tests/model/test_audio_layouts_generate.py

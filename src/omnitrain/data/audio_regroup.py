@@ -66,53 +66,88 @@ class AudioGrouping:
         return self.K - 1 if self.layout == "delay" else 0
 
     # ------------------------------------------------------------------ flat -> grouped
-    def to_grouped(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def to_grouped(self, ids: np.ndarray, open_end: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """Flat ids [n] -> (grouped [m, K] int64, src [m]: the flat index whose modality and loss weight each
-        position takes). A trailing ``<boa>`` with nothing after it (a generation prompt) stays as it is."""
+        position takes). A trailing ``<boa>`` with nothing after it (a generation prompt) stays as it is;
+        ``open_end``: so may a trailing span without ``<eoa>`` holding whole frames (a speech-continuation
+        prompt), grouped as far as the prompt goes (delay: the levels of its last K-1 frames that sit at later
+        positions are left out; ``pending_levels`` gives them)."""
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        cells, src = self.cells(ids, open_end)
+        return np.where(cells >= 0, ids[cells.clip(min=0)], -1), src
+
+    def cells(self, ids: np.ndarray, open_end: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """Where ``to_grouped`` puts each flat id: (cells [m, K], the flat index of each grouped cell or -1 where it
+        is empty; src [m]). Every flat id lands in exactly one cell (a log-likelihood scores its cell)."""
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
         K, n = self.K, len(ids)
         blocks, srcs, cur = [], [], 0
+
+        def single(a: int, b: int) -> None:  # text / image / specials: one id per position, on channel 0
+            cell = np.full((b - a, K), -1, dtype=np.int64)
+            cell[:, 0] = np.arange(a, b)
+            blocks.append(cell)
+            srcs.append(np.arange(a, b))
+
         for b in np.flatnonzero(ids == self.boa).tolist():
             if b < cur:
                 continue
-            single = np.full((b + 1 - cur, K), -1, dtype=np.int64)  # text / image / specials up to <boa>
-            single[:, 0] = ids[cur : b + 1]
-            blocks.append(single)
-            srcs.append(np.arange(cur, b + 1))
+            single(cur, b + 1)  # up to and with <boa>
             cur = b + 1
             if b + 1 == n:
                 break
             stop = np.flatnonzero(ids[b + 1 :] == self.eoa)
-            if stop.size == 0:
+            if stop.size == 0 and not open_end:
                 raise ValueError(f"audio span at position {b} has no <eoa>: the document is cut or malformed; rebuild its shards")
-            e = b + 1 + int(stop[0])
-            body = ids[b + 1 : e]
-            if body.size % K:
-                raise ValueError(f"audio span at position {b} has {body.size} codes, not a multiple of K={K}")
-            frames = body.reshape(-1, K)  # [F*K] -> [F, K]
-            F = len(frames)
-            first = b + 1 + np.arange(F) * K  # flat index of each frame's level-0 code
+            e = b + 1 + int(stop[0]) if stop.size else n  # open_end: the span runs to the end
+            codes = e - b - 1
+            if codes % K:
+                where = "ends inside a frame" if e == n else "is malformed"
+                raise ValueError(f"the audio span at position {b} {where}: {codes} codes, not a multiple of K={K}"
+                                 + ("; end the prompt on a whole frame" if e == n else ""))  # fmt: skip
+            F = codes // K
+            frames = b + 1 + np.arange(F * K).reshape(F, K)  # [F, K] flat index of each frame's codes
             if self.layout == "depth":
-                grid = np.concatenate([frames, np.full((1, K), -1, dtype=np.int64)])  # [F+1, K]: the frames, <eoa>
-                grid[F, 0] = self.eoa
-                src = np.append(first, e)
+                grid = frames if e == n else np.concatenate([frames, np.full((1, K), -1, dtype=np.int64)])  # [F(+1), K]
             else:  # delay: level l of frame f at span position f + l
-                grid = np.full((F + K - 1, K), -1, dtype=np.int64)  # [F+K-1, K]
+                grid = np.full((F + K - 1 if e < n else F, K), -1, dtype=np.int64)  # [F+K-1 (open: F), K]
                 for lvl in range(K):
-                    grid[lvl : lvl + F, lvl] = frames[:, lvl]
-                grid[F, 0] = self.eoa
-                src = np.concatenate([first, np.full(K - 1, e)])
+                    n_l = max(0, min(F, len(grid) - lvl))  # (open: level l of the last l frames comes later)
+                    grid[lvl : lvl + n_l, lvl] = frames[:n_l, lvl]
+            if e < n:
+                grid[F, 0] = e  # <eoa>: where the next frame's level 0 would be
             blocks.append(grid)
-            srcs.append(src)
+            srcs.append(np.concatenate([frames[:, 0], np.full(len(grid) - F, e)]))
             cur = e + 1
         if cur < n:
-            single = np.full((n - cur, K), -1, dtype=np.int64)
-            single[:, 0] = ids[cur:]
-            blocks.append(single)
-            srcs.append(np.arange(cur, n))
+            single(cur, n)
         if not blocks:
             return np.zeros((0, K), dtype=np.int64), np.zeros(0, dtype=np.int64)
         return np.concatenate(blocks), np.concatenate(srcs)
+
+    def pending_levels(self, ids: np.ndarray) -> np.ndarray:
+        """delay, a prompt ending in an open span of F whole frames: [K-1, K] the codes of the next K-1 positions
+        that the prompt already fixes (row j: level l > j of frame F+j-l; -1 elsewhere, and where that frame
+        would precede the span). depth / no open span: [0, K]."""
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        K, b = self.K, self.open_span_start(ids)
+        if self.layout != "delay" or b is None:
+            return np.zeros((0, K), dtype=np.int64)
+        frames = ids[b + 1 :].reshape(-1, K)  # [F, K] (to_grouped has checked whole frames)
+        F, out = len(frames), np.full((K - 1, K), -1, dtype=np.int64)
+        for j in range(K - 1):
+            for lvl in range(j + 1, K):
+                if 0 <= F + j - lvl < F:
+                    out[j, lvl] = frames[F + j - lvl, lvl]
+        return out
+
+    def open_span_start(self, ids: np.ndarray) -> int | None:
+        """The index of the ``<boa>`` of an audio span still open at the end of ``ids`` (None: none is open)."""
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        opens = np.flatnonzero(ids == self.boa)
+        if not opens.size or (ids[opens[-1] :] == self.eoa).any():
+            return None
+        return int(opens[-1])
 
     def regroup_runs(self, ids: np.ndarray, runs: list[tuple[int, int, int, float]]
                      ) -> tuple[np.ndarray, list[tuple[int, int, int, float]]]:  # fmt: skip

@@ -8,9 +8,10 @@ Legend: B prompts, L longest prompt, V vocab.
 * Layout constraints (``constrain=True``): every row runs a :class:`LayoutConstraint`, so an image
   span is exactly ``<h> <w>`` then h rows of w codes with ``<eol>``, an audio span whole frames of K
   level-ordered codes; the logits of disallowed ids are set to -inf before sampling.
-* Classifier-free guidance for images (``cfg_scale > 1``): each row runs beside an unconditional
-  twin (the prompt reduced to ``<bos>`` + the open span); inside an image span the logits are
-  ``uncond + scale * (cond - uncond)``.
+* Classifier-free guidance (``cfg_scale != 1``, needs the constraints): each row runs beside an
+  unconditional twin (the prompt reduced to ``<bos>`` + the open span); inside an image or audio
+  span the logits are ``uncond + scale * (cond - uncond)`` (in delay / depth: every audio level's).
+  Text is never guided: guidance sharpens what the condition says about the media it asks for.
 * Audio layouts delay / depth (``model.audio_layout``): ``generate_grouped``, one position per frame, the output
   in the flat layout.
 * Streaming: ``on_event(row, kind, payload)`` gets text tokens, each finished image row of codes and
@@ -43,7 +44,7 @@ class SamplingConfig:
     top_p: float = 1.0  # 1.0: off
     stop: list[list[int]] = field(default_factory=list)  # id sequences that end a row (kept in the output)
     constrain: bool = True
-    cfg_scale: float = 1.0  # > 1: classifier-free guidance inside image spans
+    cfg_scale: float = 1.0  # != 1: classifier-free guidance inside image and audio spans
     audio_chunk_frames: int = 10  # frames per streamed audio chunk
     seed: int = 0
 
@@ -107,8 +108,8 @@ def generate(
     B = len(prompts)
     if B == 0 or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token (e.g. <bos>)")
+    guided = _check_guidance(cfg, layout)
     constraints = [LayoutConstraint(layout).feed(p) for p in prompts] if (cfg.constrain and layout) else None
-    guided = cfg.cfg_scale != 1.0 and layout is not None
     rows = list(prompts)
     if guided:  # unconditional twins: <bos> and the span the prompt opened (if any)
         rows += [[layout.specials["bos"], *(_open_span(p, layout))] for p in prompts]
@@ -128,8 +129,8 @@ def generate(
         logits = logits.float()
         if guided:
             cond, uncond = logits[:B], logits[B:]
-            in_image = torch.tensor([c.modality == "image" for c in constraints] if constraints else [False] * B, device=device)
-            logits = torch.where(in_image[:, None], uncond + cfg.cfg_scale * (cond - uncond), cond)
+            in_span = torch.tensor([c.modality != "text" for c in constraints], device=device)  # an image or audio span
+            logits = torch.where(in_span[:, None], uncond + cfg.cfg_scale * (cond - uncond), cond)
         if constraints:
             allowed = torch.from_numpy(np.stack([c.allowed() for c in constraints])).to(device)
             logits = logits.masked_fill(~allowed, float("-inf"))
@@ -165,6 +166,18 @@ def generate(
         next_pos = next_pos + 1
     total = sum(map(len, out))
     return GenerationResult(out, ttft or 0.0, ttfa, total / max(time.perf_counter() - t0, 1e-9))
+
+
+def _check_guidance(cfg: SamplingConfig, layout: TokenLayout | None) -> bool:
+    """Whether ``cfg`` asks for classifier-free guidance (errors for settings under which it cannot apply)."""
+    if cfg.cfg_scale == 1.0:
+        return False
+    if not cfg.cfg_scale >= 0:  # (NaN too)
+        raise ValueError(f"cfg_scale={cfg.cfg_scale}: use a scale >= 0 (1: no guidance; MusicGen uses 3)")
+    if layout is None or not cfg.constrain:
+        raise ValueError(f"cfg_scale={cfg.cfg_scale} guides inside image and audio spans, which the layout constraint "
+                         "tracks: pass the token layout and constrain=True, or use cfg_scale=1")  # fmt: skip
+    return True
 
 
 def _open_span(prompt: list[int], layout: TokenLayout) -> list[int]:
@@ -211,27 +224,43 @@ def _sample(logits: torch.Tensor, cfg: SamplingConfig, gen: torch.Generator) -> 
 
 
 class _GroupedRow:
-    """One row's decoding state in a delay / depth layout: the flat output so far, and the open audio span."""
+    """One row's decoding state in a delay / depth layout: the flat output so far, and the open audio span.
 
-    def __init__(self, g: AudioGrouping, layout: TokenLayout, prompt: list[int], constrain: bool) -> None:
+    A prompt may end inside an audio span with whole frames (speech continuation): those frames start the span
+    (they are the prompt's, never output again), and in delay the levels of its last K-1 frames that sit at later
+    positions are placed there as the prompt fixed them (``fixed``), beside the new frames' lower levels."""
+
+    def __init__(self, g: AudioGrouping, layout: TokenLayout, prompt: list[int], prompt_grouped: np.ndarray, constrain: bool) -> None:
         self.g, self.layout, self.out = g, layout, []
         self.flat = LayoutConstraint(layout).feed(prompt) if constrain else None
-        self.in_audio = bool(prompt) and prompt[-1] == g.boa  # a prompt may end by opening the span to generate
-        self.span: list[list[int]] = []  # the span's positions so far (delay: levels still to come sit later)
-        self.frames_done, self.F = 0, None  # frames handed to the flat output; frames in the span once <eoa> came
+        start = g.open_span_start(np.asarray(prompt))
+        self.in_audio = start is not None  # the prompt opened the span to generate (<boa>, maybe frames after it)
+        self.n_prompt = (len(prompt) - start - 1) // g.K if self.in_audio else 0  # whole frames the prompt holds
+        self.span: list[list[int]] = prompt_grouped[len(prompt_grouped) - self.n_prompt :].tolist() if self.n_prompt else []
+        self.frames_done, self.F = self.n_prompt, None  # frames in the flat sequence so far; frames in the span once <eoa> came
+        self.pending = g.pending_levels(np.asarray(prompt))  # delay: [K-1, K] the prompt's codes for the next positions
 
     @property
     def in_tail(self) -> bool:  # delay, after <eoa>: positions that only place the delayed levels
         return self.F is not None
 
+    @property
+    def in_span(self) -> bool:  # the next position belongs to an audio span (its frames or its delay tail)
+        return self.in_audio or self.in_tail
+
     def codes(self) -> int:  # level-0 codes placed in the span
         return self.F if self.F is not None else len(self.span)
+
+    def fixed(self, p: int, lvl: int) -> int | None:
+        """delay: the code the prompt fixes at span position ``p``, level ``lvl`` (None: one to generate)."""
+        j = p - self.n_prompt
+        return int(self.pending[j, lvl]) if 0 <= j < len(self.pending) and self.pending[j, lvl] >= 0 else None
 
     def place(self, row: list[int]) -> list[tuple[str, object]]:
         """Record one generated position; returns the (kind, payload) events it completes, in order."""
         g, events = self.g, []
         tok = row[0]
-        if not self.in_audio and not self.in_tail:  # text / image / specials: one token per position
+        if not self.in_span:  # text / image / specials: one token per position
             self._flat([tok])
             self.in_audio, self.span = tok == g.boa, []
             events.append(("text_token" if tok < self.layout.text_vocab_size and tok >= 0 else "token", tok))
@@ -249,7 +278,8 @@ class _GroupedRow:
             events.append(("frame", np.asarray(frame) - self.layout.audio_base - np.arange(g.K) * self.layout.audio_codebook_size))
         if self.F is not None and self.frames_done == self.F and len(self.span) >= self.F + max(lag, 1):
             self._flat([g.eoa])
-            self.F, self.span, self.frames_done = None, [], 0
+            self.F, self.span, self.frames_done, self.n_prompt = None, [], 0, 0
+            self.pending = self.pending[:0]  # the prompt's span is closed: a later span is all generated
             events.append(("token", g.eoa))
         return events
 
@@ -268,68 +298,83 @@ def generate_grouped(model: Transformer, layout: TokenLayout | None, prompts: li
     Per position: channel 0 from the main head (in an audio span only level-0 codes and ``<eoa>``; elsewhere the
     layout's constraints); delay: level l of the frame l positions back from level l's rows of the output matrix
     (the delay undone when a frame's last level arrives); depth: the frame's levels 1..K-1 one by one from the depth
-    transformer. Each level is sampled within its own id range. ``max_new_tokens`` counts positions."""
+    transformer. Each level is sampled within its own id range. ``max_new_tokens`` counts positions.
+
+    A prompt may end with ``<boa>`` or inside an audio span on a whole frame (the model continues the audio).
+    Guidance (``cfg_scale != 1``) mixes every logit the position samples inside an image span (channel 0, as
+    flat) and an audio span: channel 0 and every level, from the conditional row and its unconditional twin
+    (``<bos>`` + the open span) run through the same heads. All levels, as MusicGen guides all its codebooks:
+    in text-to-speech the text conditions each level, and the depth transformer's levels see the guided lower
+    codes only through its input, so guiding level 0 alone would leave the acoustic levels unguided."""
     if layout is None:
         raise ValueError(f"model.audio_layout={model.cfg.audio_layout}: generation needs the token layout (pass layout=)")
-    if cfg.cfg_scale != 1.0:
-        raise ValueError(f"cfg_scale={cfg.cfg_scale}: classifier-free guidance is not implemented for audio_layout="
-                         f"{model.cfg.audio_layout} yet; use cfg_scale=1")  # fmt: skip
+    guided = _check_guidance(cfg, layout)
     model.eval()
     model.set_modalities(layout.modality_of(np.arange(layout.vocab_size)))
     g = AudioGrouping.of(layout, model.cfg.audio_layout)
     K, device, B, pad = g.K, next(model.parameters()).device, len(prompts), layout.specials["pad"]
     if B == 0 or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token (e.g. <bos>)")
-    grouped = []
-    for i, p in enumerate(prompts):
+    rows_in = list(prompts) + ([[layout.specials["bos"], *_open_span(p, layout)] for p in prompts] if guided else [])
+    grouped = []  # the conditional rows, then (guided) their unconditional twins
+    for i, p in enumerate(rows_in):
         try:
-            grouped.append(g.to_grouped(np.asarray(p))[0])
+            grouped.append(g.to_grouped(np.asarray(p), open_end=True)[0])
         except ValueError as e:
-            raise ValueError(f"prompt {i}: {e}; a prompt may end with a closed audio span or with <boa>") from None
-    L = max(len(x) for x in grouped)
+            raise ValueError(f"prompt {i % B}: {e}; a prompt may end with <boa>, inside an audio span on a whole frame, "
+                             "or outside audio spans") from None  # fmt: skip
+    n_rows, L = len(grouped), max(len(x) for x in grouped)
     blank = torch.full((K,), -1, dtype=torch.long)
     blank[0] = pad  # a padding position: the pad token, no higher levels
     ids, valid = left_pad([torch.from_numpy(x).long() for x in grouped], blank)
     ids, valid = ids.to(device), valid.to(device)
-    positions = (valid.long().cumsum(1) - 1).clamp(min=0)  # [B, L]
-    rows = [_GroupedRow(g, layout, list(p), cfg.constrain) for p in prompts]
+    positions = (valid.long().cumsum(1) - 1).clamp(min=0)  # [n_rows, L]
+    rows = [_GroupedRow(g, layout, list(p), grouped[i], cfg.constrain) for i, p in enumerate(prompts)]
     W, gen = model.output.weight, torch.Generator(device="cpu").manual_seed(cfg.seed)
     slices = [level_slice(model, lvl, K) for lvl in range(K)]
     level0_or_eoa = torch.from_numpy(layout.mask("audio", level=0)).to(device)
     level0_or_eoa[g.eoa] = True
-    cache = KVCache(model, B, L + cfg.max_new_tokens) if use_cache else None
+    cache = KVCache(model, n_rows, L + cfg.max_new_tokens) if use_cache else None
 
-    def hidden(x: torch.Tensor, pos: torch.Tensor, key_valid: torch.Tensor) -> torch.Tensor:  # -> [B, D] of the last position
+    def hidden(x: torch.Tensor, pos: torch.Tensor, key_valid: torch.Tensor) -> torch.Tensor:  # -> [n_rows, D] of the last position
         past = cache.length if cache is not None else 0
         return model.norm(model.hidden(x, pos, decoding_mask(key_valid, x.shape[1], past), cache))[:, -1]
 
+    def guide(logits: torch.Tensor, on: bool) -> torch.Tensor:
+        """[1 or 2, V'] (the row; with guidance its twin) -> [V'] float logits."""
+        logits = logits.float()
+        return logits[1] + cfg.cfg_scale * (logits[0] - logits[1]) if on else logits[0]
+
     done, t0, ttft, ttfa, n_frames = [False] * B, time.perf_counter(), None, None, [0] * B
     seq, seq_valid, next_pos = ids, valid, positions[:, -1] + 1
-    h = hidden(ids, positions, valid)  # [B, D]
+    h = hidden(ids, positions, valid)  # [n_rows, D]
     for _ in range(cfg.max_new_tokens):
-        logits0 = (h @ W.t()).float()  # [B, V]
         step = torch.full((B, K), -1, dtype=torch.long)
         step[:, 0] = pad
         for i, r in enumerate(rows):
             if done[i]:
                 continue
+            hi_ = h[[i, B + i]] if guided else h[i : i + 1]  # [1 or 2, D]: the row (and its twin)
+            on = guided and (r.in_span or (r.flat is not None and r.flat.modality == "image"))  # guided here
             new = [-1] * K
             if not r.in_tail:  # channel 0 (in a delay tail it is empty)
                 allowed = level0_or_eoa if r.in_audio else (torch.from_numpy(r.flat.allowed()).to(device) if r.flat else None)
-                new[0] = _sample(logits0[i] if allowed is None else logits0[i].masked_fill(~allowed, float("-inf")), cfg, gen)
+                logits0 = guide(hi_ @ W.t(), on)  # [V]
+                new[0] = _sample(logits0 if allowed is None else logits0.masked_fill(~allowed, float("-inf")), cfg, gen)
             is_code = r.in_audio and new[0] != g.eoa
-            if g.layout == "delay" and (r.in_audio or r.in_tail):
+            if g.layout == "delay" and r.in_span:
                 p, count = len(r.span), r.codes() + int(is_code)
                 for lvl in range(1, K):
-                    if 0 <= p - lvl < count:  # level l of frame p - l
+                    if 0 <= p - lvl < count:  # level l of frame p - l: fixed by the prompt, or sampled
                         lo, hi = slices[lvl]
-                        new[lvl] = lo + _sample((h[i] @ W[lo:hi].t()).float(), cfg, gen)
+                        fixed = r.fixed(p, lvl)
+                        new[lvl] = fixed if fixed is not None else lo + _sample(guide(hi_ @ W[lo:hi].t(), on), cfg, gen)
             elif g.layout == "depth" and is_code:  # the frame's levels 1..K-1, each from the ones below it
                 for lvl in range(1, K):
                     prev = model.tok_embeddings(torch.tensor([new[:lvl]], device=device))  # [1, lvl, D]
-                    x = model.depth(h[i : i + 1], prev)[0, -1]  # [D]
+                    x = model.depth(hi_, prev.expand(len(hi_), -1, -1))[:, -1]  # [1 or 2, D]
                     lo, hi = slices[lvl]
-                    new[lvl] = lo + _sample((x @ W[lo:hi].t()).float(), cfg, gen)
+                    new[lvl] = lo + _sample(guide(x @ W[lo:hi].t(), on), cfg, gen)
             step[i] = torch.tensor(new)
             ttft = ttft if ttft is not None else time.perf_counter() - t0
             for kind, payload in r.place(new):
@@ -346,8 +391,8 @@ def generate_grouped(model: Transformer, layout: TokenLayout | None, prompts: li
                 done[i] = True
         if all(done):
             break
-        step = step.to(device)[:, None]  # [B, 1, K]
-        seq_valid = torch.cat([seq_valid, torch.ones(B, 1, dtype=torch.bool, device=device)], 1)
+        step = (torch.cat([step, step]) if guided else step).to(device)[:, None]  # [n_rows, 1, K]: twins follow their rows
+        seq_valid = torch.cat([seq_valid, torch.ones(n_rows, 1, dtype=torch.bool, device=device)], 1)
         if cache is not None:
             h = hidden(step, next_pos[:, None], seq_valid)
         else:  # the reference: the whole sequence again
