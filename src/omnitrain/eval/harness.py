@@ -31,10 +31,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
 from omnitrain.config import to_dict
+from omnitrain.data.audio_regroup import AudioGrouping
 from omnitrain.data.pipeline.media import MediaConfig, MediaTokenizers
 from omnitrain.eval import results as R
 from omnitrain.eval.baselines import PocketsphinxASR, TesseractDocQA
@@ -42,6 +44,7 @@ from omnitrain.eval.cache import ScoreCache, fingerprint, request_key
 from omnitrain.eval.lm_eval_format import write_lm_eval
 from omnitrain.eval.mmlu import MMLUConfig
 from omnitrain.eval.report import write_report
+from omnitrain.eval.speech_output import S2SConfig, TTSConfig
 from omnitrain.eval.tasks import (
     TASKS,
     DocVQAConfig,
@@ -51,6 +54,7 @@ from omnitrain.eval.tasks import (
     SpeechWERConfig,
 )
 from omnitrain.model import generate as gen  # gen.generate: looked up per call, so a test can wrap it
+from omnitrain.model.audio_layouts import level_slice
 from omnitrain.model.generate_command import GenerateConfig, build_prompt
 from omnitrain.model.hf import load_hf_llama
 from omnitrain.model.io import find_model_dir, load_model, resolve_path
@@ -134,7 +138,11 @@ class TextLM:
     @torch.no_grad()
     def loglikelihood_tokens(self, pairs: list[tuple[list[int], list[int]]], progress: bool = True) -> list[tuple[float, bool]]:
         """The token-level scoring under ``loglikelihood`` (and the lm-eval adapter's rolling windows): pairs of
-        (context ids, continuation ids), the context with its prefix already -> (logprob, is_greedy) per pair."""
+        (context ids, continuation ids), the context with its prefix already -> (logprob, is_greedy) per pair.
+        A delay / depth model scores the regrouped sequence (``_loglikelihood_grouped``)."""
+        grouping = self._grouping()
+        if grouping is not None:
+            return self._loglikelihood_grouped(grouping, pairs, progress)
         rows: dict[tuple[int, ...], list[int]] = {}  # model input -> indices of the requests it scores
         conts: list[list[int]] = []
         for i, (c_ids, k_ids) in enumerate(pairs):
@@ -179,6 +187,98 @@ class TextLM:
                     out[i] = (float(lp.gather(1, tgt[:, None]).sum()), bool((lp.argmax(-1) == tgt).all()))
             if self.cache is not None:
                 self.cache.add([(keys[i], out[i]) for key in batch for i in rows[key]])
+            bar.update(len(batch))
+        bar.close()
+        return out
+
+    def _grouping(self) -> AudioGrouping | None:
+        """The regrouping of a delay / depth model's audio (None: flat, or a model without a token layout)."""
+        inner = getattr(self.model, "inner", self.model)  # in training: the model behind the strategy's wrapper
+        audio_layout = getattr(getattr(inner, "cfg", None), "audio_layout", "flat")
+        return None if audio_layout == "flat" or self.layout is None else AudioGrouping.of(self.layout, audio_layout)
+
+    @torch.no_grad()
+    def _loglikelihood_grouped(self, g: AudioGrouping, pairs: list[tuple[list[int], list[int]]], progress: bool
+                               ) -> list[tuple[float, bool]]:  # fmt: skip
+        """``loglikelihood_tokens`` for ``model.audio_layout`` delay / depth (issue 23). Each request's flat ids are
+        regrouped as the model was trained (one position per audio frame; text keeps its positions, so text-only
+        requests score as in flat), and each continuation id is scored in the cell regrouping put it in, from the
+        hidden state one position back: channel 0 by the main head over the vocabulary, a level l >= 1 over its
+        level's ids (delay: the same hidden state; depth: the depth transformer given the frame's lower levels).
+        That is the probability ``generate_grouped`` gives the continuation after the context (in delay a context
+        level placed after a continuation cell conditions only later cells: generation would force it there).
+        Longer inputs lose their left end in positions (max_length positions, as the loader packs them)."""
+        inner = getattr(self.model, "inner", self.model)
+        K, device = g.K, next(self.model.parameters()).device
+        rows: dict[bytes, list[int]] = {}  # model input (positions [m-1, K]) -> indices of the requests it scores
+        grids, targets, keys = [], [], {}
+        for i, (c_ids, k_ids) in enumerate(pairs):
+            full = np.asarray(list(c_ids) + list(k_ids), dtype=np.int64)
+            try:
+                cells, _ = g.cells(full, open_end=True)  # [m, K] the flat index of every cell
+            except ValueError as e:
+                raise ValueError(f"request {i}: {e}") from None
+            cells = cells[-(self.spec.max_length + 1) :]
+            grid = np.where(cells >= 0, full[cells.clip(min=0)], -1)  # [m, K] the grouped ids
+            q, lvl = np.nonzero(cells >= len(c_ids))  # the continuation's cells (q >= 1: a context comes first)
+            if len(q) != len(k_ids) or (len(q) and q.min() == 0):
+                raise ValueError(f"request {i}: the continuation ({len(k_ids)} ids) does not fit in max_length="
+                                 f"{self.spec.max_length} positions after a context; raise model.max_length")  # fmt: skip
+            grids.append(grid)
+            targets.append((q, lvl, grid[q, lvl]))
+            rows.setdefault(grid[:-1].tobytes(), []).append(i)
+        if any((t[1] > 0).any() for t in targets) and not hasattr(self.model, "tok_embeddings"):
+            raise ValueError("this model's forward gives channel 0's logits only (the in-training evaluator), so continuations "
+                             "holding audio levels cannot be scored here: score them with omnitrain eval on the export")  # fmt: skip
+        out: list[tuple[float, bool]] = [(0.0, False)] * len(pairs)
+        if self.cache is not None:  # a resumed run: rows whose every request is cached are not run again
+            for key, idx in list(rows.items()):
+                keys.update({i: request_key(tuple(grids[i][:-1].reshape(-1).tolist()), list(pairs[i][1])) for i in idx})
+                hits = [self.cache.get(keys[i]) for i in idx]
+                if all(h is not None for h in hits):
+                    for i, h in zip(idx, hits, strict=True):
+                        out[i] = h
+                    del rows[key]
+        order = sorted(rows, key=lambda k: len(grids[rows[k][0]]), reverse=True)  # longest first, as in flat
+        bar = tqdm(total=len(order), desc="loglikelihood", unit="fwd", disable=not progress, mininterval=2.0)
+        for b in range(0, len(order), self.batch_size):
+            batch = order[b : b + self.batch_size]
+            T = len(grids[rows[batch[0]][0]]) - 1
+            ids = torch.full((len(batch), T, K), -1, dtype=torch.long)  # right padding: nothing (causal: unseen)
+            for r, key in enumerate(batch):
+                x = grids[rows[key][0]][:-1]
+                ids[r, : len(x)] = torch.from_numpy(x)
+            h = self.model.hidden(ids.to(device))  # [Bt, T, D], before the final norm
+            who = [(r, i) for r, key in enumerate(batch) for i in rows[key]]
+            n = [len(targets[i][0]) for _, i in who]
+            row = torch.tensor([r for (r, _), c in zip(who, n, strict=True) for _ in range(c)], dtype=torch.long)  # [N]
+            q, lvl, tgt = (torch.from_numpy(np.concatenate([targets[i][j] for _, i in who])) for j in range(3))  # [N] each
+            frame = torch.from_numpy(np.concatenate([grids[i][targets[i][0]] for _, i in who]))  # [N, K] each cell's position
+            hq = h[row.to(device), (q - 1).to(device)]  # [N, D]: the hidden state one position back
+            lp, greedy = torch.zeros(len(q), dtype=torch.float64), torch.zeros(len(q), dtype=torch.bool)
+            for level in range(K):
+                m = lvl == level
+                if not m.any():
+                    continue
+                if level == 0:  # the main head (self.model.output: the logits themselves in training)
+                    logp = self.model.output(self.model.norm(hq[m.to(device)])).float().log_softmax(-1)  # [n, V]
+                    t = tgt[m].to(device)
+                else:
+                    x = inner.norm(hq[m.to(device)])  # [n, D]
+                    if g.layout == "depth":  # levels 0..l-1 of the cell's frame, teacher-forced as in training
+                        prev = inner.tok_embeddings(frame[m, :level].to(device))  # [n, l, D]
+                        x = inner.depth(x, prev)[:, -1]  # [n, D]
+                    lo, hi = level_slice(inner, level, K)
+                    logp = (x @ inner.output.weight[lo:hi].t()).float().log_softmax(-1)  # [n, C]
+                    t = (tgt[m] - lo).to(device)
+                lp[m] = logp.gather(1, t[:, None])[:, 0].double().cpu()
+                greedy[m] = (logp.argmax(-1) == t).cpu()
+            start = 0
+            for (_, i), c in zip(who, n, strict=True):
+                out[i] = (float(lp[start : start + c].sum()), bool(greedy[start : start + c].all()))
+                start += c
+            if self.cache is not None:
+                self.cache.add([(keys[i], out[i]) for _, i in who])
             bar.update(len(batch))
         bar.close()
         return out
@@ -449,6 +549,8 @@ class EvalConfig:
     speech_wer: SpeechWERConfig = field(default_factory=SpeechWERConfig)
     reading: ReadingConfig = field(default_factory=ReadingConfig)
     perplexity: PerplexityConfig = field(default_factory=PerplexityConfig)
+    tts: TTSConfig = field(default_factory=TTSConfig)
+    s2s: S2SConfig = field(default_factory=S2SConfig)
 
     def __post_init__(self) -> None:
         unknown = [t for t in self.tasks if t not in TASKS]
@@ -481,6 +583,8 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     )
     for k, task in enumerate(tasks):
         t1 = time.perf_counter()
+        if hasattr(task, "out_dir"):  # tasks that write files (tts / s2s: the generated wavs) put them beside the results
+            task.out_dir = out
         o = task.run(system, cfg.limit, cfg.progress)
         dt = time.perf_counter() - t1
         res["tasks"][task.name] = {"metrics": o.metrics, "groups": o.groups, "items": o.items, "seconds": dt,

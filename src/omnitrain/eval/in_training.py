@@ -46,7 +46,7 @@ from omnitrain.tokenizer.bundle import TokenizerPaths
 from omnitrain.tokenizer.hf_text import load_text_tokenizer
 
 # humaneval runs generated programs in a sandbox, minutes per model: evaluate its checkpoints with `omnitrain eval`
-IN_TRAINING = ("mmlu", "perplexity", "speech_wer", "docvqa", "reading")
+IN_TRAINING = ("mmlu", "perplexity", "speech_wer", "docvqa", "reading", "tts", "s2s")  # tts / s2s: one process or ddp
 
 
 def build_evaluator(cfg: Any) -> InTrainingEvaluator | None:
@@ -110,6 +110,8 @@ class InTrainingEvaluator:
                 dt = time.perf_counter() - t0
                 res["tasks"][task.name] = {"metrics": o.metrics, "groups": o.groups, "items": o.items, "seconds": dt,
                                            "items_per_s": o.items / dt if dt > 0 else None, "config": task_cfg, "limit": limit}  # fmt: skip
+                if o.info:  # e.g. tts / s2s: the model size, layout and device their latency was measured on
+                    res["tasks"][task.name]["info"] = o.info
                 row.update({f"eval/{task.name}/{m}": v["value"] for m, v in o.metrics.items() if _number(v["value"])})
                 samples += [{**s, "step": step} for s in o.samples]
         finally:

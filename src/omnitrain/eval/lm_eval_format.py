@@ -112,6 +112,8 @@ TASK_INFO = {  # name -> (what it measures, what the model must do); the configs
     "speech_wer": ("read speech transcription, corpus WER and CER", "audio -> text (omnitrain) or pocketsphinx"),
     "reading": ("text shown in an image, exact match and characters in place", "image -> text (omnitrain)"),
     "perplexity": ("held-out text, perplexity per token and bits per byte", "loglikelihood"),
+    "tts": ("speech it generates from text, heard by an ASR: WER, CER, voice latency", "text -> audio (omnitrain + codec)"),
+    "s2s": ("spoken answers to spoken questions, heard by an ASR: exact match, WER, voice latency", "audio -> audio (omnitrain + codec)"),
 }
 
 

@@ -12,6 +12,8 @@ and one record per item (prompt, output, target, score) for ``samples.jsonl``.
 | ``speech_wer`` | audio -> transcript (omnitrain), or pocketsphinx | corpus WER (and CER) |
 | ``reading`` | image -> its text (omnitrain) | exact match, characters right in place |
 | ``perplexity`` | ``loglikelihood`` | per-token perplexity, bits per byte (tokenizer-free) |
+| ``tts`` | text -> audio (omnitrain + codec) -> ASR | WER / CER of what is heard, voice latency (``speech_output.py``) |
+| ``s2s`` | spoken question -> spoken answer -> ASR | exact match, WER, voice latency (``speech_output.py``) |
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from omnitrain.eval.mmlu import MMLUConfig
 from omnitrain.eval.results import metric
 from omnitrain.eval.sandbox import SandboxLimits
 from omnitrain.eval.speech import load_speech_set, read_manifest
+from omnitrain.eval.speech_output import S2STask, TTSTask
 
 
 @dataclass
@@ -313,4 +316,6 @@ TASKS: dict[str, type] = {
     "speech_wer": SpeechWERTask,
     "reading": ReadingTask,
     "perplexity": PerplexityTask,
+    "tts": TTSTask,
+    "s2s": S2STask,
 }
