@@ -18,18 +18,25 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
 from omnitrain.cli import main
+from omnitrain.data.loader import LoaderConfig, SourceSpec
 from omnitrain.model.transformer import ModelConfig, Transformer
 from omnitrain.train.plan import (
     GPUS,
+    AudioShape,
     ClusterConfig,
+    PlanConfig,
+    depth_params,
     flops_per_token,
     gpu_of,
     memory,
     param_counts,
     peak_flops,
+    plan,
 )
 from omnitrain.train.runlog import flops_per_token as model_flops_per_token
 from omnitrain.train.strategy import StrategyConfig
@@ -45,6 +52,83 @@ def test_parameter_and_flop_arithmetic_equal_the_models(kw):
     total, block = param_counts(cfg)
     assert total == sum(p.numel() for p in model.parameters()) and block == sum(p.numel() for p in model.layers[0].parameters())
     assert flops_per_token(cfg, 256) == model_flops_per_token(model, 256)
+
+
+@pytest.mark.parametrize("kw", [dict(audio_layout="delay"), dict(audio_layout="depth"),
+                                dict(audio_layout="depth", depth_dim=32, depth_layers=3, qk_norm=True, n_kv_heads=2)])
+def test_parameter_counts_include_the_depth_transformer_and_delay_adds_none(kw):
+    cfg = ModelConfig(vocab_size=1000, dim=64, n_layers=3, n_heads=4, **kw)
+    model = Transformer(cfg)
+    assert param_counts(cfg)[0] == sum(p.numel() for p in model.parameters())
+    assert depth_params(cfg) == (sum(p.numel() for p in model.depth.parameters()) if model.depth is not None else 0)
+
+
+@pytest.mark.parametrize("audio_layout", ["flat", "delay", "depth"])
+@torch.no_grad()
+def test_flops_per_position_match_the_matmuls_a_training_step_runs(audio_layout, tmp_path):
+    """torch's FlopCounterMode counts every matmul of a forward + backward on a real grouped batch (the level heads on
+    every position, the depth transformer on the frames only; the loss's in-place ``addmm_`` counted as ``addmm``); it
+    does not count CPU attention or norm weights, so the plan's attention terms are taken out and the norms' share
+    (< 0.5 %) is the tolerance."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from tests.model.test_audio_layouts import loader, make_speech_shards, speech_layout
+
+    layout = speech_layout()
+    batch = next(loader(make_speech_shards(tmp_path / "speech", layout), audio_layout, seq_len=64))
+    cfg = ModelConfig(vocab_size=layout.vocab_size, dim=64, n_layers=2, n_heads=4, depth_dim=32, audio_layout=audio_layout)
+    model = Transformer(cfg)
+    model.set_modalities(layout.modality_of(np.arange(layout.vocab_size)))
+    B, T = batch["targets"].shape[:2]
+    frames = int((batch["targets"][..., 1] >= 0).sum()) if audio_layout != "flat" else 0
+    addmm_ = {torch.ops.aten.addmm_: lambda c, a, b, out_shape=None, **kw: 2 * a[0] * a[1] * b[1]}  # the loss's in-place weight grad
+    with torch.enable_grad(), FlopCounterMode(display=False, custom_mapping=addmm_) as counter:
+        loss, _ = model(batch["input_ids"], batch["doc_ids"], batch["targets"], batch["loss_weights"])
+        loss.backward()
+    K, C, S = layout.audio_levels, layout.audio_codebook_size, layout.audio_levels - 1
+    audio = AudioShape(K, C, frames / (B * T)) if audio_layout != "flat" else None
+    attention = B * T * 12 * cfg.n_layers * cfg.dim * T + (frames * 12 * cfg.depth_layers * 32 * S * S if audio_layout == "depth" else 0)
+    planned = B * T * flops_per_token(cfg, T, audio) - attention
+    assert counter.get_total_flops() == pytest.approx(planned, rel=5e-3)
+    if audio_layout != "flat":
+        assert frames > 0.2 * B * T and planned > 1.01 * (B * T * flops_per_token(ModelConfig(**{**cfg.__dict__, "audio_layout": "flat"}), T)
+                                                          - B * T * 12 * cfg.n_layers * cfg.dim * T)  # the levels' work is counted
+
+
+def test_grouped_layouts_add_their_level_memory_and_plan_positions_per_audio_second(tmp_path, capsys):
+    m = ModelConfig(vocab_size=32000, dim=1024, n_layers=8, n_heads=8)
+    st = StrategyConfig(name="ddp", devices=8, precision="bf16-mixed")
+    flat = memory(m, st, 8, 2, 1024)
+    audio = AudioShape(8, 2048, 1.0)
+    delay = memory(ModelConfig(**{**m.__dict__, "audio_layout": "delay"}), st, 8, 2, 1024, audio=audio)
+    depth = memory(ModelConfig(**{**m.__dict__, "audio_layout": "depth"}), st, 8, 2, 1024, audio=audio)
+    assert flat["audio"] == 0 and delay["audio"] == 7 * (2048 * 1024 * 4 + 2048 * 4 * 1024)  # 7 level losses: [N, D], [C, D]
+    assert delay["peak"] == flat["peak"] + delay["audio"]
+    assert depth["params"] > flat["params"] and depth["audio"] > delay["audio"]  # its weights, and 7 steps a frame
+    half = memory(ModelConfig(**{**m.__dict__, "audio_layout": "depth"}), st, 8, 2, 1024, audio=AudioShape(8, 2048, 0.5))
+    assert half["audio"] < depth["audio"]
+
+    from tests.model.test_audio_layouts import make_speech_shards, speech_layout
+
+    layout = speech_layout()
+    make_speech_shards(tmp_path / "speech", layout)
+    manifest = json.loads((tmp_path / "speech" / "manifest.json").read_text())["tokens"]
+    frames = manifest["audio"] / 3
+    for audio_layout, per_frame, per_second in [("flat", "3 positions per audio frame", "37.5 positions per audio second"),
+                                                ("delay", "1 position per audio frame (+ 2 per clip", "12.5 positions per audio second"),
+                                                ("depth", "1 position per audio frame", "12.5 positions per audio second")]:  # fmt: skip
+        cfg = PlanConfig(model=ModelConfig(dim=64, n_layers=2, n_heads=4, audio_layout=audio_layout), audio_frame_rate=12.5,
+                         data=LoaderConfig(sources={"speech": SourceSpec(str(tmp_path / "speech"))}, seq_len=256, batch_size=2,
+                                           audio_layout=audio_layout), strategy=StrategyConfig(accelerator="cpu"))  # fmt: skip
+        result = plan(cfg)
+        out = capsys.readouterr().out
+        assert f"audio: K=3 levels x 32 codes; model.audio_layout={audio_layout}: {per_frame}" in out and per_second in out
+        assert ("GFLOP/token" in out) == (audio_layout == "flat") and ("audio levels" in out) == (audio_layout != "flat")
+        if audio_layout != "flat":
+            share = frames / (manifest["text"] + frames)
+            assert f"{share:.0%} of positions are frames (from the manifests" in out and "(flat: 37.5)" in out
+            assert result["memory"]["audio"] > 0
+    assert "depth transformer 0.1M" in out  # (the last, depth)
 
 
 def test_the_gpu_table_knows_sxm_from_pcie_and_tf32_is_half_of_bf16():

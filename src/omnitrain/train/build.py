@@ -101,7 +101,7 @@ def build_run(cfg: TrainConfig, layout: TokenLayout, strategy: Strategy) -> Run:
     cfg = replace(cfg, model=model.cfg)  # hf_init: the run records the imported architecture
     from omnitrain.train.plan import refuse_if_too_big  # (plan imports the loop, which imports this module)
 
-    refuse_if_too_big(cfg, fabric.world_size, fabric.device, fabric.world_size // max(cfg.strategy.num_nodes, 1))
+    refuse_if_too_big(cfg, fabric.world_size, fabric.device, fabric.world_size // max(cfg.strategy.num_nodes, 1), layout)
     modalities = layout.modality_of(torch.arange(layout.vocab_size).numpy())
 
     def give_weights(m: Transformer, device: torch.device) -> None:  # one full parameter at a time (model.weights)

@@ -27,6 +27,18 @@ The memory model, per GPU (P parameters, S shards, N = batch x seq_len tokens of
   (and the next, prefetched) in the compute dtype, the head's gathered weight and a block's fp32
   reduce-scatter; DeepSpeed's reduce / all-gather buckets of ``bucket_size`` elements (x 4.5 with ``overlap_comm``).
 
+Audio layouts (``model.audio_layout``, issue 23). ``delay`` and ``depth`` take one position per audio frame instead
+of K (``flat``), so a step of ``seq_len`` positions holds up to K times the audio; the plan says how many positions an
+audio frame takes and, with ``audio_frame_rate``, how many an audio second takes. Their extra work (``AudioShape``:
+K levels of C codes, the share of positions whose target is a frame, estimated from the manifests' tokens):
+
+* ``delay``: K-1 level heads, each level's C rows of the output matrix applied at every position (no new parameters):
+  6 (K-1) C D FLOPs per position; each keeps its [N, D] hidden gradient and [C, D] weight gradient until backward;
+* ``depth``: the depth transformer (its parameters count) runs K-1 steps per frame: per frame
+  6 (D Dd + (K-1)(D Dd + Ld P_block + Dd + Dd D + C D)) + 12 Ld Dd (K-1)^2 FLOPs, and its activations (never
+  checkpointed) and level losses. Memory takes every position to be a frame (a row of speech can be), FLOPs and
+  throughput the estimated share.
+
 Checked against measured peak memory on CPU (``tests/train/test_plan.py``): single, DDP and FSDP within 25 %.
 """
 
@@ -68,23 +80,79 @@ class PlanConfig(TrainConfig):
     """``omnitrain plan``: a training config plus the cluster it is planned for."""
 
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    audio_frame_rate: float = 0.0  # the codec's frames per second (e.g. 12.5 for Mimi), for positions per audio second (0: not said)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.audio_frame_rate < 0:
+            raise ValueError(f"audio_frame_rate={self.audio_frame_rate}: the audio codec's frames per second (e.g. 12.5), or 0")
+
+
+@dataclass(frozen=True)
+class AudioShape:
+    """What the plan needs of a grouped audio layout's data: K levels of C codes each, and the share of positions
+    whose target is an audio frame (where depth runs its transformer; 1.0: every position, the memory worst case)."""
+
+    levels: int
+    codes: int
+    frame_share: float = 1.0
+
+    def per_frame(self, audio_layout: str) -> str:
+        """Positions an audio frame takes, in words."""
+        if audio_layout == "flat":
+            return f"{self.levels} positions per audio frame (its K levels one after another)"
+        tail = f" (+ {self.levels - 1} per clip for the delayed levels)" if audio_layout == "delay" else ""
+        return f"1 position per audio frame{tail}"
 
 
 # ----------------------------------------------------------------------------- memory
-def param_counts(model: ModelConfig) -> tuple[int, int]:
-    """(all parameters, one block's) of ``Transformer(model)``, by arithmetic (tests hold it equal to the model's count)."""
-    D, F, hd, V = model.dim, model.hidden_dim, model.head_dim, model.vocab_size
+def _block_params(model: ModelConfig) -> int:
+    D, F, hd = model.dim, model.hidden_dim, model.head_dim
     Dkv = model.kv_heads * hd
-    block = 2 * D * D + 2 * D * Dkv + 3 * D * F + 2 * D + (2 * hd if model.qk_norm else 0)  # wq wo, wk wv, w1 w2 w3, norms
-    return V * D * (1 if model.tie_embeddings else 2) + D + model.n_layers * block, block
+    return 2 * D * D + 2 * D * Dkv + 3 * D * F + 2 * D + (2 * hd if model.qk_norm else 0)  # wq wo, wk wv, w1 w2 w3, norms
 
 
-def flops_per_token(model: ModelConfig, seq_len: int) -> float:
-    """``omnitrain.train.runlog.flops_per_token`` from the config: 6 x the matmul weights (the blocks, the final
-    norm and the V x D output projection, tied or not) + 12 L D T."""
+def depth_config(model: ModelConfig) -> ModelConfig:
+    """The block shape of ``omnitrain.model.depth.DepthTransformer`` (width ``depth_dim or dim``, ``depth_layers``)."""
+    return ModelConfig(vocab_size=1, dim=model.depth_dim or model.dim, n_layers=model.depth_layers, n_heads=model.n_heads,
+                       norm_eps=model.norm_eps, qk_norm=model.qk_norm, multiple_of=model.multiple_of)  # fmt: skip
+
+
+def depth_params(model: ModelConfig) -> int:
+    """Parameters of the depth transformer (0 unless ``audio_layout=depth``): context, code_in, code_out, blocks, norm."""
+    if model.audio_layout != "depth":
+        return 0
+    d = depth_config(model)
+    return 3 * model.dim * d.dim + d.n_layers * _block_params(d) + d.dim
+
+
+def param_counts(model: ModelConfig) -> tuple[int, int]:
+    """(all parameters, one block's) of ``Transformer(model)``, by arithmetic (tests hold it equal to the model's count).
+    Depth's transformer is counted in the first; delay's level heads are slices of the output matrix."""
+    D, V, block = model.dim, model.vocab_size, _block_params(model)
+    return V * D * (1 if model.tie_embeddings else 2) + D + model.n_layers * block + depth_params(model), block
+
+
+def flops_per_token(model: ModelConfig, seq_len: int, audio: AudioShape | None = None) -> float:
+    """Training FLOPs per position. ``flat``: ``omnitrain.train.runlog.flops_per_token`` from the config, 6 x the
+    matmul weights (the blocks, the final norm and the V x D output projection, tied or not) + 12 L D T. ``delay`` /
+    ``depth`` (``audio`` required): + the level heads at every position, or the depth transformer and its level heads
+    at ``audio.frame_share`` of the positions (module docstring)."""
     P, _ = param_counts(model)
-    matmul = P - model.vocab_size * model.dim * (1 if model.tie_embeddings else 2) + model.vocab_size * model.dim
-    return 6.0 * matmul + 12.0 * model.n_layers * model.dim * seq_len
+    V, D = model.vocab_size, model.dim
+    matmul = P - depth_params(model) - V * D * (1 if model.tie_embeddings else 2) + V * D
+    main = 6.0 * matmul + 12.0 * model.n_layers * D * seq_len
+    if model.audio_layout == "flat":
+        return main
+    if audio is None:
+        raise ValueError(f"model.audio_layout={model.audio_layout}: the FLOPs of its audio levels need the data's K and C (pass audio=AudioShape)")
+    S, C = audio.levels - 1, audio.codes
+    if model.audio_layout == "delay":
+        return main + 6.0 * S * C * D
+    d = depth_config(model)
+    step = D * d.dim + d.n_layers * _block_params(d) + d.dim + d.dim * D + C * D  # code_in, blocks, norm, code_out, level head
+    per_frame = 6.0 * (D * d.dim + S * step) + 12.0 * d.n_layers * d.dim * S * S  # + context once; attention over the S steps
+    return main + audio.frame_share * per_frame
 
 
 def _dtypes(strategy: StrategyConfig) -> tuple[int, int, bool]:
@@ -111,9 +179,27 @@ def block_bytes_per_token(model: ModelConfig, strategy: StrategyConfig, device: 
     return out
 
 
+def audio_memory(model: ModelConfig, strategy: StrategyConfig, batch: int, seq_len: int, audio: AudioShape | None,
+                 device: str = "cuda") -> float:  # fmt: skip
+    """Bytes a step of a grouped layout holds beyond flat's, at ``audio.frame_share`` (module docstring): delay's level
+    losses (each an [N, D] hidden and a [C, D] weight gradient, computed in forward); depth's gathered frames, its
+    transformer's activations over K-1 steps a frame (not checkpointed) and its level losses."""
+    if model.audio_layout == "flat" or audio is None:
+        return 0.0
+    c, r, _ = _dtypes(strategy)
+    N, D, S, C = batch * seq_len, model.dim, audio.levels - 1, audio.codes
+    if model.audio_layout == "delay":
+        return S * (N * D * r + 4 * C * D)
+    d = depth_config(model)
+    Na = audio.frame_share * N
+    steps = Na * S * (d.n_layers * block_bytes_per_token(d, strategy, device) + 2 * c * d.dim + 2 * D * r)  # blocks, in/out
+    return Na * D * r + steps + S * (Na * D * r + 4 * C * D)  # + the frames' hidden states; the level losses
+
+
 def memory(model: ModelConfig, strategy: StrategyConfig, world: int, batch: int, seq_len: int, grad_accum: int = 1,
-           device: str = "cuda") -> dict[str, float]:  # fmt: skip
-    """Bytes per GPU (``device="cpu"``: per process, the CPU code paths) by component; ``peak`` sums a step's."""
+           device: str = "cuda", audio: AudioShape | None = None) -> dict[str, float]:  # fmt: skip
+    """Bytes per GPU (``device="cpu"``: per process, the CPU code paths) by component; ``peak`` sums a step's.
+    ``audio``: a grouped layout's data (``AudioShape``; its ``audio`` row, 0 for flat)."""
     P, P_block = param_counts(model)
     c, r, fused = _dtypes(strategy)
     N, V, D, L = batch * seq_len, model.vocab_size, model.dim, model.n_layers
@@ -159,26 +245,28 @@ def memory(model: ModelConfig, strategy: StrategyConfig, world: int, batch: int,
         out["comm"] = (4.5 if strategy.overlap_comm and zero >= 2 else 1.0) * 2 * elems * (2 if mixed else 4)
     else:
         out["comm"] = 0.0
-    out["peak"] = sum(out[k] for k in ("params", "grads", "optimizer", "activations", "backward_working", "loss", "comm"))
+    out["audio"] = audio_memory(model, strategy, batch, seq_len, audio, device)  # delay's level heads, depth's transformer
+    out["peak"] = sum(out[k] for k in ("params", "grads", "optimizer", "activations", "backward_working", "loss", "comm", "audio"))
     if name == "deepspeed" and strategy.offload_optimizer:
         out["cpu_optimizer"] = P * (12 if mixed else 8) / shards + P * 4 / shards  # per rank, in host memory: + fp32 gradients
     return out
 
 
 # ----------------------------------------------------------------------------- data
-def check_data(cfg: TrainConfig, world: int) -> tuple[list[str], list[str], int | None]:
-    """(report lines, problems, the layout's vocabulary or None): the token layout, and per source its manifest
+def check_data(cfg: TrainConfig, world: int) -> tuple[list[str], list[str], Any]:
+    """(report lines, problems, the data's TokenLayout or None): the token layout, and per source its manifest
     and how its shards split over the readers (``omnitrain.data.loader.readers_report``), and its shard files."""
     from omnitrain.data.loader import readers_report
     from omnitrain.data.shards import read_manifest
     from omnitrain.tokenizer.layout import TokenLayout
 
-    lines, problems, vocab = [], [], None
+    lines, problems, layout = [], [], None
     if not cfg.data.sources:
         return lines, ["no training data: set data.sources (see recipes/data/)"], None
     first = Path(next(iter(cfg.data.sources.values())).path)
     try:
-        vocab = TokenLayout.load(first, expect_hash=cfg.data.layout_hash).vocab_size
+        layout = TokenLayout.load(first, expect_hash=cfg.data.layout_hash)
+        vocab = layout.vocab_size
         if cfg.model.vocab_size not in (0, vocab):
             problems.append(f"model.vocab_size={cfg.model.vocab_size} but the data's layout ({first}/layout.json) has {vocab} ids: "
                             "drop model.vocab_size")  # fmt: skip
@@ -204,7 +292,39 @@ def check_data(cfg: TrainConfig, world: int) -> tuple[list[str], list[str], int 
             problems.append(f"source '{name}': {row['problem']}")
         share = f"{row['shards']} shards / {row['readers']} readers" + (f" ({row['readers_per_shard']} per shard)" if row["readers_per_shard"] > 1 else "")
         lines.append(f"  {name:<20} {share:<38} {row['samples']:>12,} samples  {where}")
-    return lines, problems, vocab
+    if cfg.data.audio_layout not in ("flat", cfg.model.audio_layout):  # (training's resolve refuses it too)
+        problems.append(f"data.audio_layout={cfg.data.audio_layout} but model.audio_layout={cfg.model.audio_layout}: drop "
+                        "data.audio_layout (it follows the model)")  # fmt: skip
+    if cfg.objective == "dpo" and cfg.model.audio_layout != "flat":
+        problems.append(f"objective=dpo with model.audio_layout={cfg.model.audio_layout}: DPO scores flat rows only; use "
+                        "model.audio_layout=flat")  # fmt: skip
+    return lines, problems, layout
+
+
+def frame_share(cfg: TrainConfig, levels: int) -> float | None:
+    """The share of a grouped layout's positions whose target is an audio frame, estimated from the manifests' flat
+    token counts per modality (audio tokens / K frames; the sources mixed by weight, or by ``data.modality_shares``);
+    None when no manifest reads."""
+    from omnitrain.data.shards import read_manifest
+
+    shares = {}  # modality -> share of the flat tokens
+    if cfg.data.modality_shares:
+        shares = dict(cfg.data.modality_shares)
+    else:
+        for spec in cfg.data.sources.values():
+            try:
+                tokens = read_manifest(Path(spec.path), check_files=False)["tokens"]
+            except (OSError, ValueError, KeyError):
+                continue
+            total = sum(tokens.values()) or 1
+            for m, n in tokens.items():
+                shares[m] = shares.get(m, 0.0) + spec.weight * n / total
+    total = sum(shares.values())
+    if not total:
+        return None
+    audio = shares.get("audio", 0.0) / total
+    frames = audio / max(levels, 1)  # per flat token of the mix: K audio tokens make one frame position
+    return frames / (1.0 - audio + frames)
 
 
 # ----------------------------------------------------------------------------- the plan
@@ -226,20 +346,23 @@ def plan(cfg: PlanConfig, data_checks: bool = True) -> dict[str, Any]:
     if st.name == "fsdp" and world % st.hsdp_replicas:
         raise ValueError(f"strategy.hsdp_replicas={st.hsdp_replicas} does not divide {world} GPUs")
     readers = world * max(cfg.data.workers, 1)
-    data_lines, problems, vocab = check_data(cfg, world)
+    data_lines, problems, layout = check_data(cfg, world)
+    vocab = layout.vocab_size if layout is not None else None
     unchecked, problems = (problems, []) if not data_checks else ([], problems)
     model = cfg.model
     assumed = ""
     if not model.vocab_size:
         assumed = "" if vocab else " assumed: no readable layout.json"
         model = ModelConfig(**{**model.__dict__, "vocab_size": vocab or DEFAULT_VOCAB})
+    audio, audio_line = plan_audio(cfg, layout)
     on_gpu = st.accelerator != "cpu"
     B, T = cfg.data.batch_size, cfg.data.seq_len
-    mem = memory(model, st, world, B, T, cfg.grad_accum, "cuda" if on_gpu else "cpu")
+    worst = AudioShape(audio.levels, audio.codes, 1.0) if audio is not None else None  # memory: a row can be all frames
+    mem = memory(model, st, world, B, T, cfg.grad_accum, "cuda" if on_gpu else "cpu", worst)
     P, _ = param_counts(model)
 
     # throughput
-    fpt = flops_per_token(model, T)
+    fpt = flops_per_token(model, T, audio)
     tokens = world * cfg.grad_accum * B * T
     flops = fpt * tokens
     peak = peak_flops(cl.gpu, st.precision)
@@ -252,11 +375,16 @@ def plan(cfg: PlanConfig, data_checks: bool = True) -> dict[str, Any]:
       + f", precision {st.precision}")  # fmt: skip
     if (nodes, per_node) != (st.num_nodes, st.devices):
         p(f"  note: the config says strategy.num_nodes={st.num_nodes}, strategy.devices={st.devices}; planned for the cluster's {nodes} x {per_node}")
-    p(f"model: {P / 1e6:,.1f}M params (dim {model.dim}, {model.n_layers} layers, vocab {model.vocab_size:,}{assumed}), "
-      f"activation checkpointing {'on' if model.activation_checkpointing else 'off'}")  # fmt: skip
+    p(f"model: {P / 1e6:,.1f}M params (dim {model.dim}, {model.n_layers} layers, vocab {model.vocab_size:,}{assumed}"
+      + (f"; depth transformer {depth_params(model) / 1e6:,.1f}M" if model.audio_layout == "depth" else "")
+      + f"), activation checkpointing {'on' if model.activation_checkpointing else 'off'}")  # fmt: skip
+    if audio_line:
+        p(audio_line)
     p(f"memory per GPU (micro-batch {B} x {T} tokens):")
     rows = [("parameters", "params"), ("gradients", "grads"), ("optimizer (AdamW)", "optimizer"), ("activations", "activations"),
             ("backward working set", "backward_working"), ("loss (chunk + grads)", "loss"), ("communication buffers", "comm")]  # fmt: skip
+    if model.audio_layout != "flat":
+        rows.append(("audio levels", "audio"))  # (depth: every position taken for a frame, said on the audio line)
     for label, key in rows:
         p(f"  {label:<24}{_gb(mem[key])}")
     ac_other = "without" if model.activation_checkpointing else "with"
@@ -274,10 +402,11 @@ def plan(cfg: PlanConfig, data_checks: bool = True) -> dict[str, Any]:
                             "lower data.batch_size (raise grad_accum), or shard more (strategy=fsdp / deepspeed zero_stage=3)")  # fmt: skip
     else:
         p("  (strategy.accelerator=cpu: no GPU memory check)")
-    p(f"throughput: {tokens:,} tokens/step ({world} x {cfg.grad_accum} x {B} x {T}), {fpt / 1e9:.2f} GFLOP/token, "
+    unit = "token" if model.audio_layout == "flat" else "position"
+    p(f"throughput: {tokens:,} {unit}s/step ({world} x {cfg.grad_accum} x {B} x {T}), {fpt / 1e9:.2f} GFLOP/{unit}, "
       f"{flops / 1e15:,.1f} PFLOP/step")  # fmt: skip
     p(f"  at MFU {cl.mfu:.0%} of {peak / 1e12:.0f} TFLOP/s ({cl.gpu}, {'tf32' if st.precision == '32-true' else 'bf16'} dense): "
-      f"{step_s:.2f} s/step, {tokens / step_s:,.0f} tokens/s, {cfg.steps:,} steps in {cfg.steps * step_s / 3600:.1f} h")  # fmt: skip
+      f"{step_s:.2f} s/step, {tokens / step_s:,.0f} {unit}s/s, {cfg.steps:,} steps in {cfg.steps * step_s / 3600:.1f} h")  # fmt: skip
     p(f"data: {len(cfg.data.sources)} source(s), {readers} readers ({world} ranks x {max(cfg.data.workers, 1)} workers)")
     for line in data_lines:
         p(line)
@@ -292,6 +421,34 @@ def plan(cfg: PlanConfig, data_checks: bool = True) -> dict[str, Any]:
     return result
 
 
+def plan_audio(cfg: PlanConfig, layout: Any) -> tuple[AudioShape | None, str]:
+    """(the ``AudioShape`` of a grouped layout, None for flat; the plan's line on audio positions, "" without audio).
+    Without a readable layout.json a grouped layout is planned for Mimi's K=8 levels of 2,048 codes."""
+    al, fr = cfg.model.audio_layout, cfg.audio_frame_rate
+    if layout is None and al == "flat":
+        return None, ""
+    K, C = (layout.audio_levels, layout.audio_codebook_size) if layout is not None else (8, 2048)
+    if not K:
+        if al == "flat":
+            return None, ""
+        raise ValueError(f"model.audio_layout={al} groups the audio levels of a frame, but the data's token layout has no audio: "
+                         "use model.audio_layout=flat")  # fmt: skip
+    share = frame_share(cfg, K) if layout is not None and al != "flat" else None
+    shape = AudioShape(K, C, 1.0 if share is None else share)
+    line = f"audio: K={K} levels x {C:,} codes{'' if layout is not None else ' (assumed: no layout.json)'}; " \
+           f"model.audio_layout={al}: {shape.per_frame(al)}"  # fmt: skip
+    if fr:
+        per_second = fr * (K if al == "flat" else 1)
+        line += f", {per_second:g} positions per audio second at {fr:g} frames/s" + (f" (flat: {fr * K:g})" if al != "flat" else "")
+    if al == "flat":
+        return None, line
+    line += f"; {shape.frame_share:.0%} of positions are frames ({'from the manifests' if share is not None else 'assumed'}" \
+            + ("; memory: all of them" if al == "depth" else "") + ")"
+    if fr:
+        line += f", {cfg.data.seq_len * shape.frame_share / fr:,.1f} audio seconds per row of {cfg.data.seq_len:,} positions"
+    return shape, line
+
+
 def available_bytes(device: Any, local_processes: int) -> float:
     """Memory one training process may use: the GPU's total minus ``CUDA_RESERVE`` bytes (context, allocator), or on
     CPU this host's MemAvailable shared by its ``local_processes``."""
@@ -304,11 +461,15 @@ def available_bytes(device: Any, local_processes: int) -> float:
     return kb * 1024 / max(local_processes, 1)
 
 
-def refuse_if_too_big(cfg: TrainConfig, world: int, device: Any, local_processes: int) -> None:
+def refuse_if_too_big(cfg: TrainConfig, world: int, device: Any, local_processes: int, layout: Any = None) -> None:
     """Before any memory is allocated (``train.build.build_run``): refuse a step that the plan's memory model says
-    cannot fit (e.g. ``data.seq_len=100000000``, which would never finish step 0), in one line with what to change."""
+    cannot fit (e.g. ``data.seq_len=100000000``, which would never finish step 0), in one line with what to change.
+    ``layout``: the data's TokenLayout (a grouped audio layout's levels count, every position taken for a frame)."""
+    audio = None
+    if cfg.model.audio_layout != "flat" and layout is not None:
+        audio = AudioShape(layout.audio_levels, layout.audio_codebook_size, 1.0)
     need = memory(cfg.model, cfg.strategy, world, cfg.data.batch_size, cfg.data.seq_len, cfg.grad_accum,
-                  "cuda" if device.type == "cuda" else "cpu")["peak"]  # fmt: skip
+                  "cuda" if device.type == "cuda" else "cpu", audio)["peak"]  # fmt: skip
     have = available_bytes(device, local_processes)
     if need > have:
         raise ValueError(f"a training step needs about {_gb(need).strip()} per process (omnitrain plan's estimate at data.seq_len="
