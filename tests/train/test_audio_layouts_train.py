@@ -16,6 +16,7 @@ from omnitrain.model.io import load_model
 from omnitrain.train.build import resolve
 from omnitrain.train.checkpoint import CheckpointError
 from omnitrain.train.loop import train
+from omnitrain.train.plan import AudioShape, flops_per_token, frame_share
 from omnitrain.train.runlog import read_metrics
 from tests.model.test_audio_layouts import make_speech_shards, speech_layout
 
@@ -49,6 +50,10 @@ def test_each_layout_trains_logs_levels_and_resumes_exactly(speech, tmp_path, la
     assert all(r["loss"] == r["loss"] for r in rows)  # finite (what a tiny run learns is the benchmark's to report)
     if layout != "flat":
         assert all(f"loss/audio_l{lvl}" in rows[-1] for lvl in range(3))
+        # MFU's FLOPs count the level heads (delay) / the depth transformer at the manifests' share of frames, as the plan
+        cfg = resolve(config(speech, tmp_path / "ref", layout)[0])[0]
+        per_position = flops_per_token(cfg.model, cfg.data.seq_len, AudioShape(3, 32, frame_share(cfg, 3)))
+        assert rows[-1]["flops_per_s"] == pytest.approx(rows[-1]["processed_tokens_per_s"] * per_position, rel=1e-9)
     # stopped after the step-4 checkpoint (a constant schedule: the lr does not depend on the total), resumed to the end
     run(speech, tmp_path / "cut", layout, steps=4)
     run(speech, tmp_path / "cut", layout)

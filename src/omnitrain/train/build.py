@@ -42,7 +42,8 @@ class Run:
     resume_from: Path | None  # the checkpoint this attempt continues (None: a fresh start)
     new_rows_from: int  # hf_init: the first embedding row the layout added (the freeze warm-up trains rows >= it)
     n_params: int
-    flops_per_token: float  # per processed token, of the whole model (counted before sharding; runlog.flops_per_token)
+    flops_per_token: float  # per processed token, of the whole model (counted before sharding; runlog.flops_per_token;
+    # delay / depth: plan.flops_per_token, with depth's share of frame positions estimated from the manifests)
     peak_flops: float | None  # of one device, for MFU (None: unknown)
     notes: dict[str, Any] = field(default_factory=dict)  # set by resume(): more keys for this attempt in run.json
 
@@ -112,6 +113,13 @@ def build_run(cfg: TrainConfig, layout: TokenLayout, strategy: Strategy) -> Run:
         give_weights(model, torch.device("cpu"))
     objective, make_loader = build_objective(cfg, model, layout, fabric)
     flops = flops_per_token(model, cfg.data.seq_len)  # before sharding: from the full parameter counts (meta too)
+    if cfg.model.audio_layout != "flat":  # + the level heads / the depth transformer on the frames (plan's arithmetic)
+        from omnitrain.train.plan import AudioShape, frame_share
+        from omnitrain.train.plan import flops_per_token as planned_flops
+
+        share = frame_share(cfg, layout.audio_levels)  # of the positions, from the manifests (None: every one)
+        audio = AudioShape(layout.audio_levels, layout.audio_codebook_size, 1.0 if share is None else share)
+        flops = planned_flops(model.cfg, cfg.data.seq_len, audio)
     n_params = sum(p.numel() for p in model.parameters())
     # compile: per block, before sharding; sharded init: after fully_shard, each rank its own shards
     model, optimizer = strategy.setup(model, cfg.optim, compile=cfg.compile, materialise=give_weights if later else None)
