@@ -137,3 +137,51 @@ def test_generation_gives_valid_flat_audio_with_and_without_the_cache(speech, au
     assert isinstance(segs[1], AudioSegment) and segs[1].codes.shape[1] == 3  # each level within its own range
     assert any(kind == "audio_chunk" for row, kind, _ in events if row == 0) == (len(body) // 3 >= 4)  # a chunk: 4 frames
     # guidance, speech continuation: tests/model/test_audio_layouts_generate.py
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("audio_layout", LAYOUTS)
+def test_loglikelihood_scores_the_regrouped_sequence_as_training_does(audio_layout):
+    """``TextLM.loglikelihood_tokens`` (omnitrain eval, the lm-eval adapter, perplexity) under every audio layout: each
+    request's log-likelihood is minus the training loss of its continuation's cells (loss weights on exactly those
+    cells, the batch regrouped as the loader does); requests sharing an input share a forward; text-only requests
+    score as in flat; is_greedy follows the argmax. The in-training wrapper (channel 0's logits only) refuses audio."""
+    from omnitrain.eval.harness import ModelSpec, TextLM
+    from omnitrain.eval.in_training import _Forward
+
+    layout = speech_layout()
+    K = layout.audio_levels
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=layout.vocab_size, dim=64, n_layers=2, n_heads=4, audio_layout=audio_layout))
+    model.set_modalities(layout.modality_of(np.arange(layout.vocab_size)))
+    model.eval()
+    lm = TextLM(model, None, None, [1], [2], ModelSpec(max_length=512), batch_size=2, layout=layout)
+    span = layout.serialize([AudioSegment(np.random.default_rng(0).integers(0, 32, (6, K)))]).tolist()  # <boa> 6 frames <eoa>
+    pairs = [([1, 20, 21], [22, 23]), ([1, 20, 21], [24]),  # text; the same input (one forward)
+             ([1, *span, 30], [31, 32]),  # speech in the context (ASR-like)
+             ([1, 20, 21], [*span, 2]),  # speech in the continuation (TTS-like)
+             ([1, 20, *span[: 1 + 3 * K]], [*span[1 + 3 * K :], 2]),  # continuing an audio span on a frame boundary
+             ([1, 20, *span[: 3 + 2 * K]], [*span[3 + 2 * K :]])]  # ... and inside a frame  # fmt: skip
+    scores = lm.loglikelihood_tokens(pairs, progress=False)
+    g = AudioGrouping.of(layout, audio_layout)
+    for (c, k), (ll, _) in zip(pairs, scores, strict=True):
+        full = np.asarray(c + k)
+        if g is None:
+            inp, tgt, w = full[:-1], full[1:], (np.arange(1, len(full)) >= len(c))
+        else:  # the loader's regrouping; weights on the continuation's cells
+            cells, _ = g.cells(full)
+            grid = g.to_grouped(full)[0]
+            inp, tgt, w = grid[:-1], grid[1:], cells[1:] >= len(c)
+        loss, _ = model(torch.from_numpy(inp)[None], None, torch.from_numpy(tgt)[None], torch.from_numpy(w).float()[None], 1.0)
+        assert w.sum() == len(k) and ll == pytest.approx(-float(loss), rel=1e-4, abs=1e-4)
+    alone = lm.loglikelihood_tokens([pairs[1]], progress=False)[0]
+    assert alone[0] == pytest.approx(scores[1][0], abs=1e-5)
+    ids = torch.tensor([1, 20, 21])
+    logits = model(ids[None] if g is None else torch.from_numpy(g.to_grouped(ids.numpy())[0])[None])[0, -1]  # [V]
+    best = int(logits.argmax())
+    assert [x[1] for x in lm.loglikelihood_tokens([([1, 20, 21], [best]), ([1, 20, 21], [best + 1])], progress=False)] == [True, False]
+    if g is not None:  # in training: the wrapper's forward gives channel 0's logits only
+        wrapped = TextLM(_Forward(model, model), None, None, [1], [2], ModelSpec(max_length=512), batch_size=2, layout=layout)
+        assert wrapped.loglikelihood_tokens(pairs[:3], progress=False)[2][0] == pytest.approx(scores[2][0], abs=1e-4)
+        with pytest.raises(ValueError, match="channel 0's logits only"):
+            wrapped.loglikelihood_tokens(pairs[3:4], progress=False)
