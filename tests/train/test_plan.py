@@ -203,7 +203,17 @@ def _kib(field: str) -> int:
     return next(int(line.split()[1]) for line in Path("/proc/self/status").read_text().splitlines() if line.startswith(field + ":")) * 1024
 
 
-def _measure_rank(rank: int, world: int, port: int, strategy: str, out: str) -> None:
+AUDIO = AudioShape(levels=8, codes=512, frame_share=1.0)  # the last 8 x 512 ids of MEASURED's vocabulary; every position a frame
+
+
+def _grouped(ids: torch.Tensor) -> torch.Tensor:
+    """[B, T] ids -> [B, T, K]: channel 0 the ids, channel l >= 1 a code of audio level l (every position a frame)."""
+    base = MEASURED["vocab_size"] - AUDIO.levels * AUDIO.codes
+    levels = [base + lvl * AUDIO.codes + ids % AUDIO.codes for lvl in range(1, AUDIO.levels)]
+    return torch.stack([ids, *levels], dim=-1)
+
+
+def _measure_rank(rank: int, world: int, port: int, strategy: str, out: str, audio_layout: str = "flat") -> None:
     import torch
     import torch.distributed as dist
 
@@ -217,12 +227,17 @@ def _measure_rank(rank: int, world: int, port: int, strategy: str, out: str) -> 
     ids = torch.randint(0, MEASURED["vocab_size"], (BATCH, SEQ + 1))
     doc_ids = (torch.arange(SEQ)[None] // 200).expand(BATCH, SEQ).contiguous()  # packed rows: 3 documents each
     batch = (ids[:, :-1], doc_ids, ids[:, 1:], torch.ones(BATCH, SEQ))
+    if audio_layout != "flat":  # delay / depth: [B, T, K] batches
+        batch = (_grouped(ids[:, :-1]), doc_ids, _grouped(ids[:, 1:]), torch.ones(BATCH, SEQ, AUDIO.levels))
     warm = Transformer(ModelConfig(**{**MEASURED, "dim": 64, "vocab_size": 512}))  # pages in the code a step runs
     warm(ids[:, :-1] % 512, doc_ids, ids[:, 1:] % 512, torch.ones(BATCH, SEQ), 1.0)[0].backward()
     build_optimizer(warm, OptimConfig()).step()
     del warm
     base = _kib("VmRSS")  # everything before the model: interpreter, torch and its code, the process group
-    model = Transformer(ModelConfig(**MEASURED))
+    model = Transformer(ModelConfig(**MEASURED, audio_layout=audio_layout))
+    table = torch.zeros(MEASURED["vocab_size"], dtype=torch.long)
+    table[-AUDIO.levels * AUDIO.codes :] = 2  # audio (the level heads' rows)
+    model.set_modalities(table)
     if strategy == "ddp":
         model = torch.nn.parallel.DistributedDataParallel(model)  # what Fabric's DDPStrategy wraps (default arguments)
     elif strategy == "fsdp":
@@ -249,7 +264,7 @@ def _measure_rank(rank: int, world: int, port: int, strategy: str, out: str) -> 
         dist.destroy_process_group()
 
 
-def measure(strategy: str, world: int, tmp_path: Path) -> dict:
+def measure(strategy: str, world: int, tmp_path: Path, audio_layout: str = "flat") -> dict:
     import torch.multiprocessing as mp
 
     with socket.socket() as s:
@@ -258,7 +273,7 @@ def measure(strategy: str, world: int, tmp_path: Path) -> dict:
     out = tmp_path / f"{strategy}.json"
     os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"  # read by glibc as each spawned process starts
     try:
-        mp.spawn(_measure_rank, args=(world, port, strategy, str(out)), nprocs=world)
+        mp.spawn(_measure_rank, args=(world, port, strategy, str(out), audio_layout), nprocs=world)
     finally:
         del os.environ["MALLOC_MMAP_THRESHOLD_"]
     return json.loads(out.read_text())
@@ -272,5 +287,21 @@ def test_the_memory_model_is_within_25_percent_of_the_measured_cpu_peak(strategy
     state = plan["params"] + plan["optimizer"] + (plan["comm"] if strategy == "ddp" else 0)
     row = {"strategy": strategy, "world": world, "measured_state_mb": got["state"] / 2**20, "planned_state_mb": state / 2**20,
            "measured_peak_mb": got["peak"] / 2**20, "planned_peak_mb": plan["peak"] / 2**20}  # fmt: skip
+    print(json.dumps(row))
+    assert abs(plan["peak"] / got["peak"] - 1) <= 0.25, row
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("audio_layout", ["delay", "depth"])
+def test_the_memory_model_of_the_grouped_layouts_is_within_25_percent_of_the_measured_cpu_peak(audio_layout, tmp_path):
+    """The level losses of delay and the depth transformer's activations (K-1 = 7 steps a frame, every position a
+    frame) measured as the flat model is. Measured here (2 CPU threads, loaded machine): delay 385 MB against 392
+    planned (its 7 level losses, 18 MB planned, barely show); depth 1,155 MB against 1,094, of which the 'audio' row
+    is 692 MB: without it the estimate would be a third of the peak."""
+    got = measure("single", 1, tmp_path, audio_layout)
+    cfg = ModelConfig(**MEASURED, audio_layout=audio_layout)
+    plan = memory(cfg, StrategyConfig(name="single"), 1, BATCH, SEQ, device="cpu", audio=AUDIO)
+    row = {"audio_layout": audio_layout, "measured_peak_mb": got["peak"] / 2**20, "planned_peak_mb": plan["peak"] / 2**20,
+           "planned_audio_mb": plan["audio"] / 2**20}  # fmt: skip
     print(json.dumps(row))
     assert abs(plan["peak"] / got["peak"] - 1) <= 0.25, row
