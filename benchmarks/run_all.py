@@ -4,6 +4,7 @@
     python benchmarks/run_all.py --quick    # smaller sizes (a smoke run; figures printed, not recorded)
     python benchmarks/run_all.py image      # only the benchmarks whose name contains "image"
     python benchmarks/run_all.py train loader model   # several: those whose name contains any of these
+    python benchmarks/run_all.py audio_layouts      # flat | delay | depth at equal training FLOPs (~15 min; bench_audio_layouts.py)
 
 Convention: each ``bench_<name>.py`` defines ``run(quick: bool) -> list[dict]``; every row is one
 measured figure: ``{"metric": str, "value": float, "unit": str, "baseline": float | None,
