@@ -77,6 +77,10 @@ def test_checkpoints_and_models_record_the_audio_layout_and_refuse_another(speec
     (ckpt / "meta.json").write_text(json.dumps(meta))
     with pytest.raises(CheckpointError, match="trained with model.audio_layout=delay"):
         run(speech, tmp_path / "delay", "flat", 8)
+    config_yaml = tmp_path / "delay" / "config.yaml"  # ... and one from before the audio layouts existed was flat
+    config_yaml.write_text(config_yaml.read_text().replace("audio_layout: delay", "x: 0"))
+    with pytest.raises(CheckpointError, match="trained with model.audio_layout=flat, this run has model.audio_layout=delay"):
+        run(speech, tmp_path / "delay", "delay", 8)
     with pytest.raises(ValueError, match="holds a model trained with model.audio_layout=delay, this run builds model.audio_layout=flat"):
         run(speech, tmp_path / "from_delay", "flat", 4, f"init_from={tmp_path / 'delay'}")
     model, _ = load_model(tmp_path / "delay")  # eval and generate build the layout config.json records

@@ -166,15 +166,16 @@ def read_meta(path: Path) -> dict[str, Any]:
 def audio_layout_of(path: Path) -> str | None:
     """The ``model.audio_layout`` checkpoint ``path`` was trained with: its meta.json's ``audio_layout``; a checkpoint
     written before that was recorded falls back to its run's ``config.yaml`` (the start that wrote the run's newest
-    files); None when neither says."""
+    files; a model config without the key predates the audio layouts: flat); None when neither says."""
     meta = read_meta(path)
     if "audio_layout" in meta:
         return str(meta["audio_layout"])
     try:
         import yaml
 
-        return str(yaml.safe_load((Path(path).parent.parent / "config.yaml").read_text())["model"]["audio_layout"])
-    except (OSError, KeyError, TypeError, ValueError):  # (yaml's errors are ValueErrors) no readable record
+        model = yaml.safe_load((Path(path).parent.parent / "config.yaml").read_text())["model"]
+        return str(model.get("audio_layout", "flat"))
+    except (OSError, KeyError, TypeError, AttributeError, ValueError):  # (yaml's errors are ValueErrors) no readable record
         return None
 
 
