@@ -32,6 +32,16 @@ not returned.
     python benchmarks/bench_gpu.py --quick               # fewer steps
     python benchmarks/bench_gpu.py --sizes 1b --batch 8 --compile-scope model
     python benchmarks/bench_gpu.py --cpu-smoke
+    python benchmarks/bench_gpu.py --voice-latency       # voice response latency of 1b per audio layout (CUDA)
+    python benchmarks/bench_gpu.py --voice-latency --cpu-smoke   # the same for the demo's tiny model on CPU
+
+``--voice-latency`` (issue 23): from the end of the user's audio to the first decoded audio chunk, as ``omnitrain
+eval``'s tts / s2s tasks measure it (``omnitrain.eval.speech_output``): the prompt is a spoken question of
+VOICE_QUESTION_S seconds in a user turn, then the assistant turn opening an audio span (s2s ``mode=audio``); the
+model (the recipe, random weights, bf16 on CUDA) generates greedily with the KV cache, one reply at a time, until
+its first chunk of VOICE_CHUNK_FRAMES frames (``GenerationResult.time_to_first_audio_chunk``, prefill included),
+and the codec (the demo's architecture, random weights: the time does not depend on them) decodes that chunk.
+Per layout (flat, delay, depth): median and p90 of the sum over repeats, beside GPT-4o's 320 ms average.
 """
 
 from __future__ import annotations
@@ -326,6 +336,118 @@ def run(quick: bool = False, sizes: Iterable[str] = SIZES, batch: int = BATCH, c
     return [] if cpu_smoke else rows  # smoke figures are not measurements
 
 
+# ----------------------------------------------------------------------------- voice response latency (issue 23)
+# recipes/demo.yaml's codec (audio.model over recipes/tokenizer_audio.yaml): 25 frames/s, K = 2 levels of 128 codes
+VOICE_CODEC = {"strides": [2, 4, 5, 8, 2], "n_levels": 2, "codebook_size": 128, "channels": 16, "latent_dim": 64}
+VOICE_QUESTION_S = 3.0  # seconds of the spoken question in the prompt
+VOICE_CHUNK_FRAMES = 5  # frames of the first chunk (omnitrain eval's chunk_frames default: 200 ms at 25 Hz)
+VOICE_LAYOUTS = ("flat", "delay", "depth")
+
+
+def voice_prompt(layout, frames: int, seed: int) -> list[int]:
+    """``<bos> <user> <boa> question codes <eoa> <end_of_turn> <assistant> <boa>``: a spoken question (random codes)
+    answered in speech, the chat template's prefix as omnitrain eval's s2s task builds it (mode=audio)."""
+    import numpy as np
+
+    from omnitrain.tokenizer.layout import AudioSegment
+
+    codes = np.random.default_rng(seed).integers(0, layout.audio_codebook_size, (frames, layout.audio_levels))  # [F, K]
+    sp = layout.specials
+    return [sp["bos"], *layout.chat_prompt([("user", [AudioSegment(codes)])]).tolist(), sp["boa"]]
+
+
+def measure_voice(fields: dict, audio_layout: str, vocab: int, device: str, repeats: int) -> dict:
+    """Time to the first decoded audio chunk of one model in one audio layout (medians over ``repeats`` replies)."""
+    import torch
+
+    from omnitrain.eval.speech_output import audio_budget
+    from omnitrain.model.generate import SamplingConfig, generate
+    from omnitrain.model.transformer import ModelConfig, Transformer
+    from omnitrain.tokenizer.audio import AudioCodecConfig, RVQAudioCodec
+    from omnitrain.tokenizer.layout import TokenLayout
+
+    cuda = device == "cuda"
+    codec = RVQAudioCodec(AudioCodecConfig(**VOICE_CODEC)).to(device).eval()
+    layout = TokenLayout.build(vocab, "bench", {"bos": 1, "eos": 2, "pad": 3}, audio_codebook_size=codec.codebook_size,
+                               audio_levels=codec.n_levels)  # fmt: skip
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(**{**fields, "vocab_size": layout.vocab_size, "audio_layout": audio_layout}))
+    model = model.to(device, torch.bfloat16 if cuda else torch.float32).eval()
+    with torch.no_grad():  # random weights: keep the reply from closing its span before the first chunk
+        model.output.weight[layout.specials["eoa"]] = 0
+    frames = round(VOICE_QUESTION_S * codec.frame_rate)
+    cfg = SamplingConfig(max_new_tokens=audio_budget(model, layout, VOICE_CHUNK_FRAMES), greedy=True,
+                         stop=[[layout.specials["eoa"]]], audio_chunk_frames=VOICE_CHUNK_FRAMES)  # fmt: skip
+    first, decode, ttft, chunks = [], [], [], []
+
+    def on_event(row: int, kind: str, payload: object) -> None:
+        if kind == "audio_chunk":
+            chunks.append(payload)  # [frames, K] codes
+
+    try:
+        for r in range(repeats + 1):  # the first reply warms up (allocations, kernels): not counted
+            chunks.clear()
+            res = generate(model, layout, [voice_prompt(layout, frames, r)], cfg, on_event)
+            assert res.time_to_first_audio_chunk is not None and chunks, "no audio chunk: raise max_new_tokens"
+            t0 = time.perf_counter()
+            codec.decode(torch.as_tensor(chunks[0], dtype=torch.long, device=device)[None])  # [1, F, K] -> [1, 1, S]
+            if cuda:
+                torch.cuda.synchronize()
+            if r:
+                first.append(res.time_to_first_audio_chunk)
+                decode.append(time.perf_counter() - t0)
+                ttft.append(res.time_to_first_token)
+        total = sorted(1e3 * (a + b) for a, b in zip(first, decode, strict=True))
+        prompt = voice_prompt(layout, frames, 0)
+        positions = len(prompt) if audio_layout == "flat" else len(prompt) - frames * (layout.audio_levels - 1)
+        return {"ms": statistics.median(total), "p90_ms": total[min(len(total) - 1, round(0.9 * (len(total) - 1)))],
+                "first_chunk_ms": 1e3 * statistics.median(first), "decode_ms": 1e3 * statistics.median(decode),
+                "first_token_ms": 1e3 * statistics.median(ttft), "params": sum(p.numel() for p in model.parameters()),
+                "prompt_positions": positions, "steps": cfg.max_new_tokens - 1}  # fmt: skip
+    finally:
+        del model, codec
+        gc.collect()
+        if cuda:
+            torch.cuda.empty_cache()
+
+
+def run_voice(sizes: Iterable[str] = ("1b",), repeats: int = 10, cpu_smoke: bool = False) -> list[dict]:
+    """The voice-latency rows of ``sizes`` on the first GPU (``--cpu-smoke``: the demo's tiny model on CPU, printed
+    and not returned)."""
+    import torch
+    import yaml
+
+    from omnitrain.eval.speech_output import GPT4O_LATENCY_MS
+
+    if not torch.cuda.is_available() and not cpu_smoke:
+        print("bench_gpu --voice-latency needs a CUDA GPU (none here): it measures the time from the end of a spoken "
+              "question to the first decoded audio chunk of the 1b model, bf16, per audio layout; no figures "
+              "(--cpu-smoke measures the demo's tiny model on CPU)")  # fmt: skip
+        return []
+    device, sizes = ("cpu", ["tiny"]) if cpu_smoke else ("cuda", list(sizes))
+    vocab = 8000 if cpu_smoke else VOCAB  # the demo's text vocabulary on CPU
+    name = "CPU" if cpu_smoke else torch.cuda.get_device_name()
+    from omnitrain.tokenizer.audio import AudioCodecConfig
+
+    rate = AudioCodecConfig(**VOICE_CODEC).frame_rate
+    print(f"voice latency on {name}, torch {torch.__version__}, {'fp32' if cpu_smoke else 'bf16 weights'}, "
+          f"{torch.get_num_threads()} threads; question {VOICE_QUESTION_S:.0f} s, first chunk {VOICE_CHUNK_FRAMES} frames "
+          f"({1e3 * VOICE_CHUNK_FRAMES / rate:.0f} ms at {rate:.0f} Hz), {repeats} replies after one warm-up, greedy, KV cache")  # fmt: skip
+    rows = []
+    for size in sizes:
+        fields = yaml.safe_load((RECIPES / f"{size}.yaml").read_text())
+        for audio_layout in VOICE_LAYOUTS:
+            m = measure_voice(fields, audio_layout, vocab, device, repeats)
+            print(f"--- {size}, {audio_layout}: {m['ms']:.1f} ms (p90 {m['p90_ms']:.1f}) = first chunk {m['first_chunk_ms']:.1f} "
+                  f"(first token {m['first_token_ms']:.1f}, prefill of {m['prompt_positions']} positions, then {m['steps']} "
+                  f"steps) + codec decode {m['decode_ms']:.1f}; {m['params'] / 1e6:.1f}M parameters", flush=True)  # fmt: skip
+            rows.append({"metric": f"voice latency, {size}, {audio_layout}", "value": m["ms"], "unit": "ms", "baseline": GPT4O_LATENCY_MS,
+                         "note": f"median of {repeats}, p90 {m['p90_ms']:.1f} ms; first chunk {m['first_chunk_ms']:.1f} ms + codec "
+                                 f"decode {m['decode_ms']:.1f} ms; {name}; baseline: GPT-4o's published average"})  # fmt: skip
+    print_rows(rows)
+    return [] if cpu_smoke else rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer warm-up and timed steps")
@@ -334,7 +456,12 @@ def main() -> None:
     ap.add_argument("--compile-scope", choices=("blocks", "model"), default="blocks",
                     help="compile on: each block (torchtitan, omnitrain train compile=true) or the whole model")
     ap.add_argument("--cpu-smoke", action="store_true", help="run the code path on CPU: a tiny fp32 model, 2 timed steps")
+    ap.add_argument("--voice-latency", action="store_true",
+                    help="measure voice response latency per audio layout instead (1b on CUDA; --cpu-smoke: the demo's tiny model)")
     args = ap.parse_args()
+    if args.voice_latency:
+        run_voice([s for s in args.sizes if s == "1b"] or list(args.sizes), repeats=3 if args.quick else 10, cpu_smoke=args.cpu_smoke)
+        return
     run(args.quick, args.sizes, args.batch, args.compile_scope, args.cpu_smoke)
 
 
