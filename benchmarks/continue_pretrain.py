@@ -87,7 +87,9 @@ def main(overrides: list[str]) -> dict:
 
 # the comparison of issue 24: small enough for 2 shared CPU cores (< 15 min for both runs)
 MMLU_LIMIT = 100
-GUARD_RUN = ["optim.lr=5e-4", "optim.warmup_steps=2", "freeze_warmup_steps=0", "data.seq_len=64", "data.batch_size=2",
+# threads=1: on a 2-core machine shared with other jobs two torch threads ran a matmul 2x slower than one (measured);
+# the loss and MMLU figures do not depend on it, the wall-time rows do
+GUARD_RUN = ["threads=1", "optim.lr=5e-4", "optim.warmup_steps=2", "freeze_warmup_steps=0", "data.seq_len=64", "data.batch_size=2",
              "val.batches=4", "ckpt_every=1000", "export=false", "eval_in_training.batch_size=8",
              f"+eval_in_training.tasks.mmlu.limit={MMLU_LIMIT}", "+eval_in_training.tasks.mmlu.per_subject_limit=2"]  # fmt: skip
 GUARD = ["guard.action=rebalance", "guard.step=0.3", "guard.max_share=0.9", "guard.rebalance_at=0.5",
@@ -100,7 +102,7 @@ TEXT, MMLU = "val/text_heldout/loss/text", "eval/mmlu/acc"
 FORGETTING_SHARES = "{text:0.25,image:0.42,audio:0.33}"
 
 
-def guard_comparison(steps: int = 24, val_every: int = 2, eval_every: int = 6, shares: str | None = FORGETTING_SHARES) -> list[dict]:
+def guard_comparison(steps: int = 24, val_every: int = 2, eval_every: int = 8, shares: str | None = FORGETTING_SHARES) -> list[dict]:
     """The same run without and with the guard; benchmark rows (``run_all.py``'s convention). ``shares``: the
     ``data.modality_shares`` of both runs (None: the recipe's, text 40 %)."""
     import time
