@@ -130,6 +130,17 @@ def test_grouped_layouts_add_their_level_memory_and_plan_positions_per_audio_sec
             assert result["memory"]["audio"] > 0
     assert "depth transformer 0.1M" in out  # (the last, depth)
 
+    # audio_frame_rate=0: the frame rate of the omnitrain codec the manifest records (here 16 kHz / (4 x 5 x 8) = 100 Hz)
+    from omnitrain.tokenizer.audio import AudioCodecConfig, RVQAudioCodec
+
+    RVQAudioCodec(AudioCodecConfig(channels=4, latent_dim=8, n_levels=3, codebook_size=32)).save(tmp_path / "codec.pt")
+    manifest_file = tmp_path / "speech" / "manifest.json"
+    manifest = json.loads(manifest_file.read_text())
+    manifest_file.write_text(json.dumps({**manifest, "config": {"tokenizers": {"audio": str(tmp_path / "codec.pt")}}}))
+    plan(PlanConfig(**{**cfg.__dict__, "audio_frame_rate": 0.0}))
+    out = capsys.readouterr().out
+    assert f"100 positions per audio second at 100 frames/s (the codec's, {tmp_path / 'codec.pt'}) (flat: 300)" in out
+
 
 def test_the_gpu_table_knows_sxm_from_pcie_and_tf32_is_half_of_bf16():
     assert gpu_of("NVIDIA H100 80GB HBM3") == "h100" and gpu_of("NVIDIA H100 PCIe") == "h100-pcie" and gpu_of("Tesla T4") is None

@@ -80,7 +80,8 @@ class PlanConfig(TrainConfig):
     """``omnitrain plan``: a training config plus the cluster it is planned for."""
 
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
-    audio_frame_rate: float = 0.0  # the codec's frames per second (e.g. 12.5 for Mimi), for positions per audio second (0: not said)
+    audio_frame_rate: float = 0.0  # the codec's frames per second (e.g. 12.5 for Mimi), for positions per audio second
+    # (0: the omnitrain codec the shards' manifest records, if it is one)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -424,9 +425,10 @@ def plan(cfg: PlanConfig, data_checks: bool = True) -> dict[str, Any]:
 def plan_audio(cfg: PlanConfig, layout: Any) -> tuple[AudioShape | None, str]:
     """(the ``AudioShape`` of a grouped layout, None for flat; the plan's line on audio positions, "" without audio).
     Without a readable layout.json a grouped layout is planned for Mimi's K=8 levels of 2,048 codes."""
-    al, fr = cfg.model.audio_layout, cfg.audio_frame_rate
+    al = cfg.model.audio_layout
     if layout is None and al == "flat":
         return None, ""
+    fr, codec = (cfg.audio_frame_rate, "") if cfg.audio_frame_rate else recorded_frame_rate(cfg)
     K, C = (layout.audio_levels, layout.audio_codebook_size) if layout is not None else (8, 2048)
     if not K:
         if al == "flat":
@@ -439,7 +441,7 @@ def plan_audio(cfg: PlanConfig, layout: Any) -> tuple[AudioShape | None, str]:
            f"model.audio_layout={al}: {shape.per_frame(al)}"  # fmt: skip
     if fr:
         per_second = fr * (K if al == "flat" else 1)
-        line += f", {per_second:g} positions per audio second at {fr:g} frames/s" + (f" (flat: {fr * K:g})" if al != "flat" else "")
+        line += f", {per_second:g} positions per audio second at {fr:g} frames/s{codec}" + (f" (flat: {fr * K:g})" if al != "flat" else "")
     if al == "flat":
         return None, line
     line += f"; {shape.frame_share:.0%} of positions are frames ({'from the manifests' if share is not None else 'assumed'}" \
@@ -447,6 +449,28 @@ def plan_audio(cfg: PlanConfig, layout: Any) -> tuple[AudioShape | None, str]:
     if fr:
         line += f", {cfg.data.seq_len * shape.frame_share / fr:,.1f} audio seconds per row of {cfg.data.seq_len:,} positions"
     return shape, line
+
+
+def recorded_frame_rate(cfg: TrainConfig) -> tuple[float, str]:
+    """(frames per second, " (the codec's, <path>)") of the audio codec the first readable manifest records, when it
+    is an omnitrain codec checkpoint (``omnitrain tokenizer train-audio``); (0.0, "") otherwise (e.g. a pretrained
+    codec through an adapter: pass ``audio_frame_rate``)."""
+    import json
+    import pickle
+
+    import torch
+
+    from omnitrain.config import from_dict
+    from omnitrain.tokenizer.audio import AudioCodecConfig
+
+    for spec in cfg.data.sources.values():
+        try:
+            path = json.loads((Path(spec.path) / "manifest.json").read_text())["config"]["tokenizers"]["audio"]
+            blob = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # mmap: the weights stay on disk
+            return float(from_dict(AudioCodecConfig, blob["config"]).frame_rate), f" (the codec's, {path})"
+        except (OSError, KeyError, TypeError, ValueError, RuntimeError, pickle.UnpicklingError):  # not one: try the next
+            continue
+    return 0.0, ""
 
 
 def available_bytes(device: Any, local_processes: int) -> float:
