@@ -34,10 +34,10 @@ SENTENCES = ["seven two nine", "the quick brown fox", "hello there", "one more t
 
 
 def tiny_mimi() -> torch.nn.Module:
-    """kyutai/mimi's shapes where they set the token layout (24 kHz, hop 960 then x2 -> 12.5 Hz, 2048 codes, 8
-    levels as Moshi uses), every width tiny."""
+    """kyutai/mimi's shapes where they set the token layout (24 kHz, hop 960 then x2 -> 12.5 Hz, 2048 codes, 32
+    levels of which Moshi uses 8: ``tokenizers.audio_levels=8``), every width tiny."""
     cfg = tf.MimiConfig(hidden_size=16, num_filters=4, codebook_size=2048, codebook_dim=8, vector_quantization_hidden_dimension=8,
-                        num_quantizers=8, num_semantic_quantizers=1, upsample_groups=16, num_hidden_layers=1, intermediate_size=32,
+                        num_quantizers=32, num_semantic_quantizers=1, upsample_groups=16, num_hidden_layers=1, intermediate_size=32,
                         num_attention_heads=2, num_key_value_heads=2, head_dim=8, sliding_window=16, max_position_embeddings=256)  # fmt: skip
     model = tf.MimiModel(cfg)
     with torch.no_grad():  # codebooks come from checkpoints (zeros here): make them distinct
@@ -57,6 +57,7 @@ def tiny_encodec() -> torch.nn.Module:
 
 
 CODECS = {"mimi": (tiny_mimi, 8, 2048, 12.5), "encodec": (tiny_encodec, 32, 1024, 75.0)}  # make, K, C, frames per second
+LEVELS = {"mimi": 8, "encodec": None}  # tokenizers.audio_levels (EnCodec: every level of its 24 kbps)
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +82,7 @@ def codec_shards(request, tmp_path_factory, speech_records, text_tokenizer_dir) 
     out = folder / "shards"
     build_shards(BuildConfig(pipeline=from_dict(PipelineConfig, {"name": "tts", "template": "tts",
                                                                  "source": {"kind": "records", "paths": [str(speech_records)]}}),
-                             tokenizers=TokenizerPaths(text=str(text_tokenizer_dir), audio=str(folder)), out_dir=out,
+                             tokenizers=TokenizerPaths(text=str(text_tokenizer_dir), audio=str(folder), audio_levels=LEVELS[name]), out_dir=out,
                              templates_dir=REPO / "data_pipelines" / "template"))  # fmt: skip
     return name, folder, out
 
@@ -89,11 +90,16 @@ def codec_shards(request, tmp_path_factory, speech_records, text_tokenizer_dir) 
 def test_the_codec_sets_the_layout_and_the_shards_regroup_exactly(codec_shards):
     name, folder, out = codec_shards
     _, K, C, rate = CODECS[name]
-    _, codec = load_media_tokenizers(None, folder)
+    _, codec = load_media_tokenizers(None, folder, audio_levels=LEVELS[name])
     layout = TokenLayout.load(out)
     assert (codec.n_levels, codec.codebook_size, codec.frame_rate, codec.sample_rate) == (K, C, rate, 24000)
     assert (layout.audio_levels, layout.audio_codebook_size) == (K, C) and layout.vocab_size == layout.audio_base + K * C
     manifest = read_manifest(out)
+    assert manifest["config"]["tokenizers"]["audio_levels"] == LEVELS[name]  # recorded: eval / generate load the same K
+    if name == "mimi":
+        assert load_media_tokenizers(None, folder)[1].n_levels == 32  # the checkpoint's own: all its levels
+        with pytest.raises(ValueError, match=r"n_levels=40 must be in \[2, 32\]"):
+            load_media_tokenizers(None, folder, audio_levels=40)
     samples = [s for sh in manifest["shards"] for s in iter_shard(out / sh["name"], expect_hash=manifest["layout_hash"])]
     assert len(samples) == len(SENTENCES)
     for layout_name in ("delay", "depth"):
@@ -112,7 +118,7 @@ def test_the_codec_sets_the_layout_and_the_shards_regroup_exactly(codec_shards):
 def test_each_layout_trains_generates_and_decodes_to_a_wav(codec_shards, audio_layout, tmp_path):
     name, folder, out = codec_shards
     _, K, C, rate = CODECS[name]
-    _, codec = load_media_tokenizers(None, folder)
+    _, codec = load_media_tokenizers(None, folder, audio_levels=LEVELS[name])
     layout = TokenLayout.load(out)
     torch.manual_seed(0)
     model = Transformer(ModelConfig(vocab_size=layout.vocab_size, dim=64, n_layers=2, n_heads=4, audio_layout=audio_layout))
@@ -149,3 +155,11 @@ def test_each_layout_trains_generates_and_decodes_to_a_wav(codec_shards, audio_l
         path = write_wav(tmp_path / f"{name}_{audio_layout}_{k}.wav", wav, codec.sample_rate)
         back = read_audio(path, codec.sample_rate, resample_ok=False)  # (a wav at another rate: an error)
         assert len(back) == round(codes.shape[0] * codec.sample_rate / rate) and np.abs(back).max() > 0  # frames -> samples
+
+
+def test_audio_levels_is_for_pretrained_codecs_only(tmp_path):
+    from omnitrain.tokenizer.audio import AudioCodecConfig, RVQAudioCodec
+
+    RVQAudioCodec(AudioCodecConfig(channels=8, latent_dim=16, n_levels=2, codebook_size=32)).save(tmp_path / "audio.pt")
+    with pytest.raises(ValueError, match="audio_levels=8 picks the levels of a pretrained codec.*drop audio_levels"):
+        load_media_tokenizers(None, tmp_path / "audio.pt", audio_levels=8)

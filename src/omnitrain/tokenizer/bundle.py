@@ -33,6 +33,7 @@ class TokenizerPaths:
     image: str | None = None  # omnitrain checkpoint file, or a Hugging Face folder / hub id (Emu3, Chameleon)
     audio: str | None = None  # omnitrain checkpoint file, or a Hugging Face folder / hub id (EnCodec, Mimi)
     max_grid: int = 64  # largest image code grid side the layout can express
+    audio_levels: int | None = None  # a pretrained codec's residual levels to keep (Mimi: 8, as Moshi); None: all it has
 
     def __post_init__(self) -> None:
         # YAML and manifests give strings; callers may give Paths: one type inside
@@ -55,7 +56,8 @@ class TokenizerBundle:
     layout: TokenLayout
 
 
-def load_media_tokenizers(image: Path | str | None, audio: Path | str | None, device: str = "cpu") -> tuple[Any, Any]:
+def load_media_tokenizers(image: Path | str | None, audio: Path | str | None, device: str = "cpu",
+                          audio_levels: int | None = None) -> tuple[Any, Any]:  # fmt: skip
     """Load the image tokenizer and audio codec named (either may be None).
 
     A file is an omnitrain checkpoint (``omnitrain tokenizer train-image`` / ``train-audio``); a
@@ -77,11 +79,15 @@ def load_media_tokenizers(image: Path | str | None, audio: Path | str | None, de
         if Path(audio).is_file():
             from omnitrain.tokenizer.audio import load_audio_codec
 
+            if audio_levels is not None:
+                raise ValueError(f"tokenizers.audio_levels={audio_levels} picks the levels of a pretrained codec (EnCodec, "
+                                 f"Mimi); {audio} is an omnitrain codec with its own n_levels: drop audio_levels")  # fmt: skip
+
             aud = load_audio_codec(audio, device=device)
         else:
             from omnitrain.tokenizer.pretrained_audio import load_pretrained_audio_codec
 
-            aud = load_pretrained_audio_codec(str(audio), device=device)
+            aud = load_pretrained_audio_codec(str(audio), n_levels=audio_levels, device=device)
     return img, aud
 
 
@@ -110,7 +116,7 @@ def load(
     if not paths.text:
         raise ValueError(f"no text tokenizer given: {PATHS_HINT}")
     text = text if text is not None else load_text_tokenizer(paths.text)
-    image, audio = load_media_tokenizers(paths.image, paths.audio, device)
+    image, audio = load_media_tokenizers(paths.image, paths.audio, device, paths.audio_levels)
     chat = expect_layout.chat_template if isinstance(expect_layout, TokenLayout) else ChatTemplate()
     layout = TokenLayout.from_tokenizers(text, image, audio, max_grid=paths.max_grid, chat_template=chat)
     expected = expect_layout.hash if isinstance(expect_layout, TokenLayout) else expect_layout
