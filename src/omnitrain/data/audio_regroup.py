@@ -17,7 +17,10 @@ code, the level-0 code of a frame); channel l >= 1 holds a level-l audio code or
   others nothing (-1). F + K positions.
 
 Positions per audio second: 1/K of flat for depth, and for delay up to the K-1 tail positions per span.
-``to_flat`` inverts ``to_grouped`` exactly (tested on every layout).
+``to_flat`` inverts ``to_grouped`` exactly (tested on every layout). ``cells`` says which cell each flat id went
+to (log-likelihoods score a continuation there). Generation prompts may end with ``<boa>`` or, with
+``open_end``, inside a span on a whole frame (speech continuation; delay: ``pending_levels`` are the prompt's
+codes that belong to the next K-1 positions).
 """
 
 from __future__ import annotations

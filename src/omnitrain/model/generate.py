@@ -14,6 +14,8 @@ Legend: B prompts, L longest prompt, V vocab.
   Text is never guided: guidance sharpens what the condition says about the media it asks for.
 * Audio layouts delay / depth (``model.audio_layout``): ``generate_grouped``, one position per frame, the output
   in the flat layout.
+* Speech continuation: a prompt may end inside an audio span (flat: anywhere, a partial frame is completed;
+  delay / depth: on a whole frame); the model continues the span.
 * Streaming: ``on_event(row, kind, payload)`` gets text tokens, each finished image row of codes and
   each audio chunk of frames as they are produced; time to first token and to first audio chunk are
   measured.
