@@ -403,7 +403,7 @@ def measure_voice(fields: dict, audio_layout: str, vocab: int, device: str, repe
         return {"ms": statistics.median(total), "p90_ms": total[min(len(total) - 1, round(0.9 * (len(total) - 1)))],
                 "first_chunk_ms": 1e3 * statistics.median(first), "decode_ms": 1e3 * statistics.median(decode),
                 "first_token_ms": 1e3 * statistics.median(ttft), "params": sum(p.numel() for p in model.parameters()),
-                "prompt_positions": positions, "steps": cfg.max_new_tokens - 1}  # fmt: skip
+                "prompt_positions": positions, "steps": audio_budget(model, layout, VOICE_CHUNK_FRAMES) - 2}  # fmt: skip
     finally:
         del model, codec
         gc.collect()
@@ -439,8 +439,8 @@ def run_voice(sizes: Iterable[str] = ("1b",), repeats: int = 10, cpu_smoke: bool
         for audio_layout in VOICE_LAYOUTS:
             m = measure_voice(fields, audio_layout, vocab, device, repeats)
             print(f"--- {size}, {audio_layout}: {m['ms']:.1f} ms (p90 {m['p90_ms']:.1f}) = first chunk {m['first_chunk_ms']:.1f} "
-                  f"(first token {m['first_token_ms']:.1f}, prefill of {m['prompt_positions']} positions, then {m['steps']} "
-                  f"steps) + codec decode {m['decode_ms']:.1f}; {m['params'] / 1e6:.1f}M parameters", flush=True)  # fmt: skip
+                  f"(first token {m['first_token_ms']:.1f}: prefill of {m['prompt_positions']} positions; then {m['steps']} "
+                  f"decoding steps) + codec decode {m['decode_ms']:.1f}; {m['params'] / 1e6:.1f}M parameters", flush=True)  # fmt: skip
             rows.append({"metric": f"voice latency, {size}, {audio_layout}", "value": m["ms"], "unit": "ms", "baseline": GPT4O_LATENCY_MS,
                          "note": f"median of {repeats}, p90 {m['p90_ms']:.1f} ms; first chunk {m['first_chunk_ms']:.1f} ms + codec "
                                  f"decode {m['decode_ms']:.1f} ms; {name}; baseline: GPT-4o's published average"})  # fmt: skip
