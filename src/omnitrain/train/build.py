@@ -114,8 +114,9 @@ def build_run(cfg: TrainConfig, layout: TokenLayout, strategy: Strategy) -> Run:
     objective, make_loader = build_objective(cfg, model, layout, fabric)
     flops = flops_per_token(model, cfg.data.seq_len)  # before sharding: from the full parameter counts (meta too)
     if cfg.model.audio_layout != "flat":  # + the level heads / the depth transformer on the frames (plan's arithmetic)
-        from omnitrain.train.plan import AudioShape, frame_share
-        from omnitrain.train.plan import flops_per_token as planned_flops
+        from omnitrain.train.cost import AudioShape
+        from omnitrain.train.cost import flops_per_token as planned_flops
+        from omnitrain.train.plan import frame_share
 
         share = frame_share(cfg, layout.audio_levels)  # of the positions, from the manifests (None: every one)
         audio = AudioShape(layout.audio_levels, layout.audio_codebook_size, 1.0 if share is None else share)
