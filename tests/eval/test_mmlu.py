@@ -57,6 +57,26 @@ def test_prompt_equals_lm_eval_rendering_of_its_own_task_yaml():
     assert template["fewshot_config"]["sampler"] == "first_n"  # our few-shot examples: the first k of dev
 
 
+def test_continuation_format_equals_lm_eval_rendering_of_its_mmlu_continuation_yaml():
+    """lm-eval's `mmlu_continuation`: the question alone after the description, each choice's text scored."""
+    import jinja2
+    import yaml
+
+    folder = Path(importlib.util.find_spec("lm_eval").origin).parent / "tasks" / "mmlu" / "continuation"
+    template = yaml.safe_load((folder / "_continuation_template_yaml").read_text())
+    task = yaml.safe_load((folder / "mmlu_high_school_physics.yaml").read_text())
+    render = jinja2.Template(template["doc_to_text"], keep_trailing_newline=True).render
+
+    def doc(q: Question) -> dict:
+        return {"question": q.question, "choices": q.choices, "answer": q.answer}
+
+    theirs = task["description"] + "".join(f"{render(**doc(s))} {s.choices[s.answer]}\n\n" for s in SHOTS[:2]) + render(**doc(Q))
+    assert mmlu.prompt(Q, SHOTS[:2], "continuation") == theirs
+    assert template["doc_to_choice"] == "{{choices}}" and mmlu.continuations(Q, "continuation") == [f" {c}" for c in Q.choices]
+    with pytest.raises(ValueError, match="mmlu.format='cloze'"):
+        mmlu.MMLUConfig(format="cloze")
+
+
 def test_subject_groups_are_lm_evals_four_categories():
     assert len(mmlu.SUBJECTS) == 57
     counts = {c: sum(v == c for v in mmlu.SUBJECTS.values()) for c in mmlu.CATEGORIES}
@@ -138,3 +158,28 @@ def test_limit_spreads_over_subjects():
     picked = spread(items, lambda x: x[0], 7)
     assert picked == [("a", 0), ("a", 1), ("a", 2), ("b", 0), ("b", 1), ("c", 0), ("c", 1)]
     assert spread(items, lambda x: x[0], None) == items
+
+
+def test_continuation_format_scores_each_choice_text_and_normalises_per_character(tmp_path):
+    """acc: the most likely choice; acc_norm: the most likely per character (lm-eval's multiple_choice metrics)."""
+    from omnitrain.eval.tasks import MMLUTask
+
+    f = tmp_path / "mmlu.jsonl"
+    rows = [{"question": "q0", "subject": "anatomy", "choices": ["x", "a much longer answer", "yy", "zz"], "answer": 1},
+            {"question": "q1", "subject": "anatomy", "choices": ["one", "two", "six", "ten"], "answer": 2}]  # fmt: skip
+    f.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+
+    class Scripted:  # log-likelihood -1 per character, except the answer of q1, which is likelier
+        def loglikelihood(self, pairs, progress=True):
+            self.pairs = pairs
+            return [(-float(len(c)) + (2.0 if (p.endswith("q1\nAnswer:") and c == " six") else 0.0), False) for p, c in pairs]
+
+    system = Scripted()
+    out = MMLUTask(MMLUConfig(source=str(f), format="continuation")).run(system, None, progress=False)
+    assert [c for _, c in system.pairs[:4]] == [" x", " a much longer answer", " yy", " zz"]
+    assert system.pairs[0][0].endswith("Question: q0\nAnswer:")
+    # q0: the shortest choice wins on acc (wrong); per character of the choice the long answer wins (-21/20 against
+    # -2/1, -3/2): right; q1: right on both
+    assert out.metrics["acc"]["value"] == 0.5 and out.metrics["acc_norm"]["value"] == 1.0
+    letters = MMLUTask(MMLUConfig(source=str(f))).run(system, None, progress=False)
+    assert "acc_norm" not in letters.metrics and [c for _, c in system.pairs[:4]] == [" A", " B", " C", " D"]

@@ -34,6 +34,7 @@ from typing import Any
 import pyarrow.parquet as pq
 
 LETTERS = ("A", "B", "C", "D")
+FORMATS = ("letters", "continuation")
 CATEGORIES = ("stem", "humanities", "social_sciences", "other")
 _S, _H, _SS, _O = CATEGORIES
 SUBJECTS: dict[str, str] = {  # subject -> category, as lm-eval's _generate_configs.py groups them
@@ -63,6 +64,14 @@ class MMLUConfig:
     )
     subjects: list[str] = field(default_factory=list)  # empty: all 57
     per_subject_limit: int | None = None  # at most this many questions per subject (a quick, balanced subset)
+    # letters: lm-eval's `mmlu` (the choices listed, " A".." D" scored); continuation: lm-eval's `mmlu_continuation`
+    # (the question alone, each choice's text scored; acc and acc_norm), the format small models are compared in
+    # (SmolLM2 reports MMLU cloze): measured, SmolLM2-135M answers "A" to 98 of 100 questions in the letters format
+    format: str = "letters"
+
+    def __post_init__(self) -> None:
+        if self.format not in FORMATS:
+            raise ValueError(f"mmlu.format={self.format!r}: use one of {list(FORMATS)}")
 
 
 @dataclass
@@ -84,14 +93,22 @@ def doc_to_text(q: Question) -> str:
     return f"{q.question.strip()}\nA. {c[0]}\nB. {c[1]}\nC. {c[2]}\nD. {c[3]}\nAnswer:"
 
 
-def prompt(q: Question, shots: list[Question] = ()) -> str:
-    """The lm-eval ``mmlu`` context: description, k answered dev examples, the question."""
+def prompt(q: Question, shots: list[Question] = (), format: str = "letters") -> str:
+    """The lm-eval ``mmlu`` (or ``mmlu_continuation``) context: description, k answered dev examples, the question."""
+    if format == "continuation":
+        fewshot = "".join(f"Question: {s.question.strip()}\nAnswer: {s.choices[s.answer]}\n\n" for s in shots)
+        head = f"The following are questions (with answers) about {q.subject.replace('_', ' ')}.\n\n"
+        return head + fewshot + f"Question: {q.question.strip()}\nAnswer:"
     fewshot = "".join(f"{doc_to_text(s)} {LETTERS[s.answer]}\n\n" for s in shots)
     return description(q.subject) + fewshot + doc_to_text(q)
 
 
-def continuations() -> list[str]:
-    return [f" {x}" for x in LETTERS]  # lm-eval: target_delimiter " " + choice
+def continuations(q: Question | None = None, format: str = "letters") -> list[str]:
+    """What is scored after the prompt, per choice (lm-eval: target_delimiter " " + choice)."""
+    if format == "continuation":
+        assert q is not None, "the continuation format scores each question's own choices"
+        return [f" {c}" for c in q.choices]
+    return [f" {x}" for x in LETTERS]
 
 
 def _subject_key(name: str) -> str:

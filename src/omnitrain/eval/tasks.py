@@ -129,10 +129,11 @@ class MMLUTask:
         _needs(system, "loglikelihood", self.name)
         questions, shots = mmlu.load_questions(self.cfg)
         questions = spread(questions, lambda q: q.subject, limit)
-        prompts = [mmlu.prompt(q, shots.get(q.subject, [])) for q in questions]
-        conts = mmlu.continuations()
-        scores = system.loglikelihood([(p, c) for p in prompts for c in conts], progress=progress)
-        samples, correct = [], []
+        fmt = self.cfg.format
+        prompts = [mmlu.prompt(q, shots.get(q.subject, []), fmt) for q in questions]
+        conts = [mmlu.continuations(q, fmt) for q in questions]
+        scores = system.loglikelihood([(p, c) for p, cs in zip(prompts, conts, strict=True) for c in cs], progress=progress)
+        samples, correct, correct_norm = [], [], []
         per_subject: dict[str, list[float]] = {}
         per_cat: dict[str, list[float]] = {}
         count: dict[str, int] = {}
@@ -141,6 +142,8 @@ class MMLUTask:
             pred = max(range(4), key=lambda j: lls[j])  # first of equals, as numpy's argmax in lm-eval
             ok = float(pred == q.answer)
             correct.append(ok)
+            per_char = [ll / max(len(c), 1) for ll, c in zip(lls, q.choices, strict=True)]  # lm-eval's acc_norm: per character of the choice
+            correct_norm.append(float(max(range(4), key=lambda j: per_char[j]) == q.answer))
             per_subject.setdefault(q.subject, []).append(ok)
             per_cat.setdefault(mmlu.SUBJECTS[q.subject], []).append(ok)
             count[q.subject] = count.get(q.subject, 0) + 1
@@ -148,7 +151,8 @@ class MMLUTask:
                             "loglikelihoods": lls, "output": mmlu.LETTERS[pred], "target": mmlu.LETTERS[q.answer], "score": ok})  # fmt: skip
         groups = {c: {"acc": metric(per_cat[c])} for c in mmlu.CATEGORIES if c in per_cat}
         groups.update({s: {"acc": metric(v)} for s, v in sorted(per_subject.items())})
-        return TaskOutput({"acc": metric(correct)}, samples, groups, len(questions))
+        metrics = {"acc": metric(correct), **({"acc_norm": metric(correct_norm)} if fmt == "continuation" else {})}
+        return TaskOutput(metrics, samples, groups, len(questions))
 
 
 class HumanEvalTask:

@@ -28,7 +28,7 @@ from omnitrain.tokenizer.layout import MODALITIES
 
 # metric name endings that are better when higher; every other watched metric is better when lower (loss, perplexity,
 # nll_per_token, bits_per_byte, wer, cer)
-HIGHER_IS_BETTER = ("acc", "anls", "exact_match", "char_accuracy", "pass@1")
+HIGHER_IS_BETTER = ("acc", "acc_norm", "anls", "exact_match", "char_accuracy", "pass@1")
 
 
 @dataclass
