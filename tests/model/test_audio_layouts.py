@@ -174,6 +174,16 @@ def test_loglikelihood_scores_the_regrouped_sequence_as_training_does(audio_layo
             inp, tgt, w = grid[:-1], grid[1:], cells[1:] >= len(c)
         loss, _ = model(torch.from_numpy(inp)[None], None, torch.from_numpy(tgt)[None], torch.from_numpy(w).float()[None], 1.0)
         assert w.sum() == len(k) and ll == pytest.approx(-float(loss), rel=1e-4, abs=1e-4)
+    short = TextLM(model, None, None, [1], [2], ModelSpec(max_length=6), batch_size=2, layout=layout)  # cut: 6 + 1 positions
+    c, k = pairs[2]  # speech in the context, cut inside its span
+    full = np.asarray(c + k)
+    grid, cells = (full[None], np.arange(len(full))[:, None]) if g is None else (g.to_grouped(full)[0], g.cells(full)[0])
+    grid, cells = grid.reshape(len(cells), -1)[-7:], cells[-7:]  # the last max_length + 1 positions, as the loader cuts
+    w = torch.from_numpy(cells[1:] >= len(c)).float()
+    if g is None:
+        grid, w = grid[:, 0], w[:, 0]
+    loss, _ = model(torch.from_numpy(grid[:-1])[None], None, torch.from_numpy(grid[1:])[None], w[None], 1.0)
+    assert short.loglikelihood_tokens([pairs[2]], progress=False)[0][0] == pytest.approx(-float(loss), rel=1e-4)
     alone = lm.loglikelihood_tokens([pairs[1]], progress=False)[0]
     assert alone[0] == pytest.approx(scores[1][0], abs=1e-5)
     ids = torch.tensor([1, 20, 21])
