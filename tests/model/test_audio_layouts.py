@@ -141,7 +141,7 @@ def test_generation_gives_valid_flat_audio_with_and_without_the_cache(speech, au
 
 @torch.no_grad()
 @pytest.mark.parametrize("audio_layout", LAYOUTS)
-def test_loglikelihood_scores_the_regrouped_sequence_as_training_does(audio_layout):
+def test_loglikelihood_scores_the_regrouped_sequence_as_training_does(audio_layout, tmp_path, monkeypatch):
     """``TextLM.loglikelihood_tokens`` (omnitrain eval, the lm-eval adapter, perplexity) under every audio layout: each
     request's log-likelihood is minus the training loss of its continuation's cells (loss weights on exactly those
     cells, the batch regrouped as the loader does); requests sharing an input share a forward; text-only requests
@@ -190,6 +190,15 @@ def test_loglikelihood_scores_the_regrouped_sequence_as_training_does(audio_layo
     logits = model(ids[None] if g is None else torch.from_numpy(g.to_grouped(ids.numpy())[0])[None])[0, -1]  # [V]
     best = int(logits.argmax())
     assert [x[1] for x in lm.loglikelihood_tokens([([1, 20, 21], [best]), ([1, 20, 21], [best + 1])], progress=False)] == [True, False]
+    from omnitrain.eval.cache import ScoreCache  # a resumed eval: every score from the cache, no forward
+
+    lm.cache = ScoreCache(tmp_path / "scores.jsonl", {"model": audio_layout})
+    assert lm.loglikelihood_tokens(pairs, progress=False) == scores
+    lm.cache = ScoreCache(tmp_path / "scores.jsonl", {"model": audio_layout})
+    monkeypatch.setattr(model, "hidden", lambda *a, **k: pytest.fail("a cached request ran the model"))
+    assert lm.cache.loaded == len(pairs) and lm.loglikelihood_tokens(pairs, progress=False) == scores
+    monkeypatch.undo()
+    lm.cache = None
     if g is not None:  # in training: the wrapper's forward gives channel 0's logits only
         wrapped = TextLM(_Forward(model, model), None, None, [1], [2], ModelSpec(max_length=512), batch_size=2, layout=layout)
         assert wrapped.loglikelihood_tokens(pairs[:3], progress=False)[2][0] == pytest.approx(scores[2][0], abs=1e-4)
