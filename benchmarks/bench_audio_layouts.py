@@ -12,7 +12,7 @@ layout: the loader regroups them (``omnitrain.data.audio_regroup``).
 
 Equal training compute = equal training FLOPs, counted per batch as the code computes them (forward + backward,
 6 x matmul weights x positions, plus 12 L D T per position for attention, PaLM's count, as
-``Transformer.flops_per_token``):
+``Transformer.flops_per_token``; the arithmetic is ``omnitrain.train.cost.flops_per_token``'s):
 
 * every layout: every processed position (``doc_ids >= 0``) runs the main model and its V x D output head;
 * ``delay``: + K-1 level heads of C x D on every position (``grouped_loss`` scores all rows against level l's rows);
@@ -73,8 +73,8 @@ class Size:
 
 
 SIZES = {
-    "full": Size(flat_steps=240, turn=20, asr_items=40, tts_items=20, ttfa_prompts=8, count_batches=40),
-    "quick": Size(flat_steps=30, turn=10, asr_items=8, tts_items=4, ttfa_prompts=2, count_batches=10),
+    "full": Size(flat_steps=240, turn=20, asr_items=40, tts_items=20, ttfa_prompts=12, count_batches=40),
+    "quick": Size(flat_steps=30, turn=10, asr_items=8, tts_items=4, ttfa_prompts=2, count_batches=10, train=("optim.warmup_steps=5",)),
     # the code path in ~2 min: a reduced demo corpus and codec, rows of 128, 2 steps per turn
     "tiny": Size(flat_steps=4, turn=2, asr_items=2, tts_items=2, ttfa_prompts=1, count_batches=4, tts_seconds=1.0,
                  train=("data.seq_len=128", "data.batch_size=2", "optim.warmup_steps=1"),
@@ -175,21 +175,14 @@ def positions_per_second(data: Any, layout: Any, fps: float, n_batches: int) -> 
 
 
 def flops_rates(model_cfg: Any, layout: Any, seq_len: int) -> tuple[float, float]:
-    """(training FLOPs per processed position, extra FLOPs per depth-transformer frame) of ``model_cfg``'s layout."""
-    from omnitrain.model.transformer import Transformer
+    """(training FLOPs per processed position, extra FLOPs per depth-transformer frame) of ``model_cfg``'s layout: the
+    plan's arithmetic (``omnitrain.train.cost.flops_per_token``), its frame share split out so that each batch is
+    counted with the frames it holds."""
+    from omnitrain.train.cost import AudioShape, flops_per_token
 
-    m = Transformer(model_cfg, device="meta")
-    D, V, K, C = model_cfg.dim, model_cfg.vocab_size, layout.audio_levels, layout.audio_codebook_size
-    main = sum(p.numel() for n, p in m.named_parameters() if n not in ("tok_embeddings.weight", "output.weight") and not n.startswith("depth."))
-    per_position = 6.0 * (main + V * D) + 12.0 * model_cfg.n_layers * D * seq_len
-    per_frame = 0.0
-    if model_cfg.audio_layout == "delay":
-        per_position += 6.0 * (K - 1) * C * D
-    elif model_cfg.audio_layout == "depth":
-        S, Dd = K - 1, model_cfg.depth_dim or D
-        blocks = sum(p.numel() for p in m.depth.layers.parameters() if p.dim() == 2)  # matmul weights (norms: elementwise)
-        # context(h) once per frame; per step: code_in, the blocks, code_out, a level head; attention over the S steps
-        per_frame = 6.0 * (D * Dd + S * (2 * D * Dd + blocks + C * D)) + 12.0 * model_cfg.depth_layers * Dd * S * S
+    shape = AudioShape(layout.audio_levels, layout.audio_codebook_size, frame_share=0.0)
+    per_position = flops_per_token(model_cfg, seq_len, shape)
+    per_frame = flops_per_token(model_cfg, seq_len, replace(shape, frame_share=1.0)) - per_position
     return per_position, per_frame
 
 
@@ -307,22 +300,26 @@ def evaluate(run_dir: Path, out: Path, task: str, argv: list[str], limit: int, p
     return run_eval(cfg)["tasks"][task]["metrics"]
 
 
-def time_to_first_audio(run_dir: Path, texts: list[str], paths: Any) -> list[float]:
-    """Seconds from the call to the first audio chunk, per TTS prompt (batch 1, greedy; ends shorter than a chunk
-    are left out), after one untimed generation (the first calls of a fresh process ran 5-20x slower here)."""
+def time_to_first_audio(run_dirs: dict[str, Path], texts: list[str], paths: Any) -> dict[str, list[float]]:
+    """Seconds from the call to the first audio chunk, per layout and TTS prompt (batch 1, greedy; a span that ends
+    before a chunk is left out). The layouts take turns on each prompt, the order rotating, after one untimed
+    generation each (the first calls of a fresh process ran 5-20x slower here)."""
     from omnitrain.eval.harness import ModelSpec, OmniModel
     from omnitrain.model import generate as gen
 
-    system = OmniModel(ModelSpec(kind="omnitrain", path=str(run_dir), tokenizers=paths), 1)
-    sp, K = system.layout.specials, system.layout.audio_levels
+    systems = {n: OmniModel(ModelSpec(kind="omnitrain", path=str(d), tokenizers=paths), 1) for n, d in run_dirs.items()}
     chunk = 5  # frames: 200 ms at the demo codec's 25 Hz (the tts task's chunk_frames)
-    out = []
+    out: dict[str, list[float]] = {n: [] for n in systems}
+    names = list(systems)
     for k, text in enumerate([texts[0], *texts]):
-        prompt = [sp["bos"], *system.text_tok.encode(text), sp["boa"]]  # data_pipelines/template/tts.yaml's prefix
-        cfg = gen.SamplingConfig(max_new_tokens=(chunk + 1) * K + 1, greedy=True, stop=[[sp["eoa"]]], audio_chunk_frames=chunk)
-        res = gen.generate(system.model, system.layout, [prompt], cfg)
-        if k and res.time_to_first_audio_chunk is not None:
-            out.append(res.time_to_first_audio_chunk)
+        for name in names[k % len(names) :] + names[: k % len(names)]:
+            s = systems[name]
+            sp, K = s.layout.specials, s.layout.audio_levels
+            prompt = [sp["bos"], *s.text_tok.encode(text), sp["boa"]]  # data_pipelines/template/tts.yaml's prefix
+            cfg = gen.SamplingConfig(max_new_tokens=(chunk + 1) * K + 1, greedy=True, stop=[[sp["eoa"]]], audio_chunk_frames=chunk)
+            res = gen.generate(s.model, s.layout, [prompt], cfg)
+            if k and res.time_to_first_audio_chunk is not None:
+                out[name].append(res.time_to_first_audio_chunk)
     return out
 
 
@@ -384,9 +381,11 @@ def run(quick: bool = False, tiny: bool = False, demo: Path | None = None, work:
                               size.asr_items, paths)  # fmt: skip
         res["tts"] = evaluate(done, done / "eval", "tts", [f"tts.source={speech_test}", "tts.normalizer=basic",
                               f"tts.max_audio_seconds={size.tts_seconds}"], size.tts_items, paths)  # fmt: skip
-        res["ttfa"] = time_to_first_audio(done, tts_texts[: size.ttfa_prompts], paths)
         results[t.layout] = res
         print(f"  {t.layout}: {json.dumps({k: v for k, v in res.items() if k not in ('asr', 'tts')}, default=str)}", flush=True)
+    ttfa = time_to_first_audio({n: work / n for n in LAYOUTS}, tts_texts[: size.ttfa_prompts], paths)
+    for name in LAYOUTS:
+        results[name]["ttfa"] = ttfa[name]
 
     rows = table(results, pps, K, fps, note)
     print_rows(rows, baseline_label="flat", notes=True)
@@ -414,13 +413,14 @@ def table(results: dict[str, dict[str, Any]], pps: dict[str, dict[str, float]], 
             ("positions per audio second", p["span"], "positions/s", False,
              f"whole spans (<boa>, codes, <eoa>, delay tail) over {p['seconds']:.0f} audio-s; code positions {p['code']:.2f}/s"),
             ("code positions per audio second", p["code"], "positions/s", False, f"K x fps = {K * fps:g}, fps = {fps:g}"),
+            ("audio trained", r["audio_seconds"], "audio-s", True, "audio seconds in the input rows of all its steps"),
             ("training throughput", r["audio_s_per_s"], "audio-s/s", True,
              f"median over {max(r['turns'] - 1, 1)} turns after the first; {r['steps']} steps, "
              f"{r['audio_seconds']:.0f} audio-s trained, {r['flops']:.3g} FLOPs, last loss {r['loss']:.3f}"),
             ("ASR WER", asr, "WER", False, f"speech_wer, held-out spoken digit strings; {asr_note}"),
             ("TTS intelligibility WER", tts, "WER", False, f"tts task, pocketsphinx; {tts_note}"),
             ("time to first audio chunk", 1e3 * statistics.median(ttfa) if ttfa else float("nan"), "ms", False,
-             f"generate(), 5 frames, batch 1, greedy; {len(ttfa)} prompts"),
+             f"generate(), 5 frames, batch 1, greedy, layouts in turns; median of {len(ttfa)} prompts"),
             ("voice latency (tts task)", lat, "ms", False, f"first chunk + its codec decode; GPT-4o 320 ms; {lat_note}"),
         ):  # fmt: skip
             figures[metric] = (unit, better_high)
@@ -430,7 +430,7 @@ def table(results: dict[str, dict[str, Any]], pps: dict[str, dict[str, float]], 
     for metric, (unit, high) in figures.items():
         vals = {n: next(x["value"] for x in rows if x["metric"] == f"{n}: {metric}") for n in LAYOUTS}
         vals = {n: v for n, v in vals.items() if v == v}  # NaN: not measured
-        if len(vals) < 2 or metric == "code positions per audio second":
+        if len(vals) < 2 or metric in ("code positions per audio second", "audio trained"):
             continue
         ranked = sorted(vals, key=lambda n: -vals[n] if high else vals[n])
         best, second = ranked[0], ranked[1]
