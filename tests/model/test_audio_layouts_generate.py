@@ -174,3 +174,17 @@ def test_regrouping_an_open_span_places_the_prompt_frames_and_its_pending_levels
             np.testing.assert_array_equal(pending[:, 1:], later[:, 1:])
         with pytest.raises(ValueError, match="no <eoa>"):
             g.to_grouped(p)  # the loader's documents must close their spans
+
+
+@torch.no_grad()
+def test_generation_through_the_in_training_wrapper(model):
+    """eval_in_training's sharded generation runs ``generate`` on a wrapper of the strategy's forward (no cache): flat
+    gives the model's own tokens; delay / depth need the model itself and say so."""
+    from omnitrain.eval.in_training import _Forward
+
+    prompts, cfg = [tts_prompt([20, 21])], SamplingConfig(max_new_tokens=6, greedy=True)
+    if model.cfg.audio_layout == "flat":
+        assert generate(_Forward(model, model), LAYOUT, prompts, cfg, use_cache=False).tokens == generate(model, LAYOUT, prompts, cfg).tokens
+    else:
+        with pytest.raises(ValueError, match="generates through the model itself"):
+            generate(_Forward(model, model), LAYOUT, prompts, cfg, use_cache=False)

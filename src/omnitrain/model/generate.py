@@ -103,7 +103,12 @@ def generate(
         on_event: called as ``on_event(row, kind, payload)`` for every new token (see the module doc).
         use_cache: False runs the whole sequence again at every step, the reference the KV cache is tested against.
     """
-    if model.cfg.audio_layout != "flat":  # one position per audio frame: its own loop (below)
+    inner = getattr(model, "inner", model)  # eval_in_training's wrapper (forward_cached over the strategy's forward)
+    if inner.cfg.audio_layout != "flat":  # one position per audio frame: its own loop (below)
+        if inner is not model:
+            raise ValueError(f"model.audio_layout={inner.cfg.audio_layout} generates through the model itself (its level "
+                             "heads, depth transformer and KV cache), not a wrapper's forward: evaluate generation tasks "
+                             "in training with one process or ddp, or with omnitrain eval on the export")  # fmt: skip
         return generate_grouped(model, layout, prompts, cfg, on_event, use_cache)
     model.eval()
     device = next(model.parameters()).device
