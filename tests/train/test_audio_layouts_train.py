@@ -1,7 +1,7 @@
 """The trainer with each audio layout (issue 23): the same flat shards, model.audio_layout switched, per-level
 stats in metrics.jsonl, and an interrupted run resumed to exactly the uninterrupted losses. What holds a model
 records its audio layout and refuses another (resume, init_from, a model folder), model.audio_layout decides the
-loader's, and DPO, which scores flat rows only, refuses grouped models before any work."""
+loader's, and depth finds its frame rows on the host (DPO with grouped rows: tests/train/test_posttrain.py)."""
 
 from __future__ import annotations
 
@@ -114,14 +114,6 @@ def test_the_loader_takes_the_models_audio_layout(speech, tmp_path):
     cfg, _ = config(speech, tmp_path / "r", "flat", 4, "data.audio_layout=delay")
     with pytest.raises(ValueError, match="data.audio_layout=delay but model.audio_layout=flat"):
         resolve(cfg)
-
-
-@pytest.mark.parametrize("layout", ["delay", "depth"])
-def test_dpo_refuses_a_grouped_model_before_any_work(speech, tmp_path, layout):
-    cfg, plain = config(speech, tmp_path / "dpo", layout, 4, "objective=dpo")
-    with pytest.raises(ValueError, match=f"objective=dpo with model.audio_layout={layout}: .* model.audio_layout=flat"):
-        train(cfg, plain)
-    assert not (tmp_path / "dpo").exists()  # nothing started: no run_dir, no reference scores
 
 
 def test_depth_finds_its_frame_rows_on_the_host_with_the_same_losses(speech, tmp_path, monkeypatch):

@@ -1,7 +1,7 @@
 """Post-training recipes on a tiny Hugging Face Llama and a byte-level BPE: continued pretraining
 (vocabulary extension keeps the text logits, freeze warm-up, held-out losses), SFT (loss only on
-assistant tokens, whole conversations per row) and DPO (the margin rises, the reference is untouched);
-every output loads into generate and exports to transformers."""
+assistant tokens, whole conversations per row) and DPO (the margin rises, the reference is untouched; with the
+delay / depth audio layouts, every audio level scored); every output loads into generate and exports to transformers."""
 
 from __future__ import annotations
 
@@ -258,6 +258,55 @@ def test_dpo_raises_the_margin_and_leaves_the_reference_untouched(world, tmp_pat
     trained = model_io.load_model(run_dir)[0].state_dict()
     assert not torch.equal(trained["layers.0.attention.wq.weight"], start["layers.0.attention.wq.weight"])
     check_outputs_load(run_dir, tmp_path)
+
+
+@pytest.mark.parametrize("audio_layout", ["delay", "depth"])
+def test_grouped_pairs_are_scored_on_every_audio_level_as_the_training_loss_scores_them(world, audio_layout):
+    """DPO with model.audio_layout delay / depth: each row regrouped as the LM loader does, and its log-likelihood
+    (``forward(per_row=True)``) is minus the fused training loss of that row alone, every level included."""
+    from omnitrain.data.loader import LoaderConfig, SourceSpec
+    from omnitrain.model.transformer import ModelConfig, Transformer
+    from omnitrain.train.dpo import PreferenceLoader
+
+    layout = TokenLayout.load(world["pref"])
+    b = next(PreferenceLoader(LoaderConfig(sources={"pref": SourceSpec(str(world["pref"]))}, seq_len=128, batch_size=2,
+                                           audio_layout=audio_layout)))  # fmt: skip
+    assert b["input_ids"].shape == (4, 128, 2) and b["loss_weights"].shape == (4, 128, 2)
+    learned_levels = (b["loss_weights"][..., 1] > 0).sum(-1)  # [R]: the rejected answers speak, the chosen do not
+    assert learned_levels[1::2].min() > 0 and learned_levels[0::2].max() == 0
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=layout.vocab_size, dim=32, n_layers=1, n_heads=4, audio_layout=audio_layout))
+    model.set_modalities(layout.modality_of(np.arange(layout.vocab_size)))
+    logps = model(b["input_ids"], b["doc_ids"], b["targets"], b["loss_weights"], per_row=True)  # [R]
+    for r in range(4):
+        alone = torch.zeros_like(b["loss_weights"])
+        alone[r] = b["loss_weights"][r]
+        loss, _ = model(b["input_ids"], b["doc_ids"], b["targets"], alone, 1.0)  # sum of weighted CE, every channel
+        assert float(logps[r].detach()) == pytest.approx(-float(loss.detach()), rel=1e-5)
+    logps[1::2].sum().backward()  # the rejected rows' levels reach the level heads / the depth transformer
+    if audio_layout == "depth":
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.depth.parameters())
+    with pytest.raises(ValueError, match="per_row=True scores the"):
+        Transformer(ModelConfig(vocab_size=layout.vocab_size, dim=32, n_layers=1, n_heads=4))(
+            b["input_ids"][..., 0], b["doc_ids"], b["targets"][..., 0], b["loss_weights"][..., 0], per_row=True)
+
+
+@pytest.mark.parametrize("audio_layout", ["delay", "depth"])
+def test_dpo_trains_a_grouped_model_from_the_reference_it_precomputed(world, tmp_path, audio_layout):
+    """The precomputed reference scores the grouped pairs as the policy does at the start: rewards 0 and loss log 2 at
+    the first step; audio level targets are counted; the run exports and resumes like any other."""
+    run_dir = tmp_path / "dpo"
+    extra = ("log_every=1", "grad_accum=1", f"hf_init.path={world['llm']}", "hf_init.gguf_file=null", "dpo.reference=precomputed",
+             "optim.lr=1e-3", "optim.warmup_steps=1", f"model.audio_layout={audio_layout}", "ckpt_every=2", "~val.sources")  # fmt: skip
+    run(world, run_dir, "dpo", {"pref": world["pref"]}, "steps=4", *extra)
+    rows = read_metrics(run_dir)
+    assert abs(rows[0]["rewards/margin"]) < 1e-4 and rows[0]["loss"] == pytest.approx(np.log(2), abs=1e-4)
+    assert rows[0]["tokens_per_s/audio"] > 0 and all(r["loss"] == r["loss"] for r in rows)
+    assert json.loads((run_dir / "reference_logps.json").read_text())["pairs"] == 16
+    assert model_io.load_model(run_dir)[0].cfg.audio_layout == audio_layout
+    run(world, tmp_path / "cut", "dpo", {"pref": world["pref"]}, "steps=2", *extra)  # stopped at step 2, then resumed
+    run(world, tmp_path / "cut", "dpo", {"pref": world["pref"]}, "steps=4", *extra)
+    assert [r["loss"] for r in read_metrics(tmp_path / "cut")] == [r["loss"] for r in rows]
 
 
 def test_dpo_loader_pairs_chosen_and_rejected_with_the_same_prompt(world):

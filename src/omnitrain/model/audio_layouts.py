@@ -94,6 +94,35 @@ def grouped_loss(model: Transformer, h: torch.Tensor, targets: torch.Tensor, w: 
     return loss, stats
 
 
+def grouped_logps(model: Transformer, h: torch.Tensor, targets: torch.Tensor, w: torch.Tensor,
+                  frames: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    """h [B, T, D] (after the final norm), targets / w [B, T, K] -> [B]: each row's weighted sum of its targets'
+    log-probabilities over every channel, as ``grouped_loss`` scores them (channel 0 over the vocabulary, level l over
+    its C rows, from the hidden state or the depth transformer), differentiable: DPO's sequence log-likelihood
+    (``omnitrain.train.dpo``). The logits are materialised ([B, T, V]), as DPO does for flat rows."""
+    B, T, K = targets.shape
+    weight, hf = model.output.weight, h.flatten(0, 1)  # [V, D], [N, D]
+
+    def logp(x: torch.Tensor, rows: torch.Tensor, t: torch.Tensor, wt: torch.Tensor) -> torch.Tensor:
+        """x [n, D] scored against the output rows ``rows`` [c, D], local targets t [n] (-1: none) -> [n] weighted."""
+        lp = torch.log_softmax((x @ rows.t()).float(), dim=-1)  # [n, c]
+        return lp.gather(-1, t.clamp(min=0)[:, None])[:, 0] * (wt * (t >= 0))
+
+    total = logp(hf, weight, targets[..., 0].flatten(), w[..., 0].flatten())  # [N] channel 0: the whole vocabulary
+    if model.cfg.audio_layout == "delay":
+        levels = [(hf, targets[..., lvl].flatten(), w[..., lvl].flatten(), lvl, None) for lvl in range(1, K)]
+    else:  # depth: the frames' levels from the depth transformer, teacher-forced (as in grouped_loss)
+        frames = frame_rows(targets) if frames is None else frames  # [Na]
+        tf, wf = targets.flatten(0, 1)[frames], w.flatten(0, 1)[frames]  # [Na, K]
+        out = model.depth(hf[frames], model.tok_embeddings(tf[:, : K - 1]))  # [Na, K-1, D]
+        levels = [(out[:, lvl - 1], tf[:, lvl], wf[:, lvl], lvl, frames) for lvl in range(1, K)]
+    for x, t, wl, lvl, at in levels:
+        lo, hi = level_slice(model, lvl, K)
+        part = logp(x, weight[lo:hi], torch.where(t >= 0, t - lo, t), wl)  # [N] or [Na]
+        total = total + part if at is None else total.index_add(0, at, part)
+    return total.view(B, T).sum(-1)  # [N] -> [B, T] -> [B]
+
+
 def _add_level(stats: torch.Tensor, level: int, ce: torch.Tensor, correct: torch.Tensor, w: torch.Tensor, present: torch.Tensor) -> None:
     """Add one level's sums (loss, correct, targets over the rows with weight > 0) to ``stats`` in place."""
     sel = ((w > 0) & (present > 0)).float()

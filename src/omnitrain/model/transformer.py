@@ -423,7 +423,8 @@ class Transformer(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, doc_ids: torch.Tensor | None = None, targets: torch.Tensor | None = None,
                 loss_weights: torch.Tensor | None = None, denom: torch.Tensor | float | None = None,
-                frames: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+                frames: torch.Tensor | None = None, per_row: bool = False
+                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
         """input_ids [B, T] (and doc_ids [B, T]) -> logits [B, T, V]. With ``audio_layout`` delay / depth,
         input_ids [B, T, K] (``omnitrain.model.audio_layouts``) and the logits are channel 0's.
 
@@ -433,7 +434,9 @@ class Transformer(nn.Module):
         With ``targets`` and ``loss_weights`` [B, T]: the training loss instead, ``(loss, stats)``, from a
         chunked output projection fused with the cross entropy (``loss.linear_cross_entropy``: the
         [B*T, V] logits are never held whole). It is computed inside ``forward`` so that DDP / FSDP /
-        DeepSpeed wrappers see one call. ``stats`` [len(LOSS_KEYS)] are additive sums (``loss.LOSS_KEYS``)."""
+        DeepSpeed wrappers see one call. ``stats`` [len(LOSS_KEYS)] are additive sums (``loss.LOSS_KEYS``).
+        Delay / depth: ``frames`` are depth's frame rows when the caller found them on the host (``train.step.host_side``);
+        ``per_row=True`` returns each row's weighted log-likelihood [B] instead (``audio_layouts.grouped_logps``: DPO)."""
         if (input_ids.dim() == 3) != (self.cfg.audio_layout != "flat"):
             raise ValueError(f"model.audio_layout={self.cfg.audio_layout} got input_ids of shape {tuple(input_ids.shape)}: "
                              "set data.audio_layout to the model's (the recipes do: ${model.audio_layout})")  # fmt: skip
@@ -444,11 +447,16 @@ class Transformer(nn.Module):
         h = self.norm(self.hidden(input_ids, positions, mask))  # [B, T, D]
         if targets is None:
             return self.output(h)  # [B, T, V]
+        if per_row and targets.dim() != 3:
+            raise ValueError("per_row=True scores the [B, T, K] rows of model.audio_layout delay / depth; for flat rows "
+                             "take the logits (forward without targets)")  # fmt: skip
         w = torch.ones_like(targets, dtype=torch.float32) if loss_weights is None else loss_weights.float()
         denom = w.sum().clamp(min=1.0) if denom is None else denom
         if targets.dim() == 3:  # delay / depth: every audio level's loss (omnitrain.model.audio_layouts)
-            from omnitrain.model.audio_layouts import grouped_loss  # (it imports this module)
+            from omnitrain.model.audio_layouts import grouped_logps, grouped_loss  # (it imports this module)
 
+            if per_row:  # DPO: each row's weighted log-likelihood [B], differentiable
+                return grouped_logps(self, h, targets, w, frames)
             return grouped_loss(self, h, targets, w, denom, frames)  # frames: depth's frame rows, found on the host
         loss, ce, correct, lse = linear_cross_entropy(h.flatten(0, 1), self.output.weight, targets.flatten(), w.flatten(),
                                                       self.cfg.z_loss, denom)  # fmt: skip

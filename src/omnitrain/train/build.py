@@ -68,12 +68,6 @@ def resolve(cfg: TrainConfig) -> tuple[TrainConfig, TokenLayout]:
     cfg = copy.deepcopy(cfg)
     cfg.model.vocab_size, cfg.data.layout_hash = layout.vocab_size, layout.hash
     cfg.data.audio_layout = data_audio_layout(cfg)
-    if cfg.objective == "dpo" and cfg.model.audio_layout != "flat":
-        raise ValueError(f"objective=dpo with model.audio_layout={cfg.model.audio_layout}: DPO scores a whole sequence through "
-                         "the main output head of flat rows, so the audio levels a grouped model predicts with its "
-                         f"{'level heads' if cfg.model.audio_layout == 'delay' else 'depth transformer'} would not be scored. "
-                         "Run preference tuning with model.audio_layout=flat (a flat model: init_from one trained flat), "
-                         "or tune the grouped model with objective=lm on SFT data")  # fmt: skip
     return cfg, layout
 
 

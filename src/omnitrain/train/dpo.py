@@ -9,6 +9,9 @@ the rejected one, each a document of its own, padded to T (a longer pair is cut 
 Loss weights are the template's learn mask (the answers and their ``<end_of_turn>``, never the
 prompt) times the modality weights. Mixture over sources and exact resume are the streaming
 loader's (``omnitrain.data.loader.Stream``); pairs are read in the training process (no workers).
+With ``model.audio_layout`` delay / depth each row is regrouped to one position per audio frame, as
+the LM loader does, and ``log pi(y|x)`` sums every audio level's log-probabilities too
+(``Transformer.forward(per_row=True)``).
 
 Loss. With ``log pi(y|x)`` the weighted sum of the answer tokens' log-probabilities and
 ``h = beta * ((log pi(y_w) - log ref(y_w)) - (log pi(y_l) - log ref(y_l)))``::
@@ -39,6 +42,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from omnitrain.data.audio_regroup import AudioGrouping
 from omnitrain.data.loader import LoaderConfig, OmniLoader, Stream, read_shard_samples
 from omnitrain.tokenizer.layout import MODALITIES
 
@@ -87,24 +91,37 @@ def pair_rows(ids: np.ndarray, meta: dict, mod_w: np.ndarray) -> list[dict[str, 
     return rows
 
 
-def pairs_batch(pairs: list[list[dict[str, np.ndarray]]], seq_len: int, pad_id: int) -> tuple[dict[str, torch.Tensor], int]:
-    """P pairs -> a batch of R = 2P rows (chosen, rejected alternating), and how many rows were cut."""
+def pairs_batch(pairs: list[list[dict[str, np.ndarray]]], seq_len: int, pad_id: int, grouping: AudioGrouping | None = None
+                ) -> tuple[dict[str, torch.Tensor], int]:  # fmt: skip
+    """P pairs -> a batch of R = 2P rows (chosen, rejected alternating), and how many rows were cut. ``grouping``
+    (``model.audio_layout`` delay / depth): each row regrouped to one position per audio frame, as the LM loader
+    packs documents (``omnitrain.data.audio_regroup``): ids / targets [R, T, K], loss weights [R, T, K] (a position's
+    weight on each channel that has a target), ``seq_len`` counting positions."""
     T1, rows, cut = seq_len + 1, [], 0
+    K = () if grouping is None else (grouping.K,)
     for pair in pairs:
         for r in pair:
-            n = min(len(r["ids"]), T1)
-            cut += int(len(r["ids"]) > T1)
-            ids = np.full(T1, pad_id, dtype=np.int64)
+            row_ids, row_w = r["ids"], r["weights"]
+            if grouping is not None:
+                row_ids, src = grouping.to_grouped(row_ids)  # [m, K], [m]: the flat token each position stands for
+                row_w = row_w[src]
+            n = min(len(row_ids), T1)
+            cut += int(len(row_ids) > T1)
+            ids = np.full((T1, *K), pad_id, dtype=np.int64)  # [T+1] (grouped: [T+1, K])
+            if K:
+                ids[:, 1:] = -1  # channels >= 1: no audio level
             w = np.zeros(T1, dtype=np.float32)
             docs = np.full(T1, -1, dtype=np.int64)
-            ids[:n], w[:n], docs[:n] = r["ids"][:n], r["weights"][:n], 0
+            ids[:n], w[:n], docs[:n] = row_ids[:n], row_w[:n], 0
             rows.append((ids, w, docs))
-    ids = np.stack([r[0] for r in rows])  # [R, T+1]
+    ids = np.stack([r[0] for r in rows])  # [R, T+1] (grouped: [R, T+1, K])
     w = np.stack([r[1] for r in rows])[:, 1:]  # [R, T]
     docs = np.stack([r[2] for r in rows])  # [R, T+1]
-    real = docs[:, 1:] >= 0
-    batch = {"input_ids": torch.from_numpy(ids[:, :-1].copy()), "targets": torch.from_numpy(ids[:, 1:].copy()),
-             "loss_weights": torch.from_numpy(np.where(real, w, 0.0).astype(np.float32)),
+    w = np.where(docs[:, 1:] >= 0, w, 0.0)  # [R, T]: padding carries no weight
+    targets = ids[:, 1:]
+    weights = w[..., None] * (targets >= 0) if K else w  # grouped: [R, T, K]
+    batch = {"input_ids": torch.from_numpy(ids[:, :-1].copy()), "targets": torch.from_numpy(targets.copy()),
+             "loss_weights": torch.from_numpy(np.ascontiguousarray(weights, dtype=np.float32)),
              "doc_ids": torch.from_numpy(docs[:, :-1].copy())}  # fmt: skip
     return batch, cut
 
@@ -136,7 +153,7 @@ class PreferenceLoader(OmniLoader):
             stream.docs += 1
             pairs.append(pair_rows(ids, meta, stream.mod_w))
             keys.append(pair_key(ids, meta))
-        batch, cut = pairs_batch(pairs, self.cfg.seq_len, self.pad_id)
+        batch, cut = pairs_batch(pairs, self.cfg.seq_len, self.pad_id, self.grouping)
         stream.truncated += cut
         placed = int((batch["doc_ids"] >= 0).sum())
         stream.placed, stream.capacity = stream.placed + placed, stream.capacity + batch["doc_ids"].numel()
@@ -160,6 +177,16 @@ def sequence_logps(logits: torch.Tensor, targets: torch.Tensor, weights: torch.T
     return (logp * weights.float()).sum(-1)
 
 
+def batch_logps(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """[R] weighted sums of a batch's target log-probabilities under ``model`` (through its wrapper's forward): flat
+    rows from the logits; grouped rows ([R, T, K]) from the model's per-row scoring of every audio level
+    (``Transformer.forward(per_row=True)``; ``frames``: depth's frame rows, found on the host by the trainer)."""
+    if batch["input_ids"].dim() == 3:
+        return model(batch["input_ids"], batch["doc_ids"], batch["targets"], batch["loss_weights"], frames=batch.get("frames"),
+                     per_row=True)  # fmt: skip
+    return sequence_logps(model(batch["input_ids"], batch["doc_ids"]), batch["targets"], batch["loss_weights"])
+
+
 class DPOObjective:
     """The DPO loss per pair; the step's loss is the mean over all pairs of the step (all micro-batches, ranks)."""
 
@@ -173,27 +200,30 @@ class DPOObjective:
         return torch.tensor(batch["input_ids"].shape[0] // 2, dtype=torch.float32, device=batch["input_ids"].device)
 
     def loss(self, model: Any, batch: dict[str, torch.Tensor], denom: torch.Tensor | float) -> tuple[torch.Tensor, torch.Tensor]:
-        w = batch["loss_weights"]
-        logps = sequence_logps(model(batch["input_ids"], batch["doc_ids"]), batch["targets"], w)  # [R]
+        logps = batch_logps(model, batch)  # [R]
         if "ref_logps" in batch:
             ref = batch["ref_logps"]
         else:
             if self.reference is None:
                 raise ValueError("dpo.reference=precomputed but the batch carries no ref_logps")
             with torch.no_grad():
-                ref = sequence_logps(self.reference(batch["input_ids"], batch["doc_ids"]), batch["targets"], w)
+                ref = batch_logps(self.reference, batch)
         chosen, rejected = (logps - ref)[0::2], (logps - ref)[1::2]  # [P] each: log-ratios to the reference
         h = self.cfg.beta * (chosen - rejected)
         eps = self.cfg.label_smoothing
         per_pair = -(1 - eps) * F.logsigmoid(h) - eps * F.logsigmoid(-h)  # [P]
         loss = per_pair.sum() / denom
         with torch.no_grad():
-            mod = self.table[batch["targets"]]
-            real = batch["doc_ids"] >= 0
+            targets, real = batch["targets"], batch["doc_ids"] >= 0  # [R, T] (grouped: targets [R, T, K])
+            levels = None
+            if targets.dim() == 3:  # grouped: channel 0 by its id, the level codes of channels >= 1 are audio
+                levels, targets = ((targets[..., 1:] >= 0) & real[..., None]).sum(), targets[..., 0]
+            mod = self.table[targets]
             r_c, r_r = self.cfg.beta * chosen.detach(), self.cfg.beta * rejected.detach()
             sums = [per_pair.detach().sum(), torch.tensor(float(len(h)), device=h.device), r_c.sum(), r_r.sum(),
                     (r_c > r_r).float().sum(), logps.detach()[0::2].sum(), logps.detach()[1::2].sum()]  # fmt: skip
-            sums += [((mod == i) & real).sum().float() for i in range(len(MODALITIES))]
+            sums += [((mod == i) & real).sum().float() + (levels if levels is not None and m == "audio" else 0)
+                     for i, m in enumerate(MODALITIES)]  # fmt: skip
         return loss, torch.stack(sums)
 
     def summary(self, sums: torch.Tensor, count: torch.Tensor) -> tuple[dict[str, float], dict[str, int]]:
@@ -213,7 +243,7 @@ def precompute_reference(model: torch.nn.Module, data: LoaderConfig, pad_id: int
     path = Path(path)
     if path.is_file():
         return json.loads(path.read_text())["logps"]
-    loader = OmniLoader(data)  # its manifests and shard urls (no stream is started)
+    loader = OmniLoader(data)  # its manifests, shard urls and audio grouping (no stream is started)
     mod_w = np.array([data.modality_weights.get(m, 1.0) for m in MODALITIES], dtype=np.float32)
     was_training = model.training
     model.eval()
@@ -223,9 +253,9 @@ def precompute_reference(model: torch.nn.Module, data: LoaderConfig, pad_id: int
             samples = read_shard_samples(url, loader.layout_hash)
             for start in range(0, len(samples), max(data.batch_size, 1)):
                 chunk = samples[start : start + data.batch_size]
-                batch, _ = pairs_batch([pair_rows(ids, meta, mod_w) for ids, meta in chunk], data.seq_len, pad_id)
+                batch, _ = pairs_batch([pair_rows(ids, meta, mod_w) for ids, meta in chunk], data.seq_len, pad_id, loader.grouping)
                 batch = {k: v.to(device) for k, v in batch.items()}
-                logps = sequence_logps(model(batch["input_ids"], batch["doc_ids"]), batch["targets"], batch["loss_weights"])
+                logps = batch_logps(model, batch)
                 for j, (ids, meta) in enumerate(chunk):
                     table[pair_key(ids, meta)] = [float(logps[2 * j]), float(logps[2 * j + 1])]
     model.train(was_training)

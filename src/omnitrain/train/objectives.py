@@ -21,6 +21,7 @@ scored before training, every ``val.every`` steps and at the end, logged as ``va
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -79,7 +80,33 @@ def hf_start(cfg: HFInitConfig, model_cfg: ModelConfig, layout: TokenLayout) -> 
     grown = replace(imported, vocab_size=layout.vocab_size, z_loss=model_cfg.z_loss, attention=model_cfg.attention,
                     activation_checkpointing=model_cfg.activation_checkpointing, audio_layout=model_cfg.audio_layout,
                     depth_layers=model_cfg.depth_layers, depth_dim=model_cfg.depth_dim)  # fmt: skip
-    return grown, GrownVocabulary(weights, layout.vocab_size, cfg.seed), n_text
+    source: WeightSource = GrownVocabulary(weights, layout.vocab_size, cfg.seed)
+    if grown.audio_layout == "depth":  # a text LLM has no depth transformer: it starts fresh
+        source = FreshDepth(source, grown, cfg.seed)
+    return grown, source, n_text
+
+
+class FreshDepth:
+    """``source`` with the depth transformer (``depth.*``, ``model.audio_layout=depth``) drawn fresh, as
+    ``Transformer.init_weights`` draws it (N(0, init_std), the residual outputs scaled by 1/sqrt(2 n_layers), norms
+    ones), from a generator seeded with ``seed``, in ``named_parameters`` order (the same on every rank)."""
+
+    def __init__(self, source: WeightSource, cfg: ModelConfig, seed: int) -> None:
+        from omnitrain.model.depth import DepthTransformer
+
+        with torch.device("meta"):  # shapes only
+            shapes = {f"depth.{n}": p.shape for n, p in DepthTransformer(cfg).named_parameters()}
+        gen, std = torch.Generator().manual_seed(seed + 1), cfg.init_std  # (+1: not the grown rows' draws)
+        self.source, self.fresh = source, {}
+        for name, shape in shapes.items():
+            if name.endswith("norm.weight"):
+                self.fresh[name] = torch.ones(shape)
+            else:
+                scale = 1 / math.sqrt(2 * cfg.n_layers) if name.endswith(("attention.wo.weight", "feed_forward.w2.weight")) else 1.0
+                self.fresh[name] = torch.empty(shape).normal_(0.0, std * scale, generator=gen)
+
+    def tensor(self, name: str) -> torch.Tensor:
+        return self.fresh[name] if name in self.fresh else self.source.tensor(name)
 
 
 def init_from_hf(cfg: HFInitConfig, model_cfg: ModelConfig, layout: TokenLayout) -> tuple[Transformer, int]:

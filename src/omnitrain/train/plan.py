@@ -116,9 +116,6 @@ def check_data(cfg: TrainConfig, world: int) -> tuple[list[str], list[str], Any]
     if cfg.data.audio_layout not in ("flat", cfg.model.audio_layout):  # (training's resolve refuses it too)
         problems.append(f"data.audio_layout={cfg.data.audio_layout} but model.audio_layout={cfg.model.audio_layout}: drop "
                         "data.audio_layout (it follows the model)")  # fmt: skip
-    if cfg.objective == "dpo" and cfg.model.audio_layout != "flat":
-        problems.append(f"objective=dpo with model.audio_layout={cfg.model.audio_layout}: DPO scores flat rows only; use "
-                        "model.audio_layout=flat")  # fmt: skip
     return lines, problems, layout
 
 
