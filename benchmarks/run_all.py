@@ -55,6 +55,7 @@ def cpu_seconds() -> tuple[float, float] | None:
 def load(path: Path):
     spec = importlib.util.spec_from_file_location(path.stem, path)
     mod = importlib.util.module_from_spec(spec)
+    sys.modules[path.stem] = mod  # registered before it runs: a dataclass in the module looks its module up there
     spec.loader.exec_module(mod)
     return mod
 
