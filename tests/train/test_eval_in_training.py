@@ -101,11 +101,12 @@ def run_two_ranks(shards: dict[str, Path], run: Path, *extra: str) -> None:
 
 @pytest.mark.slow
 @pytest.mark.multiprocess
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_two_ranks_split_the_items_and_score_as_one_process(strategy, shards, assets, tmp_path):
-    """Items dealt out over 2 ranks, the model used as the strategy holds it (FSDP2: sharded), scores summed."""
+@pytest.mark.parametrize("strategy,audio_layout", [("ddp", "flat"), ("fsdp", "flat"), ("fsdp", "delay")])
+def test_two_ranks_split_the_items_and_score_as_one_process(strategy, audio_layout, shards, assets, tmp_path):
+    """Items dealt out over 2 ranks, the model used as the strategy holds it (FSDP2: sharded), scores summed; a delay
+    model's ranks pad their forward calls with grouped [1, 1, K] positions."""
     run = tmp_path / "run"
-    run_two_ranks(shards, run, f"strategy={strategy}", *eval_overrides(assets, EVERY))
+    run_two_ranks(shards, run, f"strategy={strategy}", f"model.audio_layout={audio_layout}", *eval_overrides(assets, EVERY))
     assert eval_steps(run) == ([0, 5, 10], [0, 5, 10])
     assert_same_scores(run, STEPS, one_process_eval(run / "model", assets, tmp_path / "eval"))
 

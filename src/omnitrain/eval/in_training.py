@@ -228,8 +228,11 @@ class TrainingModel(OmniModel):
     def _pad_calls(self, calls: int) -> None:
         """One-token forwards until this rank has made ``calls`` (FSDP2 / ZeRO-3 / DDP buffers: a collective each)."""
         if self.world > 1:
+            ids = torch.ones(1, 1, dtype=torch.long, device=self.fabric.device)  # [1, 1]: one text position
+            if (g := self._grouping()) is not None:  # delay / depth: [1, 1, K], the text token in channel 0, no levels
+                ids = torch.cat([ids[..., None], torch.full((1, 1, g.K - 1), -1, dtype=torch.long, device=ids.device)], -1)
             while self.forward.calls < calls:
-                self.forward.hidden(torch.ones(1, 1, dtype=torch.long, device=self.fabric.device))
+                self.forward.hidden(ids)
 
     @torch.no_grad()
     def generate_multimodal(self, prompts: list[dict[str, Any]], max_new_tokens: int, progress: bool = True,
