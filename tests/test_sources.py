@@ -29,15 +29,20 @@ def hf_folder(tmp_path, monkeypatch) -> Path:
 
 
 def test_rows_are_streamed_shuffled_the_same_way_each_time_and_stop_early(hf_folder):
-    first = [r["id"] for _, r in zip(range(30), sources.iter_hf_rows(str(hf_folder)))]
-    again = [r["id"] for _, r in zip(range(30), sources.iter_hf_rows(str(hf_folder)))]
+    first = [r["id"] for _, r in zip(range(30), sources.iter_hf_rows(str(hf_folder)), strict=False)]
+    again = [r["id"] for _, r in zip(range(30), sources.iter_hf_rows(str(hf_folder)), strict=False)]
     assert first == again  # seeded: a restarted build reads the same order
     assert first != sorted(first)  # shuffled in the buffer
     assert len(set(first)) == 30
 
 
 def test_corpus_hf_trains_a_tokenizer_on_max_chars_without_reading_the_rest(hf_folder, tmp_path):
-    from omnitrain.tokenizer.text import TextCorpusConfig, TextTokenizerConfig, TrainTextTokenizerConfig, train_text_tokenizer
+    from omnitrain.tokenizer.text import (
+        TextCorpusConfig,
+        TextTokenizerConfig,
+        TrainTextTokenizerConfig,
+        train_text_tokenizer,
+    )
 
     cfg = TrainTextTokenizerConfig(run_dir=tmp_path / "tok", tokenizer=TextTokenizerConfig(vocab_size=300),
                                    corpus=TextCorpusConfig(hf_dataset=str(hf_folder), max_chars=20_000))  # fmt: skip

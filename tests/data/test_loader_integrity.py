@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from omnitrain.config import from_dict
 from omnitrain.data.loader import LoaderConfig, OmniLoader, ShardReadError, SourceSpec, readers_report

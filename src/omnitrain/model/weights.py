@@ -63,7 +63,9 @@ class SafetensorsWeights:
     """Parameters read lazily from safetensors files; ``rename`` maps our names to the files' names."""
 
     def __init__(self, files: Iterable[Path], rename: Any = None) -> None:
-        from safetensors import safe_open  # safetensors: with transformers (see omnitrain.model.io.save_model)
+        from safetensors import (
+            safe_open,  # safetensors: with transformers (see omnitrain.model.io.save_model)
+        )
 
         self.rename = rename or (lambda name: name)
         self.handles = [safe_open(str(f), framework="pt", device="cpu") for f in files]

@@ -124,7 +124,9 @@ class TrainConfig:
         if (watched := [k for k in self.guard.watch if k.startswith("eval/")]) and not self.eval_in_training.every:
             raise ValueError(f"guard.watch {watched} needs eval_in_training.every > 0 and the task in eval_in_training.tasks")
         if (warning := warmup_warning(self.optim, self.steps)) is not None:
-            from lightning.fabric.utilities.rank_zero import rank_zero_warn  # once, not once per rank (its rank: from the env)
+            from lightning.fabric.utilities.rank_zero import (
+                rank_zero_warn,  # once, not once per rank (its rank: from the env)
+            )
 
             rank_zero_warn(warning, stacklevel=3)
 

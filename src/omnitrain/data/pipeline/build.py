@@ -57,7 +57,6 @@ from omnitrain.tokenizer import bundle
 from omnitrain.tokenizer.bundle import TokenizerPaths
 from omnitrain.tokenizer.layout import MODALITIES, LayoutMismatchError, TokenLayout
 
-
 ERRORS = "errors.jsonl"  # every bad record of a finished build, with its file and line (or row)
 
 
