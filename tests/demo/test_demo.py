@@ -24,7 +24,7 @@ from omnitrain.demo.corpus import (
     render_lines,
     spoken_digits,
 )
-from omnitrain.demo.report import TABLE, comparison, loss_drop
+from omnitrain.demo.report import S2S_METRIC, TABLE, comparison, loss_drop
 from omnitrain.eval.tasks import DocVQAConfig
 
 REPO = Path(__file__).resolve().parents[2]
@@ -84,6 +84,11 @@ def test_speech_is_synthesised_in_several_voices_with_held_out_contents(tmp_path
     assert not {r["text"] for r in test} & {r["text"] for r in train}
     assert len({r["voice"] for r in train}) == 4 and all(Path(r["audio"]).stat().st_size > 4000 for r in train + test)
     assert spoken_digits("407") == "four zero seven"
+    # TTS trains on the training digit strings in the assistant's voice; its held-out manifest is the test strings' text
+    tts_train, tts_test = read_jsonl(paths["tts_train"]), read_jsonl(paths["tts_test"])
+    assert [r["text"] for r in tts_train] == [r["text"] for r in train if r["kind"] == "digits"]
+    assert {r["voice"] for r in tts_train} == {cfg.assistant_voice} and all(Path(r["audio"]).stat().st_size > 4000 for r in tts_train)
+    assert [set(r) for r in tts_test] == [{"id", "text"}] * 3 and [r["text"] for r in tts_test] == [r["text"] for r in test[:3]]
 
 
 def test_loss_drop_and_comparison_read_metrics_and_results():
@@ -94,7 +99,8 @@ def test_loss_drop_and_comparison_read_metrics_and_results():
     res = lambda e, a, w, p: {"reading": {"metrics": {"exact_match": m(e), "char_accuracy": m(e)}},  # noqa: E731
                               "docvqa": {"metrics": {"anls": m(a), "exact_match": m(a)}},
                               "speech_wer": {"metrics": {"wer": m(w), "cer": m(w)}},
-                              "perplexity": {"metrics": {"perplexity": m(p)}}}  # fmt: skip
+                              "perplexity": {"metrics": {"perplexity": m(p)}},
+                              "s2s": {"metrics": {S2S_METRIC: m(e), "monologue_exact_match": m(e)}}, "tts": {"metrics": {"wer": m(w)}}}  # fmt: skip
     table = comparison(res(0.0, 0.0, 1.0, 900.0), res(0.2, 0.3, 0.8, 90.0))
     assert all(r["better"] for r in table)
     assert not any(r["better"] for r in comparison(res(0.0, 0.0, 1.0, 900.0), res(0.0, 0.0, 1.2, 900.0)))
@@ -111,6 +117,7 @@ def test_reduced_demo_runs_every_stage_and_training_lowers_every_modality_traini
     proc = subprocess.run(
         [str(exe), "demo", "run_dir=demo", "data.digits_train=150", "data.digits_test=8", "data.forms_train=100", "data.forms_test=8",
          "data.speech_digits_train=40", "data.speech_digits_test=6", "data.sentences_train=20", "data.sentences_test=3",
+         "data.s2s_train=40", "data.s2s_test=4",
          "data.text_docs=1", "data.text_test_docs=1", "tokenizer.vocab_size=4000", "image.steps=20", "audio.steps=20",
          "audio.data.max_eval_seconds=10", "report_languages=[fr]", "train_steps=40", "eval_batch_size=8",
          # the one handbook page (~20k tokens) fills half of these 40 steps once drawn (a cut document goes on
@@ -130,7 +137,7 @@ def test_reduced_demo_runs_every_stage_and_training_lowers_every_modality_traini
         assert (run / f).is_file(), f
     summary = json.loads((run / "summary.json").read_text())
     templates = {s["template"] for s in summary["shards"].values()}
-    assert templates == {"text_lm", "caption", "text_to_image", "doc_qa", "asr", "tts"}
+    assert templates == {"text_lm", "caption", "text_to_image", "doc_qa", "asr", "tts", "chat"}  # chat: speech to speech
     for name in summary["shards"]:
         manifest = json.loads((run / "shards" / name / "manifest.json").read_text())
         assert manifest["layout_hash"] == layout_hash and manifest["samples"] > 0, name
@@ -138,8 +145,9 @@ def test_reduced_demo_runs_every_stage_and_training_lowers_every_modality_traini
     for which, step in (("init", 0), ("trained", 40)):
         res = json.loads((run / "eval" / which / "results.json").read_text())
         assert res["schema_version"] == 1 and res["model"]["layout_hash"] == layout_hash and res["model"]["checkpoint_step"] == step
-        assert set(res["tasks"]) == {"reading", "docvqa", "speech_wer", "perplexity"}
+        assert set(res["tasks"]) == {"reading", "docvqa", "speech_wer", "perplexity", "s2s", "tts"}
         assert res["tasks"]["reading"]["metrics"]["exact_match"]["n"] == 8 and res["tasks"]["speech_wer"]["metrics"]["wer"]["n"] == 6  # the digit strings
+        assert res["tasks"]["s2s"]["metrics"][S2S_METRIC]["n"] == 4 and res["tasks"]["tts"]["metrics"]["wer"]["n"] > 0  # held-out questions, strings
         assert (run / "eval" / which / "samples.jsonl").is_file()
     # training lowered the training loss of each modality (mean of the first vs the last logged steps): the optimizer
     # and the per-modality loss work. Measured over seeds 0-3 and AVX-512/AVX2 kernels, the smallest drop is 1.05 nats
@@ -150,6 +158,7 @@ def test_reduced_demo_runs_every_stage_and_training_lowers_every_modality_traini
     assert all(d["last"] < d["first"] for d in drops.values()), drops
     # generated samples, linked from the report with the table and the curves
     assert list((run / "generate" / "digits_to_image").glob("*.png")) and list((run / "generate" / "tts").glob("*.wav"))
+    assert (run / "generate" / "s2s" / "result.json").is_file()  # a held-out spoken question answered (text, audio or both)
     report = (run / "report.md").read_text()
     assert "| task | untrained | trained |" in report and "loss_curves.png" in report and ".wav)" in report and ".png)" in report
     # the before/after table is read from the two results.json files and says which way each metric moved. Whether

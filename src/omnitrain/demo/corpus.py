@@ -48,6 +48,13 @@ FORM_FIELDS = {
 DOCQA_PROMPT = "Answer the question using a single word or phrase."
 LIBRIVOX = Path("/usr/share/pocketsphinx/test/data/librivox")
 HANDBOOK = Path("/usr/share/doc/debian-handbook/html/en-US")
+# spoken questions: relation -> (what the answer adds to the digit, the question's words)
+RELATIONS = {"after": (1, "what comes after {}"), "before": (-1, "what comes before {}")}
+# flite duration_stretch (speaking rate) of the questions: held-out questions are spoken at rates between the
+# training ones, so no held-out utterance is ever heard in training while every fact is (a 2-core model learns
+# to recognise a spoken digit at a new rate; it cannot learn counting from 18 facts with some held out)
+S2S_TRAIN_RATES = (0.8, 0.9, 1.0, 1.1, 1.2)
+S2S_TEST_RATES = (0.85, 0.95, 1.05, 1.15)
 PHOTOS = ("astronaut", "camera", "coffee", "chelsea", "horse", "motorcycle_left", "brick", "coins", "moon", "page")
 
 
@@ -67,7 +74,22 @@ class CorpusConfig:
     voices: list[str] = field(default_factory=lambda: ["kal16", "slt", "rms", "awb"])
     text_docs: int = 40  # handbook pages for language modelling
     text_test_docs: int = 4  # further pages, held out for perplexity
+    # spoken questions answered in speech ("what comes after four" -> "five"): see make_spoken_questions
+    s2s_train: int = 360  # training questions, distinct (relation, digit, voice, rate) renderings
+    s2s_test: int = 30  # held-out questions, spoken at rates never heard in training
+    tts_test: int = 20  # held-out digit strings (the first of speech_digits_test) the model speaks, for TTS intelligibility
+    s2s_relations: list[str] = field(default_factory=lambda: ["after", "before"])  # of RELATIONS
+    s2s_monologue: bool = True  # the assistant writes its answer's text before speaking it (Moshi's inner monologue)
+    assistant_voice: str = "awb"  # the one voice answers and TTS speak in (pocketsphinx: 10 of 10 digit words, see README)
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        bad = [r for r in self.s2s_relations if r not in RELATIONS]
+        if bad or not self.s2s_relations:
+            raise ValueError(f"data.s2s_relations={self.s2s_relations}: give one or more of {sorted(RELATIONS)}")
+        if self.assistant_voice not in self.voices:
+            raise ValueError(f"data.assistant_voice={self.assistant_voice!r} is not among data.voices={self.voices}: "
+                             "pick one of them (flite voices: kal16, slt, rms, awb)")  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- rendering
@@ -183,14 +205,16 @@ def handbook_sentences(pages: list[Path], min_words: int = 4, max_words: int = 9
     return out
 
 
-def synthesize(items: list[tuple[str, str, str]], workers: int = 2) -> None:
-    """(text, voice, wav path) -> flite WAVs (16 kHz or 8 kHz mono, as the voice speaks)."""
+def synthesize(items: list[tuple], workers: int = 2) -> None:
+    """(text, voice, wav path[, duration stretch]) -> flite WAVs (16 kHz or 8 kHz mono, as the voice speaks);
+    a stretch above 1 speaks slower."""
     if shutil.which("flite") is None:
         raise FileNotFoundError("flite is not installed: apt-get install flite (bash setup.sh does, as root)")
 
-    def one(item: tuple[str, str, str]) -> None:
-        text, voice, path = item
-        subprocess.run(["flite", "-voice", voice, "-t", text, "-o", path], check=True, capture_output=True)
+    def one(item: tuple) -> None:
+        text, voice, path, *stretch = item
+        rate = ["--setf", f"duration_stretch={stretch[0]}"] if stretch else []
+        subprocess.run(["flite", "-voice", voice, *rate, "-t", text, "-o", path], check=True, capture_output=True)
 
     with ThreadPoolExecutor(workers) as pool:
         list(tqdm(pool.map(one, items), total=len(items), desc="flite", unit=" utterances", mininterval=2.0))
@@ -198,8 +222,9 @@ def synthesize(items: list[tuple[str, str, str]], workers: int = 2) -> None:
 
 def make_speech(out: Path, cfg: CorpusConfig, sentences: list[str]) -> dict[str, Path]:
     """flite speech: ``{split}.jsonl`` rows ``{id, audio, text, kind, voice}`` (kind: digits | sentence),
-    and ``digits_{split}.jsonl`` (the digit strings alone, for ASR); held-out digit strings and
-    sentences never occur in training."""
+    ``digits_{split}.jsonl`` (the digit strings alone, for ASR), ``tts_train.jsonl`` (the training digit
+    strings in the assistant's voice) and ``tts_test.jsonl`` (``{id, text}``: the held-out strings, for
+    TTS intelligibility); held-out digit strings and sentences never occur in training."""
     rng = random.Random(cfg.seed + 2)
     length = cfg.digits_length
     digits = lambda r: "".join(str(r.randrange(10)) for _ in range(length))  # noqa: E731
@@ -210,6 +235,15 @@ def make_speech(out: Path, cfg: CorpusConfig, sentences: list[str]) -> dict[str,
     rng.shuffle(sents)
     test_s, train_s = sents[: cfg.sentences_test], sents[cfg.sentences_test : cfg.sentences_test + cfg.sentences_train]
     paths, jobs = {}, []
+    # TTS speaks as the assistant does: the training digit strings again, all in its one voice (a text prompt
+    # says nothing of the voice: four voices would make the target a blur of them); held out: the test strings' text
+    (out / "tts").mkdir(parents=True, exist_ok=True)
+    tts = []
+    for i, v in enumerate(train_d):
+        tts.append({"id": f"tts-train-{i}", "audio": f"tts/{i:05d}.wav", "text": spoken_digits(v), "voice": cfg.assistant_voice})
+        jobs.append((tts[-1]["text"], cfg.assistant_voice, str(out / tts[-1]["audio"])))
+    paths["tts_train"] = _write_jsonl(out / "tts_train.jsonl", tts)
+    paths["tts_test"] = _write_jsonl(out / "tts_test.jsonl", [{"id": f"tts-test-{i}", "text": spoken_digits(v)} for i, v in enumerate(test_d[: cfg.tts_test])])
     for split, d_vals, s_vals in (("test", test_d, test_s), ("train", train_d, train_s)):
         (out / split).mkdir(parents=True, exist_ok=True)
         rows = []
@@ -222,6 +256,60 @@ def make_speech(out: Path, cfg: CorpusConfig, sentences: list[str]) -> dict[str,
         paths[split] = _write_jsonl(out / f"{split}.jsonl", rows)
         # ASR reads the digit strings only (see recipes/data/demo.yaml); TTS and the codec read both kinds
         paths[f"digits_{split}"] = _write_jsonl(out / f"digits_{split}.jsonl", [r for r in rows if r["kind"] == "digits"])
+    synthesize(jobs)
+    return paths
+
+
+def spoken_question(relation: str, digit: int) -> tuple[str, str]:
+    """("what comes after four", "five"): a question about a digit and its answer, both as words."""
+    step, words = RELATIONS[relation]
+    answer = digit + step
+    if not 0 <= answer <= 9:
+        raise ValueError(f"nothing comes {relation} {DIGIT_WORDS[digit]} among the digits")
+    return words.format(DIGIT_WORDS[digit]), DIGIT_WORDS[answer]
+
+
+def s2s_messages(question_audio: str, answer_audio: str, answer_text: str | None) -> list[dict[str, Any]]:
+    """A spoken question and its spoken answer as chat ``messages`` (the ``chat`` template): the user turn is
+    the question's audio, the assistant turn its answer's audio, after the answer's text when given (inner
+    monologue). Training learns exactly the assistant's content and end of turn; ``omnitrain eval``'s s2s
+    prompt is the same prefix up to the assistant's turn."""
+    reply = ([{"text": answer_text}] if answer_text is not None else []) + [{"audio": answer_audio}]
+    return [{"role": "user", "content": [{"audio": question_audio}]}, {"role": "assistant", "content": reply}]
+
+
+def make_spoken_questions(out: Path, cfg: CorpusConfig) -> dict[str, Path]:
+    """Spoken digit questions answered in speech (issue 23): ``train.jsonl`` chat records ``{id, messages,
+    question, answer, voice, rate}`` and ``test.jsonl`` (the held-out s2s manifest, ``{id, audio, answer,
+    question, voice, rate}``). Questions ("what comes after four") are spoken by every voice at flite rates
+    ``S2S_TRAIN_RATES``; held-out ones at ``S2S_TEST_RATES``, never heard in training. Answers ("five") are
+    spoken once per digit by ``cfg.assistant_voice``."""
+    facts = [(rel, d) for rel in cfg.s2s_relations for d in range(10) if 0 <= d + RELATIONS[rel][0] <= 9]
+    combos = {split: [(rel, d, v, r) for rel, d in facts for v in cfg.voices for r in rates]
+              for split, rates in (("train", S2S_TRAIN_RATES), ("test", S2S_TEST_RATES))}  # fmt: skip
+    for split, n in (("train", cfg.s2s_train), ("test", cfg.s2s_test)):
+        if not 0 < n <= len(combos[split]):
+            raise ValueError(f"data.s2s_{split}={n}: there are {len(combos[split])} distinct {split} questions "
+                             f"({len(facts)} facts x {len(cfg.voices)} voices x rates); give 1 to {len(combos[split])}")  # fmt: skip
+    rng = random.Random(cfg.seed + 3)
+    jobs, paths = [], {}
+    (out / "answers").mkdir(parents=True, exist_ok=True)
+    for word in sorted({spoken_question(rel, d)[1] for rel, d in facts}):
+        jobs.append((word, cfg.assistant_voice, str(out / "answers" / f"{word}.wav")))
+    for split in ("test", "train"):
+        (out / split).mkdir(parents=True, exist_ok=True)
+        rows = []
+        for i, (rel, d, voice, rate) in enumerate(rng.sample(combos[split], getattr(cfg, f"s2s_{split}"))):
+            question, answer = spoken_question(rel, d)
+            audio = f"{split}/{i:05d}.wav"
+            jobs.append((question, voice, str(out / audio), rate))
+            row = {"id": f"s2s-{split}-{i}", "question": question, "answer": answer, "voice": voice, "rate": rate}
+            if split == "train":
+                row["messages"] = s2s_messages(audio, f"answers/{answer}.wav", answer if cfg.s2s_monologue else None)
+            else:
+                row["audio"] = audio
+            rows.append(row)
+        paths[split] = _write_jsonl(out / f"{split}.jsonl", rows)
     synthesize(jobs)
     return paths
 
@@ -250,15 +338,17 @@ def make_corpus(out: Path, cfg: CorpusConfig) -> dict[str, Any]:
     forms = make_forms(out / "forms", cfg.forms_train, cfg.forms_test, cfg.seed)
     # sentences from pages the text LM does not read, so speech and text stay independent tasks
     speech = make_speech(out / "speech", cfg, handbook_sentences(pages[cfg.text_docs : len(pages) - cfg.text_test_docs]))
+    s2s = make_spoken_questions(out / "s2s", cfg)
     corpus = {
         "digits": {k: str(v) for k, v in digits.items()},
         "forms": {k: str(v) for k, v in forms.items()},
         "speech": {k: str(v) for k, v in speech.items()},
+        "s2s": {k: str(v) for k, v in s2s.items()},
         "photos": str(photos(out / "photos")),
         "text": {"train": [str(p) for p in text_train], "test": [str(p) for p in text_test]},
         "librivox": str(LIBRIVOX),
     }
-    counts = {name: {split: sum(1 for _ in open(p)) for split, p in corpus[name].items()} for name in ("digits", "forms", "speech")}
+    counts = {name: {split: sum(1 for _ in open(p)) for split, p in corpus[name].items()} for name in ("digits", "forms", "speech", "s2s")}
     corpus["counts"] = {**counts, "text": {"train": len(text_train), "test": len(text_test)}, "photos": len(list((out / "photos").glob("*.png")))}
     (out / "corpus.json").write_text(json.dumps(corpus, indent=2) + "\n")
     return corpus

@@ -9,7 +9,11 @@ demo's overrides (:func:`eval_overrides`), four harness tasks on splits no train
   corpus WER, ``basic`` normaliser so that each spoken digit stays a word). The handbook sentences
   train TTS and the codec, not ASR: open-vocabulary ASR is out of this budget's reach (measured, see
   ``recipes/data/demo.yaml``);
-* ``perplexity``: held-out handbook pages (teacher-forced, per text token; and bits per byte).
+* ``perplexity``: held-out handbook pages (teacher-forced, per text token; and bits per byte);
+* ``s2s``: held-out spoken questions ("what comes after four", at speaking rates never heard in training):
+  the spoken part of the model's reply, decoded by the codec and heard by pocketsphinx (the ten digit words), must be the answer;
+* ``tts``: held-out digit strings as words ("four zero seven"): the model speaks them, pocketsphinx (the ten
+  digit words) transcribes, WER against the text (``basic`` normaliser, as ``speech_wer``).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from omnitrain.eval.harness import run_eval
 from omnitrain.eval.report import CompareConfig, compare, write_report
@@ -30,15 +35,17 @@ from omnitrain.train.runlog import read_metrics
 ASR_MAX_TOKENS, ANSWER_MAX_TOKENS = 40, 8  # the longest reference is ~15 text tokens / 4
 TEXT_CHUNK_CHARS = 1200  # held-out text is scored in windows of about this many characters (~300 tokens)
 MODALITY_ORDER = ("text", "image", "audio")
+S2S_METRIC = "exact_match"  # omnitrain eval's s2s: the heard answer equals the expected one (normalised)
 
 
 def eval_overrides(model_path: Path, out_dir: Path, corpus: dict[str, Any], paths: TokenizerPaths, image_sizes: dict[str, int],
                    batch_size: int) -> list[str]:  # fmt: skip
-    """The ``omnitrain eval`` command line of the demo's tasks: reading, document QA, speech WER and
-    text perplexity, each image task at the size its training shards were built at."""
+    """The ``omnitrain eval`` command line of the demo's tasks: reading, document QA, speech WER, text
+    perplexity, speech to speech and TTS intelligibility, each image task at the size its training shards
+    were built at."""
     return ["model.kind=omnitrain", f"model.path={model_path}", f"model.tokenizers.text={paths.text}",
             f"model.tokenizers.image={paths.image}", f"model.tokenizers.audio={paths.audio}",
-            "tasks=[reading,docvqa,speech_wer,perplexity]",
+            "tasks=[reading,docvqa,speech_wer,perplexity,s2s,tts]",
             f"reading.path={corpus['digits']['test']}", f"reading.image_size={image_sizes['reading']}",
             f"reading.max_new_tokens={ANSWER_MAX_TOKENS}",
             f"docvqa.path={corpus['forms']['test']}", f"docvqa.image_size={image_sizes['doc_qa']}",
@@ -46,22 +53,35 @@ def eval_overrides(model_path: Path, out_dir: Path, corpus: dict[str, Any], path
             f"speech_wer.source={corpus['speech']['digits_test']}", "speech_wer.normalizer=basic", "speech_wer.prompt=Transcript:",
             f"speech_wer.max_new_tokens={ASR_MAX_TOKENS}",
             f"perplexity.paths=[{','.join(str(p) for p in corpus['text']['test'])}]", f"perplexity.chunk_chars={TEXT_CHUNK_CHARS}",
-            f"batch_size={batch_size}", f"out_dir={out_dir}", "report=false", "resume=false"]  # fmt: skip
+            # answers and TTS texts are digit words: heard as connected digits (pocketsphinx restricted to the ten digit
+            # words, as TIDIGITS is scored; open vocabulary it writes "for" and "to", evals/tts.yaml)
+            f"s2s.path={corpus['s2s']['test']}", "s2s.normalizer=basic", "s2s.asr=pocketsphinx_digits",
+            f"tts.source={corpus['speech']['tts_test']}", "tts.normalizer=basic", "tts.asr=pocketsphinx_digits",
+            # one torch thread: s2s / tts generate one item at a time (their latency is per item); on a busy 2-core machine
+            # 2 threads took 35-53 s per s2s item, 1 thread 2.7 s (the untrained demo model, load average 7)
+            "threads=1", f"batch_size={batch_size}", f"out_dir={out_dir}", "report=false", "resume=false"]  # fmt: skip
 
 
 def evaluate(model_path: Path, out_dir: Path, corpus: dict[str, Any], paths: TokenizerPaths, image_sizes: dict[str, int],
              compose: Callable[[str, list[str]], tuple[Any, dict[str, Any]]], batch_size: int = 16) -> dict[str, Any]:  # fmt: skip
     """Every demo task on the held-out splits through ``omnitrain eval`` itself (composed from
     ``recipes/eval.yaml`` as the command line does), into ``results.json`` + ``samples.jsonl`` in
-    ``out_dir``; adds the document-QA exact match of the same samples; returns the
+    ``out_dir``; adds the document-QA exact match and the s2s replies' text accuracy of the same samples; returns the
     ``tasks`` part of the results."""
     argv = eval_overrides(model_path, out_dir, corpus, paths, image_sizes, batch_size)
     eval_cfg, _ = compose("eval run", argv)
-    results = run_eval(eval_cfg)
+    threads = torch.get_num_threads()
+    try:
+        results = run_eval(eval_cfg)
+    finally:
+        torch.set_num_threads(threads)  # the eval sets its own (eval_overrides): training gets the demo's back
     samples = read_samples(Path(out_dir) / "samples.jsonl")
 
     results["tasks"]["docvqa"]["metrics"]["exact_match"] = metric([float(s["output"].strip().lower() in [a.lower() for a in s["target"]])
                                               for s in samples if s["task"] == "docvqa"])  # fmt: skip
+    # the reply's text before its speech (inner monologue): is the answer right in words, whatever the codec makes of the audio
+    results["tasks"]["s2s"]["metrics"]["monologue_exact_match"] = metric([float(" ".join(s["monologue"].lower().split()) in s["target"])
+                                                                 for s in samples if s["task"] == "s2s"])  # fmt: skip
     write_results(out_dir, results)
     write_report(results, Path(out_dir), None)
     print(f"eval {results['model']['name']} (step {results['model']['checkpoint_step']}): " + ", ".join(
@@ -141,6 +161,9 @@ TABLE = [  # (task, metric, label, higher is better)
     ("speech_wer", "wer", "ASR: WER on held-out spoken digit strings (flite, 4 voices)", False),
     ("speech_wer", "cer", "ASR: character error rate, same utterances", False),
     ("perplexity", "perplexity", "text: perplexity on held-out handbook pages", False),
+    ("s2s", S2S_METRIC, "speech to speech: held-out spoken questions answered right in speech (pocketsphinx, digit words)", True),
+    ("s2s", "monologue_exact_match", "speech to speech: the reply's text (inner monologue) is the answer", True),
+    ("tts", "wer", "TTS intelligibility: pocketsphinx WER (digit words) on held-out digit strings the model speaks", False),
 ]
 
 
@@ -204,7 +227,8 @@ def write_demo_report(run: Path, summary: dict[str, Any]) -> Path:
                 parts.append(f"[{p.split(' ->')[0][1:]}]({_rel(path, run)})")
             elif not p.startswith("<"):
                 parts.append(f"`{p[:160]}`" + (" ..." if len(p) > 160 else ""))
-        lines.append(f"- **{name}** (prompt `{_rel(g['prompt'], run)}`): " + " ".join(parts))
+        prompt = f"[{g.get('what', 'audio')}]({_rel(g['prompt'], run)})" if str(g["prompt"]).endswith(".wav") else f"`{_rel(g['prompt'], run)}`"
+        lines.append(f"- **{name}** (prompt {prompt}): " + " ".join(parts))
     lines += ["", "## Data", "", "| shard set | template | samples | text | image | audio tokens |", "|---|---|---:|---:|---:|---:|"]
     for name, s in summary["shards"].items():
         tok = s["tokens"]

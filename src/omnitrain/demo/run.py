@@ -2,8 +2,8 @@
 
 It is a small configuration of the real path, never a separate one: the corpus (``demo_data``)
 goes through the same tokenizer trainers, token layout, shard builder (the ``records`` /
-``image_folder`` / ``audio_folder`` pipelines with the caption, text-to-image, doc QA, ASR, TTS and
-text LM templates), the trainer (``experiment=demo`` composed by Hydra exactly as ``omnitrain
+``image_folder`` / ``audio_folder`` pipelines with the caption, text-to-image, doc QA, ASR, TTS, chat
+(spoken questions answered in speech) and text LM templates), the trainer (``experiment=demo`` composed by Hydra exactly as ``omnitrain
 train`` does, ``train_overrides`` on top), the eval harness's model adapter and metrics, and
 generation. The untrained model (the very weights training starts from, ``init_from``) and the
 trained one are evaluated on the same held-out sets; ``demo_report`` writes ``report.md``.
@@ -138,9 +138,10 @@ def shard_jobs(cfg: DemoConfig, corpus: dict[str, Any]) -> dict[str, PipelineCon
         "reading": _records("reading", "caption", [corpus["digits"]["train"]]),
         "digits_to_image": _records("digits_to_image", "text_to_image", [corpus["digits"]["train"]]),
         "doc_qa": _records("doc_qa", "doc_qa", [corpus["forms"]["train"]], columns={"question": "prompted_question"}),
-        "asr": _records("asr", "asr", [corpus["speech"]["digits_train"]]),  # sentences: TTS only (recipes/data/demo.yaml)
+        "asr": _records("asr", "asr", [corpus["speech"]["digits_train"]]),  # sentences: the codec only (recipes/data/demo.yaml)
         "librivox_asr": _pipeline("librivox_asr"),
-        "tts": _records("tts", "tts", [corpus["speech"]["train"]]),
+        "tts": _records("tts", "tts", [corpus["speech"]["tts_train"]]),  # digit strings in the assistant's voice
+        "s2s": _records("s2s", "chat", [corpus["s2s"]["train"]]),  # spoken question -> [answer text] spoken answer
     }
 
 
@@ -157,7 +158,7 @@ def run_demo(cfg: DemoConfig, compose: Compose) -> dict:
     st = Stages()
     summary: dict[str, Any] = {"load_average_start": os.getloadavg(), "cpus": os.cpu_count()}
 
-    st.start("corpus", "corpus: rendered digits and forms, flite speech, handbook text, scikit-image photos")
+    st.start("corpus", "corpus: rendered digits and forms, flite speech and spoken questions, handbook text, scikit-image photos")
     corpus = make_corpus(run / "data", cfg.data)
     c = corpus["counts"]
     summary["corpus"] = c
@@ -195,7 +196,7 @@ def run_demo(cfg: DemoConfig, compose: Compose) -> dict:
     summary["layout"] = {"hash": layout.hash, "vocab_size": layout.vocab_size}
     st.done(f"layout {layout.hash}, vocabulary {layout.vocab_size}")
 
-    st.start("shards", "token shards: text LM, captioning, reading, text -> image, document QA, ASR, TTS")
+    st.start("shards", "token shards: text LM, captioning, reading, text -> image, document QA, ASR, TTS, speech to speech")
     sizes = image_sizes(cfg)
     summary["shards"] = {}
     shutil.rmtree(run / "shards", ignore_errors=True)  # the tokenizers were just retrained: a new id space
@@ -290,19 +291,24 @@ def _train_eval_generate(cfg: DemoConfig, run: Path, corpus: dict[str, Any], tok
     summary["eval"] = {"init": before, "trained": after}
     st.done(_eval_line(after))
 
-    st.start("generate", "generation: a held-out number written as an image, spoken (TTS), and a photo captioned")
+    st.start("generate", "generation: a held-out number written as an image, spoken (TTS), a spoken question answered, a photo captioned")
     digits = read_jsonl(corpus["digits"]["test"])[0]["caption"]
+    question = read_jsonl(corpus["s2s"]["test"])[0]
     grid = [1 * 24 // 8, len(digits) * CELL_W // 8]  # [h, w] codes of one rendered line
     outputs = {}
     for name, changes in {
         "digits_to_image": {"text": digits, "output": "image", "image_grid": grid},
         "tts": {"text": spoken_digits(digits), "output": "audio"},
+        # the chat template's prefix, as the s2s training records: the reply is [its text] then its speech
+        "s2s": {"audios": [question["audio"]], "chat": True, "output": "text", "what": f"{question['question']} ({question['voice']})"},
         "caption": {"images": [str(Path(corpus["photos"]) / "astronaut.png")], "text": "Caption:", "output": "text"},  # the caption template's prompt
     }.items():
+        what = changes.pop("what", None)
         gen = GenerateConfig(run=run / "train", tokenizers=tokenizers, out_dir=run / "generate" / name, **changes,
                              media=MediaConfig(**{**vars(cfg.media), "image_size": cfg.photo_size}))  # fmt: skip
         gen.sampling.max_new_tokens, gen.sampling.temperature, gen.sampling.top_k = 400, 0.8, 50
-        outputs[name] = {"prompt": changes["images"][0] if "images" in changes else changes["text"], "parts": run_generate(gen)["samples"][0]["parts"]}
+        prompt = changes["images"][0] if "images" in changes else changes["audios"][0] if "audios" in changes else changes["text"]
+        outputs[name] = {"prompt": prompt, "parts": run_generate(gen)["samples"][0]["parts"], **({"what": what} if what else {})}
     summary["generate"] = outputs
     st.done("; ".join(f"{k}: {' '.join(v['parts'])[:80]}" for k, v in outputs.items()))
 
