@@ -127,6 +127,20 @@ def test_prompts_are_the_exact_prefixes_that_the_tts_and_chat_templates_train_on
     assert seen[1] == chat.ids[:start].tolist() and seen[2] == seen[1] + [system.layout.specials["boa"]]
 
 
+def test_a_reply_that_does_not_speak_within_max_text_tokens_ends_there(speakers, omni_model_dir, text_tokenizer_dir, items, monkeypatch):
+    """s2s mode=auto: the reply may talk before it speaks, but no more than max_text_tokens (an untrained model would
+    fill the whole budget with text)."""
+    monkeypatch.setattr(so, "load_asr", lambda cfg, device: HeardFive())
+    system = OmniModel(ModelSpec(path=str(speakers["delay"]), tokenizers=paths(omni_model_dir, text_tokenizer_dir)), 1)
+    o = so.S2STask(S2SConfig(path=str(items["s2s"]), max_text_tokens=3, max_audio_seconds=0.05)).run(system, None, progress=False)
+    for s in o.samples:
+        if s["frames"] == 0:  # it never opened an audio span: cut after 4 tokens, nothing heard
+            assert s["new_tokens"] == 4 and "max_text_tokens=3" in s["note"] and s["output"] == "" and s["latency_ms"] is None
+        else:
+            assert len(system.text_tok.encode(s["monologue"])) <= 3 and s["latency_ms"] > 0
+    assert o.metrics["spoke"]["value"] == sum(s["frames"] > 0 for s in o.samples) / 2
+
+
 def test_split_reply_takes_the_monologue_and_the_first_audio_span():
     layout = TokenLayout.build(1000, "synthetic", {"bos": 1, "eos": 2, "pad": 3}, audio_codebook_size=16, audio_levels=2)
     sp, base, C = layout.specials, layout.audio_base, 16
@@ -154,7 +168,7 @@ def test_flite_speech_of_the_prompt_scores_a_low_wer_and_silence_or_noise_about_
     (tmp_path / "t.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
 
     def voiced(kind: str):
-        def speak(system, prompt, cfg, max_new, stop, max_frames):
+        def speak(system, prompt, cfg, max_new, stop, max_frames, max_text_tokens=None):
             text = system.decode(prompt[1:-1])
             if kind == "flite":
                 wav = tmp_path / "f.wav"

@@ -88,7 +88,7 @@ class TTSConfig(SpeechOutputConfig):
 class S2SConfig(SpeechOutputConfig):
     path: str | None = None  # jsonl of {id, audio: question wav, answer: text, answers: [text, ...] optional}
     mode: str = "auto"  # auto: the model may say its text first, then speak | audio: the reply opens with <boa>
-    max_text_tokens: int = 32  # room for a text monologue before the audio
+    max_text_tokens: int = 32  # the longest text monologue before the audio (a reply that says more has no speech)
     max_audio_seconds: float = 4.0
 
 
@@ -256,24 +256,43 @@ def generation_model(system: Any) -> Any:
     return inner if inner is not None else system.model
 
 
-def speak(system: Any, prompt: list[int], cfg: SpeechOutputConfig, max_new_tokens: int, stop: list[str], max_frames: int) -> Spoken:
+class _NoSpeech(Exception):
+    """Raised from the generation's event callback to end a reply that has not opened an audio span in time."""
+
+
+def speak(system: Any, prompt: list[int], cfg: SpeechOutputConfig, max_new_tokens: int, stop: list[str], max_frames: int,
+          max_text_tokens: int | None = None) -> Spoken:  # fmt: skip
     """Generate one reply (batch 1, KV cache), decode its first audio span (at most ``max_frames``) to a 16 kHz wav,
-    time its first chunk."""
+    time its first chunk. ``max_text_tokens``: a reply that says more than this before opening an audio span is
+    ended there, without speech (an untrained model would otherwise talk text for the whole budget)."""
     from omnitrain.model import generate as gen  # looked up per call: tests may wrap gen.generate
 
     layout, media = system.layout, system.media()
     sp = layout.specials
     heard: dict[str, float] = {}
+    said: list[int] = []  # the ids before the audio span (what an aborted reply said)
     t0 = time.perf_counter()
 
     def on_event(row: int, kind: str, payload: object) -> None:
         if kind == "token" and payload == sp["eoa"] and "eoa" not in heard:
             heard["eoa"] = time.perf_counter() - t0  # a span shorter than a chunk: its end is its first chunk
+        if max_text_tokens is not None and "boa" not in heard:
+            if kind == "token" and payload == sp["boa"]:
+                heard["boa"] = time.perf_counter() - t0
+            elif isinstance(payload, int):
+                said.append(payload)
+                if len(said) > max_text_tokens:
+                    raise _NoSpeech
 
     sampling = gen.SamplingConfig(max_new_tokens=max_new_tokens, greedy=cfg.temperature == 0, temperature=max(cfg.temperature, 1e-6),
                                   top_k=cfg.top_k, stop=[[sp[s]] for s in stop], constrain=True,
                                   audio_chunk_frames=cfg.chunk_frames, seed=cfg.seed)  # fmt: skip
-    res = gen.generate(generation_model(system), layout, [prompt], sampling, on_event)
+    try:
+        res = gen.generate(generation_model(system), layout, [prompt], sampling, on_event)
+    except _NoSpeech:
+        text = system.decode([t for t in said if t < layout.text_vocab_size and t not in sp.values()]).strip()
+        return Spoken(text, np.zeros((0, layout.audio_levels), dtype=np.int64), np.zeros(0, dtype=np.float32), None, len(said),
+                      time.perf_counter() - t0, f"no audio span within max_text_tokens={max_text_tokens}")  # fmt: skip
     seconds = time.perf_counter() - t0
     new = res.tokens[0]
     text_ids, codes, closed = split_reply(new, layout, opened=prompt[-1] == sp["boa"])
@@ -343,7 +362,7 @@ class _SpeechOutputTask:
         self._asr: Any = None
 
     def _say_all(self, system: Any, prompts: list[list[int]], ids: list[str], max_new: int, stop: list[str], frames: int,
-                 progress: bool) -> tuple[list[dict[str, Any]], dict[str, Any]]:  # fmt: skip
+                 progress: bool, max_text_tokens: int | None = None) -> tuple[list[dict[str, Any]], dict[str, Any]]:  # fmt: skip
         """Generate, decode, write and transcribe every prompt; records in item order and the latency context."""
         if self._asr is None:
             self._asr = load_asr(self.cfg, str(system.spec.device))
@@ -356,7 +375,7 @@ class _SpeechOutputTask:
             rows = []
             mine = _mine(system, len(prompts))
             for i in tqdm(mine, desc=self.name, unit="item", disable=not progress, mininterval=2.0):
-                s = speak(system, prompts[i], self.cfg, max_new, stop, frames)
+                s = speak(system, prompts[i], self.cfg, max_new, stop, frames, max_text_tokens)
                 wav = folder / f"{ids[i].replace('/', '_')}.wav"
                 sf.write(str(wav), s.wav if len(s.wav) else np.zeros(1, np.float32), SAMPLE_RATE, subtype="PCM_16")
                 heard = self._asr.transcribe([str(wav)])[0] if len(s.codes) else ""
@@ -444,7 +463,8 @@ class S2STask(_SpeechOutputTask):
         # text, <boa>, audio, the end of the turn (a monologue shorter than max_text_tokens leaves its room to the audio)
         max_new = (self.cfg.max_text_tokens + 1 if output == "text" else 0) + audio_budget(model, layout, frames) + 1
         stop = [layout.chat_template.stop, "eos"]
-        rows, context = self._say_all(system, prompts, [str(it["id"]) for it in items], max_new, stop, frames, progress)
+        rows, context = self._say_all(system, prompts, [str(it["id"]) for it in items], max_new, stop, frames, progress,
+                                      self.cfg.max_text_tokens if output == "text" else None)
         norm = get_normalizer(self.cfg.normalizer)
         say = lambda t: " ".join(norm(t).split())  # noqa: E731
         exact = [float(any(say(r["transcript"]) == say(a) for a in it["answers"])) for it, r in zip(items, rows, strict=True)]
