@@ -85,6 +85,33 @@ def test_rebalance_acts_at_its_fraction_of_the_tolerance_and_only_warns_at_the_t
         GuardConfig(rebalance_at=1.5)
 
 
+def test_rebalance_relaxes_back_to_the_recipe_mixture_once_the_metric_is_well_within(shards):
+    said: list[str] = []
+    data = loader(shards)
+    origin = dict(data.shares)
+    cfg = GuardConfig(watch={"val/text/loss/text": WatchConfig(tolerance=0.2)}, action="rebalance", step=0.3, rebalance_at=0.5)
+    guard = Guard(cfg, data, said.append)
+    guard.observe(0, {"val/text/loss/text": 3.0})
+    guard.observe(2, {"val/text/loss/text": 3.15})  # past 0.1: raised by 0.3
+    assert data.shares["text"] == pytest.approx(origin["text"] + 0.3) and guard.raised() == ["text"]
+    guard.observe(4, {"val/text/loss/text": 3.07})  # within the trigger but not within half of it: held
+    assert data.shares["text"] == pytest.approx(origin["text"] + 0.3)
+    state = guard.state_dict()
+    row, _ = guard.observe(6, {"val/text/loss/text": 3.04})  # within 0.05: back toward the recipe, never past it
+    assert data.shares == pytest.approx(origin) and row["share_target/text"] == pytest.approx(origin["text"])
+    assert "back toward the recipe" in said[-1] and guard.changes[-1]["metrics"] == ["relax"]
+    assert guard.observe(8, {"val/text/loss/text": 2.9}) == ({"guard/degraded": 0.0}, False)  # at the recipe: nothing to do
+    resumed = Guard(cfg, loader(shards), said.append)  # a resumed run: the recipe's mixture from the checkpoint
+    resumed.loader.set_shares(dict(state["changes"][-1]["shares"]))
+    resumed.load_state_dict(state)
+    assert resumed.origin == pytest.approx(origin) and resumed.raised() == ["text"]
+    held = Guard(GuardConfig(watch=cfg.watch, action="rebalance", step=0.3, rebalance_at=0.5, relax=False), loader(shards))
+    held.observe(0, {"val/text/loss/text": 3.0})
+    held.observe(2, {"val/text/loss/text": 3.15})
+    held.observe(4, {"val/text/loss/text": 2.9})
+    assert held.loader.shares["text"] == pytest.approx(origin["text"] + 0.3)  # relax=False: only ever raised
+
+
 @pytest.mark.parametrize("workers,split", [(0, True), (2, True), (0, False)])
 def test_a_share_change_is_part_of_the_loaders_exact_resume_state(shards, workers, split):
     """Shares changed at batch 4, the state saved at batch 6: a new loader resumed from it gives the same batches."""

@@ -246,7 +246,8 @@ class OmniLoader:
     def set_shares(self, shares: dict[str, float]) -> None:
         """Change the mixture's token share per source (normalised; e.g. the forgetting guard, ``omnitrain.train.guard``).
         The readers restart from the position after the last batch handed out, and each stream's mixture counts from
-        here (not from the start: no burst of one source to catch up). Recorded in ``state_dict``: a resumed run reads
+        here (not from the start: no burst of one source to catch up). With ``split_documents`` the rest of a document
+        cut at the last row's end comes first (drawn before the change; at tiny batches it can fill the next one). Recorded in ``state_dict``: a resumed run reads
         the same batches."""
         if set(shares) != set(self.shares) or any(v < 0 for v in shares.values()) or sum(shares.values()) <= 0:
             raise ValueError(f"shares {shares}: give a share >= 0 for each source {list(self.shares)}, with a positive sum")

@@ -12,7 +12,10 @@ worse than ``baseline - tolerance`` (``+`` for lower-is-better metrics), the run
   text loss overshoot it by 0.2 nats before the new mixture turned it around), raises the mixture share of the sources that train that ability (the watch's ``sources``,
   or the sources whose tokens are mostly of its ``modality``) by ``step``, up to ``max_share`` together, the other
   sources scaled down in proportion (``OmniLoader.set_shares``: part of the loader's exact-resume state), and logs
-  every change (a line and ``share_target/<source>`` in metrics.jsonl);
+  every change (a line and ``share_target/<source>`` in metrics.jsonl). With ``relax`` (the default), once every
+  watched metric is back within half of ``rebalance_at`` x its tolerance, the shares step back toward the recipe's
+  mixture by ``step`` (never past it): a guard that only raises keeps starving the other modalities after the
+  danger has passed (measured in ``benchmarks/continue_pretrain.py``: text at 0.9 from step 4 to the end);
 * ``action=stop``: the loop saves a checkpoint and stops.
 
 The baselines and the changes made so far travel in the checkpoint's ``meta.json`` (``Guard.state_dict``).
@@ -53,6 +56,7 @@ class GuardConfig:
     step: float = 0.1  # rebalance: share (0-1) added to the watched sources at each degraded evaluation
     max_share: float = 0.9  # rebalance: the most the watched sources may take together
     rebalance_at: float = 0.5  # rebalance: act once a metric is this fraction of its tolerance worse (1: at the tolerance)
+    relax: bool = True  # rebalance: step back toward the recipe's shares once every watched metric is well within again
 
     def __post_init__(self) -> None:
         if not 0 < self.step <= 1 or not 0 < self.max_share <= 1:
@@ -75,6 +79,7 @@ class Guard:
         self.cfg, self.loader, self.say = cfg, loader, say
         self.baseline: dict[str, float] = {}
         self.changes: list[dict[str, Any]] = []  # every share change: step, metric, shares after
+        self.origin: dict[str, float] = dict(loader.shares)  # the recipe's mixture (a resumed run: from the checkpoint)
         for name, w in cfg.watch.items():
             unknown = [s for s in w.sources if s not in loader.shares]
             if unknown:
@@ -108,7 +113,19 @@ class Guard:
         out: dict[str, float] = {"guard/degraded": float(len(degraded))}
         if drifting and self.cfg.action == "rebalance":
             out.update(self.rebalance(step, drifting))
+        elif self.cfg.action == "rebalance" and self.cfg.relax and self.raised() and all(
+            self._worse(k, v) <= self.cfg.rebalance_at * self.cfg.watch[k].tolerance / 2 for k, v in seen.items()
+        ):  # every metric seen is well within again: back toward the recipe's mixture (hysteresis: half the trigger)
+            out.update(self.relax(step))
         return out, bool(degraded) and self.cfg.action == "stop"
+
+    def _worse(self, name: str, value: float) -> float:
+        base = self.baseline[name]
+        return base - value if higher_is_better(name, self.cfg.watch[name]) else value - base
+
+    def raised(self) -> list[str]:
+        """The sources whose share is above the recipe's."""
+        return [s for s, v in self.loader.shares.items() if v > self.origin.get(s, 0.0) + 1e-9]
 
     def targets(self, name: str) -> list[str]:
         """The sources that train the ability ``name`` measures."""
@@ -133,20 +150,34 @@ class Guard:
         if new <= now + 1e-9 or now >= 1 - 1e-9:
             self.say(f"guard: the share of {up} is at its bound ({now:.3f}, guard.max_share={self.cfg.max_share}): unchanged")
             return {}
+        return self._set(step, degraded, up, now, new)
+
+    def relax(self, step: int) -> dict[str, float]:
+        """Step the raised sources' share back toward the recipe's (by ``step``, never below it)."""
+        up = self.raised()
+        now, orig = sum(self.loader.shares[s] for s in up), sum(self.origin[s] for s in up)
+        return self._set(step, ["relax"], up, now, max(now - self.cfg.step, orig))
+
+    def _set(self, step: int, why: list[str], up: list[str], now: float, new: float) -> dict[str, float]:
+        """The sources ``up`` together from ``now`` to ``new``, each in proportion; the others share the rest alike."""
+        shares = dict(self.loader.shares)
         for s in shares:
             if s in up:
                 shares[s] = shares[s] * new / now if now > 0 else new / len(up)
             else:
                 shares[s] = shares[s] * (1 - new) / (1 - now)
         self.loader.set_shares(shares)
-        self.changes.append({"step": step, "metrics": degraded, "shares": dict(self.loader.shares)})
-        self.say(f"guard: step {step}, mixture shares now " + ", ".join(f"{s} {v:.3f}" for s, v in self.loader.shares.items()))
+        self.changes.append({"step": step, "metrics": why, "shares": dict(self.loader.shares)})
+        self.say(f"guard: step {step}, {'back toward the recipe' if why == ['relax'] else 'raised'}: mixture shares now "
+                 + ", ".join(f"{s} {v:.3f}" for s, v in self.loader.shares.items()))  # fmt: skip
         return {f"share_target/{s}": v for s, v in self.loader.shares.items()}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"baseline": dict(self.baseline), "changes": list(self.changes)}
+        return {"baseline": dict(self.baseline), "changes": list(self.changes), "origin": dict(self.origin)}
 
     def load_state_dict(self, state: dict[str, Any] | None) -> None:
-        """The baselines and changes of a checkpoint (its loader state holds the shares themselves)."""
+        """The baselines, changes and recipe mixture of a checkpoint (its loader state holds the shares themselves)."""
         state = state or {}
         self.baseline, self.changes = dict(state.get("baseline", {})), list(state.get("changes", []))
+        if state.get("origin") and set(state["origin"]) == set(self.loader.shares):
+            self.origin = dict(state["origin"])
