@@ -16,7 +16,7 @@ import pytest
 from omnitrain.cli import main
 from omnitrain.data.pipeline import build as build_mod
 from omnitrain.data.pipeline.build import build_shards
-from tests.data.test_pipeline import LIBRIVOX, SKIMAGE, make_cfg, media_ckpts, needs_librivox, read_back  # noqa: F401 (fixture)
+from tests.data.test_pipeline import LIBRIVOX, SKIMAGE, make_cfg, needs_librivox, read_back
 
 CLIP = "sense_and_sensibility_01_austen_64kb-0890"  # 5.3 s, 169,644 bytes: the 170 KB WAV
 

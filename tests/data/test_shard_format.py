@@ -19,7 +19,7 @@ from omnitrain.data.pipeline.build import build_shards
 from omnitrain.data.reading import read_shard_samples
 from omnitrain.data.shards import iter_shard, read_manifest
 from omnitrain.tokenizer.layout import TokenLayout
-from tests.data.test_pipeline import SKIMAGE, make_cfg, media_ckpts  # noqa: F401 (fixture)
+from tests.data.test_pipeline import SKIMAGE, make_cfg
 from tests.synthetic import make_shard_set, same_batch, small_layout
 
 

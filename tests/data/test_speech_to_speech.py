@@ -12,12 +12,18 @@ import numpy as np
 import pytest
 import torch
 
+from omnitrain.config import from_dict
 from omnitrain.data.loader import LoaderConfig, OmniLoader, SourceSpec
 from omnitrain.data.pipeline.build import BuildConfig, PipelineConfig, build_shards
 from omnitrain.data.pipeline.media import MediaConfig, MediaTokenizers
 from omnitrain.data.shards import iter_shard, read_manifest
-from omnitrain.demo.corpus import CorpusConfig, make_spoken_questions, read_jsonl, s2s_messages, spoken_question
-from omnitrain.config import from_dict
+from omnitrain.demo.corpus import (
+    CorpusConfig,
+    make_spoken_questions,
+    read_jsonl,
+    s2s_messages,
+    spoken_question,
+)
 from omnitrain.model.generate_command import GenerateConfig, build_prompt
 from omnitrain.tokenizer import bundle
 from omnitrain.tokenizer.bundle import TokenizerPaths
@@ -60,7 +66,7 @@ def test_spoken_answers_are_learned_exactly_and_the_eval_prompt_is_the_training_
     layout, text = loaded.layout, loaded.text
     media = MediaTokenizers(None, loaded.audio, MediaConfig(), layout.max_grid)
     sp = layout.specials
-    for (origin, s), row in zip(sorted(samples.items(), key=lambda kv: int(kv[0].rsplit(":", 1)[1])), rows, strict=True):
+    for (_origin, s), row in zip(sorted(samples.items(), key=lambda kv: int(kv[0].rsplit(":", 1)[1])), rows, strict=True):
         ids = s.ids.astype(np.int64)
         question = str(Path(records).parent / row["messages"][0]["content"][0]["audio"])
         answer_wav = str(Path(records).parent / row["messages"][1]["content"][-1]["audio"])
