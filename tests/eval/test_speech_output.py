@@ -97,6 +97,8 @@ def test_tts_and_s2s_run_end_to_end_in_every_layout(audio_layout, speakers, omni
     lat = [s["latency_ms"] for s in samples if s["task"] == "s2s"]
     assert s2s["metrics"]["latency_ms"]["value"] == pytest.approx(float(np.median(lat)))
     assert s2s["metrics"]["latency_ms_p90"]["value"] >= s2s["metrics"]["latency_ms"]["value"]
+    assert res["model"]["audio_layout"] == audio_layout  # results.json says which layout spoke
+    assert f"(audio layout {audio_layout})" in (out / "report.md").read_text()
     info = s2s["info"]
     assert info["audio_layout"] == audio_layout and info["device"] == "cpu" and info["gpt4o_latency_ms"] == 320
     assert info["model_parameters"] > 0 and info["chunk_ms"] == pytest.approx(30.0)

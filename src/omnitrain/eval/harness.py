@@ -393,7 +393,7 @@ class OmniModel(TextLM):
                          spec, batch_size, layout)  # fmt: skip
         meta = json.loads((model_dir / "config.json").read_text())
         self.info = {"kind": "omnitrain", "path": spec.path, "checkpoint_step": meta.get("step"), "layout_hash": layout.hash,
-                     "name": spec.name or (run.name if run.name != "model" else run.parent.name)}  # fmt: skip
+                     "audio_layout": model.cfg.audio_layout, "name": spec.name or (run.name if run.name != "model" else run.parent.name)}  # fmt: skip
 
     def media(self) -> Any:
         """The image tokenizer / audio codec, checked against the model's layout (loaded on first use)."""

@@ -84,7 +84,8 @@ def write_report(results: dict[str, Any], out_dir: Path, references: Path | None
     m = results["model"]
     name = m.get("name") or "model"
     lines = [f"# Eval report: {name}", "",
-             f"model `{m.get('path')}` ({m.get('kind')}), checkpoint step {m.get('checkpoint_step')}, layout `{m.get('layout_hash')}`, "
+             f"model `{m.get('path')}` ({m.get('kind')}), checkpoint step {m.get('checkpoint_step')}, layout `{m.get('layout_hash')}`"
+             + (f" (audio layout {m['audio_layout']})" if m.get("audio_layout") else "") + ", "
              f"git `{results.get('git_commit')}`, {results.get('created')}, results schema v{results['schema_version']}", "",
              "| task | metric | value ± stderr | n | items/s |", "|---|---|---:|---:|---:|"]  # fmt: skip
     for task, t in results["tasks"].items():

@@ -3,7 +3,7 @@
 ``results.json`` (``schema_version`` 1)::
 
     {"schema_version": 1, "created": iso time, "git_commit": "abc1234",
-     "model": {"name", "kind", "path", "checkpoint_step", "layout_hash", ...},
+     "model": {"name", "kind", "path", "checkpoint_step", "layout_hash", "audio_layout", ...},
      "config": {... the resolved eval config ...},
      "tasks": {"mmlu": {"metrics": {"acc": {"value", "stderr", "n"}, ...},
                         "groups": {"stem": {"acc": {...}}, "abstract_algebra": {...}, ...},
