@@ -102,6 +102,9 @@ GUARD_RUN = ["threads=1", "optim.lr=5e-4", "optim.warmup_steps=6", "freeze_warmu
              "+eval_in_training.tasks.mmlu.format=continuation"]  # fmt: skip
 GUARD = ["guard.action=rebalance", "guard.step=0.4", "guard.max_share=0.9", "guard.rebalance_at=0.25",
          f"+guard.watch={{val/text_heldout/loss/text:{{tolerance:{TEXT_BOUND}}}}}"]  # fmt: skip
+# the guard's stated cost: it keeps at least this share of the drop in held-out image and audio loss that the plain run
+# makes over the same steps (measured 0.64 / 0.63 at 24 steps, commit aceda2f, guard.relax on)
+KEPT_BOUND = 0.6
 TEXT, MMLU = "val/text_heldout/loss/text", "eval/mmlu/acc"
 
 
@@ -135,8 +138,9 @@ def guard_comparison(steps: int = 24, val_every: int = 1, eval_every: int = 12, 
         mmlu = [(r["step"], r[MMLU]) for r in metrics if MMLU in r]
         worst_text, worst_mmlu = max(text, key=lambda x: x[1]), min(mmlu, key=lambda x: x[1])
         last = [r for r in metrics if TEXT in r][-1]
-        shares = [r["share_target/text"] for r in metrics if "share_target/text" in r]
-        note = f"{steps} steps; guard raised the text share to {shares[-1]:.2f}" if shares else f"{steps} steps"
+        shares = [(r["step"], r["share_target/text"]) for r in metrics if "share_target/text" in r]  # logged when it changes
+        note = f"{steps} steps" + ("; the text source's share set by the guard (step: share): "
+                                   + ", ".join(f"{st}: {v:.2g}" for st, v in shares) if shares else "")  # fmt: skip
         rows += [
             {"metric": f"{name}: held-out text loss start", "value": text[0][1], "unit": "nats", "baseline": None, "note": note},
             {"metric": f"{name}: held-out text loss worst", "value": worst_text[1], "unit": "nats", "baseline": text[0][1],
@@ -158,6 +162,12 @@ def guard_comparison(steps: int = 24, val_every: int = 1, eval_every: int = 12, 
     for m in ("image", "audio"):  # the guard's cost: how much higher the other modalities end
         rows.append({"metric": f"guard cost: {m} loss end (guard - plain)", "value": by[f"guard: held-out {m} loss end"]
                      - by[f"plain: held-out {m} loss end"], "unit": "nats", "baseline": None, "note": ""})  # fmt: skip
+    for m in ("image", "audio"):  # the stated cost: the guard keeps at least KEPT_BOUND of the plain run's drop
+        drop = {n: by[f"{n}: held-out {m} loss end"] - next(r["baseline"] for r in rows if r["metric"] == f"{n}: held-out {m} loss end")
+                for n in runs}  # fmt: skip
+        kept = drop["guard"] / drop["plain"] if drop["plain"] < 0 else float("nan")
+        rows.append({"metric": f"guard cost: {m} loss drop kept (guard / plain)", "value": kept, "unit": "ratio", "baseline": None,
+                     "note": f"stated bound >= {KEPT_BOUND}: {'met' if kept >= KEPT_BOUND else 'NOT met'}"})  # fmt: skip
     rows.append({"metric": "guard cost: wall time (guard - plain)", "value": by["guard: wall time"] - by["plain: wall time"],
                  "unit": "s", "baseline": None, "note": ""})  # fmt: skip
     from _table import print_rows
