@@ -149,6 +149,12 @@ def test_reduced_demo_runs_every_stage_and_training_lowers_every_modality_traini
         assert res["tasks"]["reading"]["metrics"]["exact_match"]["n"] == 8 and res["tasks"]["speech_wer"]["metrics"]["wer"]["n"] == 6  # the digit strings
         assert res["tasks"]["s2s"]["metrics"][S2S_METRIC]["n"] == 4 and res["tasks"]["tts"]["metrics"]["wer"]["n"] > 0  # held-out questions, strings
         assert (run / "eval" / which / "samples.jsonl").is_file()
+        assert res["model"]["audio_layout"] == "delay"  # the demo's layout (recipes/experiment/demo.yaml)
+    # the bound of the speech-output rows: the codec's round trip of the held-out recordings of the texts TTS speaks
+    ceiling, tts_n = summary["codec_ceiling"], res["tasks"]["tts"]["metrics"]["wer"]["n"]
+    assert ceiling["recorded"]["n"] == ceiling["round_trip"]["n"] == tts_n
+    assert [s["text"] for s in ceiling["samples"]] == [json.loads(x)["text"] for x in (run / "data" / "speech" / "tts_test.jsonl").read_text().splitlines()]
+    assert len(list((run / "eval" / "codec_ceiling").glob("*.wav"))) == tts_n
     # training lowered the training loss of each modality (mean of the first vs the last logged steps): the optimizer
     # and the per-modality loss work. Measured over seeds 0-3 and AVX-512/AVX2 kernels, the smallest drop is 1.05 nats
     # (text 7.4-7.7 -> 5.8-6.4, image 8.9-9.4 -> 5.9-6.8, audio 7.0-8.2 -> 3.2-3.5), the spread between 1 and 2
@@ -160,6 +166,7 @@ def test_reduced_demo_runs_every_stage_and_training_lowers_every_modality_traini
     assert list((run / "generate" / "digits_to_image").glob("*.png")) and list((run / "generate" / "tts").glob("*.wav"))
     assert (run / "generate" / "s2s" / "result.json").is_file()  # a held-out spoken question answered (text, audio or both)
     report = (run / "report.md").read_text()
+    assert "pocketsphinx hears its round trip" in report
     assert "| task | untrained | trained |" in report and "loss_curves.png" in report and ".wav)" in report and ".png)" in report
     # the before/after table is read from the two results.json files and says which way each metric moved. Whether
     # the trained model beats the untrained one on held-out data after 40 steps is not asserted: that is what the

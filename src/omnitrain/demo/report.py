@@ -89,6 +89,20 @@ def evaluate(model_path: Path, out_dir: Path, corpus: dict[str, Any], paths: Tok
     return results["tasks"]
 
 
+def codec_ceiling(corpus: dict[str, Any], paths: TokenizerPaths, out_dir: Path, n: int) -> dict[str, Any]:
+    """The best the speech-output rows can score with the demo's codec: the held-out recordings of the first ``n``
+    digit strings (the texts the ``tts`` row speaks, in the four flite voices) and their codec round trip, heard by
+    the same ASR as the ``tts`` and ``s2s`` rows (pocketsphinx on the digit words, ``basic`` normaliser)."""
+    from omnitrain.demo.corpus import read_jsonl
+    from omnitrain.eval.speech_output import TTSConfig, load_asr
+    from omnitrain.eval.speech_output import codec_ceiling as measure
+    from omnitrain.tokenizer.audio import load_audio_codec
+
+    asr = load_asr(TTSConfig(source=str(corpus["speech"]["tts_test"]), asr="pocketsphinx_digits"))
+    items = read_jsonl(corpus["speech"]["digits_test"])[:n]
+    return measure(load_audio_codec(paths.audio), items, asr, out_dir, normalizer="basic")
+
+
 # ----------------------------------------------------------------------------- training curves
 def loss_drop(rows: list[dict[str, Any]], window: int = 10) -> dict[str, dict[str, float]]:
     """Per modality: mean loss over the first and the last ``window`` logged steps that saw it."""
@@ -206,6 +220,13 @@ def write_demo_report(run: Path, summary: dict[str, Any]) -> Path:
     for r in table:
         lines.append(f"| {r['label']} ({'higher' if r['higher_is_better'] else 'lower'} is better) | {r['before']:.3f} | "
                      f"{r['after']:.3f} | {r['n']} | {'yes' if r['better'] else '**no**'} |")  # fmt: skip
+    ceiling = summary.get("codec_ceiling")
+    if ceiling:
+        rec, trip = ceiling["recorded"], ceiling["round_trip"]
+        lines += ["", f"The speech-output rows (speech to speech, TTS) are heard through the demo's codec: pocketsphinx hears its "
+                  f"round trip (encode, decode) of {trip['n']} held-out digit-string recordings at WER **{trip['value']:.3f}** "
+                  f"(the recordings themselves: {rec['value']:.3f}). A model that spoke the exact codes of a recording would "
+                  f"score the former: it bounds these rows (wavs: `eval/codec_ceiling/`)."]  # fmt: skip
     compare(CompareConfig(results=[str(run / "eval" / "init"), str(run / "eval" / "trained")], out_dir=run / "eval" / "compare"))
     lines += ["", "Results: `eval/init/results.json`, `eval/trained/results.json` (per-item outputs in `samples.jsonl`; "
               "`omnitrain eval compare` of the two: `eval/compare/`).", "",

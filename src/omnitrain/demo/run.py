@@ -36,7 +36,14 @@ from omnitrain.demo.corpus import (
     spoken_digits,
     tokenizer_inputs,
 )
-from omnitrain.demo.report import ANSWER_MAX_TOKENS, TEXT_CHUNK_CHARS, evaluate, loss_drop, write_demo_report
+from omnitrain.demo.report import (
+    ANSWER_MAX_TOKENS,
+    TEXT_CHUNK_CHARS,
+    codec_ceiling,
+    evaluate,
+    loss_drop,
+    write_demo_report,
+)
 from omnitrain.eval.in_training import build_evaluator
 from omnitrain.model.generate_command import GenerateConfig, run_generate
 from omnitrain.model.io import save_model
@@ -273,7 +280,9 @@ def _train_eval_generate(cfg: DemoConfig, run: Path, corpus: dict[str, Any], tok
     init.set_modalities(layout.modality_of(np.arange(layout.vocab_size)))
     save_model(init, run / "init" / "model", run, {"step": 0, "tokens": 0})
     before = evaluate(run / "init", run / "eval" / "init", corpus, tokenizers, image_sizes(cfg), compose, cfg.eval_batch_size)
-    st.done(_eval_line(before))
+    summary["codec_ceiling"] = codec_ceiling(corpus, tokenizers, run / "eval" / "codec_ceiling", cfg.data.tts_test)
+    trip = summary["codec_ceiling"]
+    st.done(_eval_line(before) + f"; codec round trip heard at WER {trip['round_trip']['value']:.3f} (recordings {trip['recorded']['value']:.3f})")
 
     st.start("train", "training: the tiny omni model on all shard sets (recipes/experiment/demo.yaml, Fabric)")
     shutil.rmtree(run / "train", ignore_errors=True)  # new tokenizers, new shards: a new run

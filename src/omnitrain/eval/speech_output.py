@@ -225,6 +225,38 @@ def resample(wav: np.ndarray, rate: int) -> np.ndarray:
     return resample_poly(wav, SAMPLE_RATE // g, rate // g).astype(np.float32)
 
 
+# ----------------------------------------------------------------------------- the codec's ceiling
+def codec_ceiling(codec: Any, items: list[dict[str, Any]], asr: Any, out_dir: str | Path, normalizer: str = "whisper") -> dict[str, Any]:
+    """What the speech-output scores can reach at best with this codec: reference recordings (``items``: ``audio``
+    path, ``text``) and their codec round trip (encode, decode) heard by the same ASR, WER against the text. A model
+    that spoke every item's exact codes would score the round trip's WER; the recordings' WER is the ASR's own floor.
+    The round trips are written to ``out_dir`` as 16 kHz wavs."""
+    import torch
+
+    from omnitrain.eval.metrics import corpus_wer
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rate = int(codec.sample_rate)
+    trips = []
+    for i, it in enumerate(items):
+        wav = read_16k(it["audio"])
+        if rate != SAMPLE_RATE:
+            from scipy.signal import resample_poly
+
+            g = gcd(rate, SAMPLE_RATE)
+            wav = resample_poly(wav, rate // g, SAMPLE_RATE // g).astype(np.float32)
+        with torch.no_grad():
+            y = codec.decode(codec.encode(torch.from_numpy(wav)[None, None]))[0, 0, : len(wav)].float().cpu().numpy()
+        trips.append(str(out_dir / f"{i:05d}.wav"))
+        sf.write(trips[-1], resample(y, rate), SAMPLE_RATE)
+    refs = [it["text"] for it in items]
+    recorded, round_trip = asr.transcribe([str(it["audio"]) for it in items]), asr.transcribe(trips)
+    wer = {name: corpus_wer(refs, hyps, normalizer=normalizer) for name, hyps in (("recorded", recorded), ("round_trip", round_trip))}
+    return {name: {"value": w["wer"], "stderr": w["stderr"], "n": w["n"]} for name, w in wer.items()} | {
+        "samples": [{"text": r, "recorded": a, "round_trip": b, "wav": t} for r, a, b, t in zip(refs, recorded, round_trip, trips, strict=True)]}
+
+
 # ----------------------------------------------------------------------------- generation
 def split_reply(new: list[int], layout: Any, opened: bool) -> tuple[list[int], np.ndarray, bool]:
     """Generated ids -> (text ids before the first audio span, that span's codes [F, K], whether it was closed).
