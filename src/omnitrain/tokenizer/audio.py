@@ -39,6 +39,10 @@ CHECKPOINT_KIND = "omnitrain.audio_codec"
 class AudioCodecConfig:
     """Architecture of :class:`RVQAudioCodec`. ``frame_rate = sample_rate / prod(strides)``."""
 
+    # conv: the SEANet-like network, trained end to end | mel: RVQ of log-mel frames, Griffin-Lim decoder, k-means
+    # codebooks (omnitrain.tokenizer.mel_codec: intelligible after seconds of fitting, where the conv codec needs far
+    # more training than a CPU gives it)
+    kind: Literal["conv", "mel"] = "conv"
     sample_rate: Literal[16000, 24000] = 16000
     channels: int = 16  # C of the first conv; doubles after every stride
     strides: list[int] = field(default_factory=lambda: [4, 5, 8])  # encoder order; hop = product (160: 100 Hz)
@@ -51,6 +55,9 @@ class AudioCodecConfig:
     ema_decay: float = 0.95  # codebook EMA; 0.99 (EnCodec) is slow for short runs
     dead_code_threshold: float = 0.5  # restart a code whose EMA count per batch falls below this
     quantizer_dropout: float = 0.0  # fraction of training rows that use only a random prefix of levels
+    n_mels: int = 64  # kind=mel: mel bands, the code vector size (latent_dim is unused)
+    mel_hop: int = 128  # kind=mel: analysis hop in samples (n_fft 4x); must divide the codec's hop
+    griffin_lim_iters: int = 48  # kind=mel: phase reconstruction rounds of the decoder
 
     def __post_init__(self) -> None:
         if not self.strides or any(s < 1 for s in self.strides):
@@ -71,6 +78,15 @@ class AudioCodecConfig:
             raise ValueError(f"ema_decay={self.ema_decay} must be in [0, 1), e.g. 0.95")
         if not 0.0 <= self.quantizer_dropout <= 1.0:
             raise ValueError(f"quantizer_dropout={self.quantizer_dropout} must be in [0, 1]")
+        if self.kind == "mel" and (self.mel_hop < 1 or self.hop % self.mel_hop or self.n_mels < 1 or self.griffin_lim_iters < 0):
+            raise ValueError(f"kind=mel: mel_hop={self.mel_hop} must divide the hop {self.hop} (product of strides), "
+                             f"n_mels={self.n_mels} >= 1 and griffin_lim_iters={self.griffin_lim_iters} >= 0, e.g. mel_hop=128 "
+                             "for hop 640 (25 Hz at 16 kHz)")  # fmt: skip
+
+    @property
+    def code_dim(self) -> int:
+        """The size of a code vector: the latent (conv) or the mel frame (mel)."""
+        return self.n_mels if self.kind == "mel" else self.latent_dim
 
     @property
     def hop(self) -> int:
@@ -189,7 +205,7 @@ class ResidualVQ(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.levels = nn.ModuleList(
-            EMACodebook(cfg.codebook_size, cfg.latent_dim, cfg.ema_decay, cfg.dead_code_threshold)
+            EMACodebook(cfg.codebook_size, cfg.code_dim, cfg.ema_decay, cfg.dead_code_threshold)
             for _ in range(cfg.n_levels)
         )
 
@@ -235,15 +251,20 @@ class RVQAudioCodec(nn.Module):
     def __init__(self, cfg: AudioCodecConfig):
         super().__init__()
         self.cfg = cfg
-        self.encoder = _encoder(cfg)
+        if cfg.kind == "mel":
+            from omnitrain.tokenizer.mel_codec import GriffinLimDecoder, MelEncoder
+
+            self.encoder: nn.Module = MelEncoder(cfg.sample_rate, cfg.hop, cfg.mel_hop, cfg.n_mels)
+            self.decoder: nn.Module = GriffinLimDecoder(cfg.sample_rate, cfg.hop, cfg.mel_hop, cfg.n_mels, cfg.griffin_lim_iters)
+        else:
+            self.encoder, self.decoder = _encoder(cfg), _decoder(cfg)
         self.quantizer = ResidualVQ(cfg)
-        self.decoder = _decoder(cfg)
         self.codebook_size, self.n_levels = cfg.codebook_size, cfg.n_levels
         self.sample_rate, self.frame_rate, self.hop = cfg.sample_rate, cfg.frame_rate, cfg.hop
 
     @property
     def device(self) -> torch.device:
-        return next(self.parameters()).device
+        return self.quantizer.levels[0].embed.device  # (a mel codec has buffers only)
 
     @property
     def fingerprint(self) -> str:

@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from omnitrain.config import to_dict
 from omnitrain.tokenizer.audio import AudioCodecConfig, RVQAudioCodec
 from omnitrain.tokenizer.audio_io import list_audio_files, read_audio, read_hf_audio, write_wav
+from omnitrain.tokenizer.mel_codec import fit_codebooks, mel_filterbank  # noqa: F401 (mel_filterbank: re-exported)
 
 
 @dataclass
@@ -194,17 +195,6 @@ def sample_batch(clips: list[np.ndarray], batch: int, length: int, rng: np.rando
 # ------------------------------------------------------------------------------- losses/metrics
 
 
-def mel_filterbank(sample_rate: int, n_fft: int, n_mels: int) -> torch.Tensor:
-    """Triangular HTK-mel filters [M, n_fft//2+1], unit peak, spanning 0..sample_rate/2."""
-    hz_to_mel = lambda f: 2595.0 * np.log10(1.0 + f / 700.0)  # noqa: E731
-    mel_to_hz = lambda m: 700.0 * (10.0 ** (m / 2595.0) - 1.0)  # noqa: E731
-    edges = mel_to_hz(np.linspace(0.0, hz_to_mel(sample_rate / 2), n_mels + 2))  # [M+2] band edges in Hz
-    freqs = np.linspace(0.0, sample_rate / 2, n_fft // 2 + 1)  # [n_fft/2+1]
-    lo, mid, hi = edges[:-2, None], edges[1:-1, None], edges[2:, None]  # [M, 1] each
-    fb = np.maximum(0.0, np.minimum((freqs - lo) / (mid - lo), (hi - freqs) / (hi - mid)))  # [M, n_fft/2+1]
-    return torch.from_numpy(fb.astype(np.float32))
-
-
 def stft_mag(wav: torch.Tensor, n_fft: int) -> torch.Tensor:
     """wav [B, 1, S] -> magnitude [B, n_fft//2+1, F] (Hann window, hop n_fft/4)."""
     window = torch.hann_window(n_fft, device=wav.device)
@@ -313,12 +303,18 @@ def train_audio_codec(cfg: AudioTrainConfig) -> dict[str, Any]:
     rng = np.random.default_rng(cfg.seed)
     codec = RVQAudioCodec(cfg.model).to(device)
     init_metrics, _ = evaluate_codec(codec.eval(), eval_clips)
-    opt = torch.optim.AdamW(codec.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), weight_decay=cfg.optim.weight_decay)
+    t0, history = time.perf_counter(), []
+    if cfg.model.kind == "mel":  # no network: k-means of the training clips' log-mel frames, `steps` Lloyd rounds per level
+        frames = torch.cat([codec.encoder(codec._pad(torch.from_numpy(c)[None, None].to(device)))[0].T for c in train_clips])
+        rms = fit_codebooks(codec.quantizer, frames, cfg.steps, cfg.seed)
+        history = [{"level": k, "residual_rms": r} for k, r in enumerate(rms)]
+        print(f"mel codec: k-means of {len(frames):,} frames, residual RMS per level {', '.join(f'{r:.3f}' for r in rms)}")
+    steps = 0 if cfg.model.kind == "mel" else cfg.steps
+    opt = torch.optim.AdamW(codec.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), weight_decay=cfg.optim.weight_decay) if steps else None
     fb = mel_filterbank(rate, 1024, cfg.loss.n_mels).to(device)
     seg = int(cfg.data.segment_seconds * rate)
     codec.train()
-    t0, history = time.perf_counter(), []
-    bar = tqdm(range(cfg.steps), desc="train audio codec", mininterval=2.0)
+    bar = tqdm(range(steps), desc="train audio codec", mininterval=2.0)
     for step in bar:
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg.optim, cfg.steps)
