@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -80,6 +80,7 @@ class DemoConfig:
     photo_size: int = 64  # longest side of the photos in the shards (forms: 128; digits: their rendered width)
     report_languages: list[str] = field(default_factory=list)  # tokenizer report; empty: all 20
     train_steps: int = 600  # steps of `omnitrain train experiment=demo` (0: stop after the shards)
+    audio_layout: Literal["flat", "delay", "depth"] = "delay"  # the trained model's model.audio_layout (recipes/demo.yaml says why)
     train_overrides: list[str] = field(default_factory=list)  # more overrides for the training recipe
     eval_every: int = 100  # in-training eval (perplexity, reading) every N training steps, for the report's curves; 0: off
     eval_batch_size: int = 16
@@ -267,7 +268,7 @@ def _train_eval_generate(cfg: DemoConfig, run: Path, corpus: dict[str, Any], tok
                          st: Stages, summary: dict[str, Any], compose: Compose) -> None:  # fmt: skip
     overrides = [f"run_dir={run / 'train'}", f"steps={cfg.train_steps}", "resume=never", f"init_from={run / 'init' / 'model'}",
                  *(f"data.sources.{k}.path={run / 'shards' / k}" for k in summary["shards"]),
-                 *in_training_overrides(cfg, corpus, tokenizers), *cfg.train_overrides]  # fmt: skip
+                 f"model.audio_layout={cfg.audio_layout}", *in_training_overrides(cfg, corpus, tokenizers), *cfg.train_overrides]  # fmt: skip
     train_cfg, plain = compose("train", overrides)
     missing = set(summary["shards"]) ^ set(train_cfg.data.sources)
     if missing:

@@ -204,7 +204,7 @@ class TrainingModel(OmniModel):
         TextLM.__init__(self, self.forward, self.text_tok.encode, self.text_tok.decode, [sp["bos"]], [sp["eos"]], spec,
                         batch_size, layout)  # fmt: skip
         self.info = {"kind": "omnitrain", "path": str(run.cfg.run_dir), "checkpoint_step": None, "layout_hash": layout.hash,
-                     "audio_layout": run.cfg.model.audio_layout, "name": f"{Path(run.cfg.run_dir).name} (in training)", "in_training": True}  # fmt: skip
+                     "audio_layout": self.inner.cfg.audio_layout, "name": f"{Path(run.cfg.run_dir).name} (in training)", "in_training": True}  # fmt: skip
 
     def _reduce(self, t: torch.Tensor) -> torch.Tensor:
         return self.fabric.all_reduce(t, reduce_op="sum") if self.world > 1 else t
