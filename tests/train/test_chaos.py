@@ -71,8 +71,16 @@ def test_a_store_down_after_the_retries_saves_where_the_data_stopped_and_the_res
     assert same_weights(tmp_path / "ref", run_dir) == 0.0
 
 
+# every step of the chaos runs takes at least this long: the tiny model's steps took ~10 ms on a quiet machine, so the
+# rest of a run could end inside the harness's pause before its kill (seed 1 killed once, not twice, on a fresh machine)
+STEP_FLOOR_S = 0.1
+
+
 def _train_process(shards: dict[str, Path], run_dir: Path, *extra: str) -> subprocess.Popen:
-    code = "import sys; from omnitrain.cli import main; sys.exit(main(sys.argv[1:]))"
+    code = ("import sys, time; from omnitrain.cli import main; from omnitrain.train import loop\n"
+            "step = loop.train_step\n"
+            f"def slow(*a, **k):\n    t0 = time.perf_counter(); out = step(*a, **k)\n    time.sleep(max(0.0, {STEP_FLOOR_S} - (time.perf_counter() - t0)))\n    return out\n"
+            "loop.train_step = slow\nsys.exit(main(sys.argv[1:]))")  # fmt: skip
     return subprocess.Popen([sys.executable, "-c", code, *cli(shards, run_dir, *extra)], stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)  # fmt: skip
 
@@ -93,8 +101,9 @@ def test_chaos_kills_a_corrupted_checkpoint_and_a_truncated_shard_end_on_the_uni
         done = max(saved, default=0)  # where the next attempt resumes (or a checkpoint before it, if damaged)
         proc = _train_process(shards, run_dir, *skip)
         first = max(done + 1, 3)  # past the first checkpoint (step 2), so there is one to damage
-        if kills < 3 and first < CHAOS_STEPS:  # SIGKILL once the run reaches a random step past where it stands
-            target, deadline = rng.randint(first, min(first + 3, CHAOS_STEPS - 1)), time.monotonic() + 300
+        if kills < 3 and first < CHAOS_STEPS - 3:  # SIGKILL once the run reaches a random step past where it stands
+            # at least 3 steps (>= 3 x STEP_FLOOR_S, more than the longest pause below) after the target: the kill lands
+            target, deadline = rng.randint(first, max(first, min(first + 3, CHAOS_STEPS - 3))), time.monotonic() + 300
             while proc.poll() is None and time.monotonic() < deadline:
                 if run_dir.exists() and max((r["step"] for r in read_metrics(run_dir)), default=0) >= target:
                     time.sleep(rng.choice([0.0, 0.05, 0.2]))  # in the step, or in the checkpoint write after it
