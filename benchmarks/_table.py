@@ -1,6 +1,23 @@
-"""The printed table every benchmark ends with (its rows follow run_all.py's convention)."""
+"""What the benchmarks share: the printed table every one ends with (its rows follow run_all.py's convention), and
+a fixed number of torch threads while one runs."""
 
 from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+
+@contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """torch with ``n`` threads inside, its setting back after."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def print_rows(rows: list[dict], value_label: str = "value", baseline_label: str = "baseline", notes: bool = False) -> None:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from _table import print_rows  # benchmarks/ is on sys.path when these run
+from _table import print_rows, torch_threads  # benchmarks/ is on sys.path when these run
 
 from omnitrain.config import from_dict
 from omnitrain.tokenizer.audio import load_audio_codec
@@ -87,12 +87,8 @@ def encode_throughput(codec: torch.nn.Module, clips: list[np.ndarray], rate: int
 
 
 def run(quick: bool) -> list[dict]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # shared 2-core machines: a 2nd OpenMP thread next to a busy neighbour stalls 3-5x
-    try:
+    with torch_threads(1):  # shared 2-core machines: a 2nd OpenMP thread next to a busy neighbour stalls 3-5x
         return _run(quick)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _run(quick: bool) -> list[dict]:

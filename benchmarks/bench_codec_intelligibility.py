@@ -70,12 +70,10 @@ def decode_throughput(codec: torch.nn.Module, seconds: float = 10.0) -> float:
 
 
 def run(quick: bool = False) -> list[dict]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as the demo's codec stage (tokenizer_threads=1)
-    try:
+    from _table import torch_threads
+
+    with torch_threads(1):  # as the demo's codec stage (tokenizer_threads=1)
         return _run(quick)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _run(quick: bool) -> list[dict]:

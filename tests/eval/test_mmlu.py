@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -33,44 +34,36 @@ def test_few_shot_prompt_puts_answered_dev_examples_between_description_and_ques
                  "What is the unit of force?\nA. joule\nB. newton\nC. watt\nD. pascal\nAnswer:")  # fmt: skip
 
 
-@pytest.mark.skipif(importlib.util.find_spec("lm_eval") is None, reason="pip install lm-eval")
-def test_prompt_equals_lm_eval_rendering_of_its_own_task_yaml():
-    """Render lm-eval's installed mmlu yaml (jinja doc_to_text, description, delimiters) and compare."""
+needs_lm_eval = pytest.mark.skipif(importlib.util.find_spec("lm_eval") is None, reason="pip install lm-eval")
+
+
+def lm_eval_mmlu(variant: str, template_file: str) -> tuple[dict, dict, Any]:
+    """lm-eval's installed mmlu ``variant`` task files: (template yaml, high_school_physics yaml, doc -> prompt)."""
     import jinja2
     import yaml
 
-    folder = Path(importlib.util.find_spec("lm_eval").origin).parent / "tasks" / "mmlu" / "default"
-    template = yaml.safe_load((folder / "_default_template_yaml").read_text())
+    folder = Path(importlib.util.find_spec("lm_eval").origin).parent / "tasks" / "mmlu" / variant
+    template = yaml.safe_load((folder / template_file).read_text())
     task = yaml.safe_load((folder / "mmlu_high_school_physics.yaml").read_text())
     render = jinja2.Template(template["doc_to_text"], keep_trailing_newline=True).render
+    return template, task, lambda q: render(question=q.question, choices=q.choices, answer=q.answer)
 
-    def doc(q: Question) -> dict:
-        return {"question": q.question, "choices": q.choices, "answer": q.answer}
 
+@needs_lm_eval
+def test_prompt_equals_lm_eval_rendering_of_its_own_task_yaml():
+    """Render lm-eval's installed mmlu yaml (jinja doc_to_text, description, delimiters) and compare."""
+    template, task, render = lm_eval_mmlu("default", "_default_template_yaml")
     choices = template["doc_to_choice"]
-    theirs = (
-        task["description"]
-        + "".join(f"{render(**doc(s))} {choices[s.answer]}\n\n" for s in SHOTS[:3])
-        + render(**doc(Q))
-    )
+    theirs = task["description"] + "".join(f"{render(s)} {choices[s.answer]}\n\n" for s in SHOTS[:3]) + render(Q)
     assert mmlu.prompt(Q, SHOTS[:3]) == theirs
     assert template["fewshot_config"]["sampler"] == "first_n"  # our few-shot examples: the first k of dev
 
 
+@needs_lm_eval
 def test_continuation_format_equals_lm_eval_rendering_of_its_mmlu_continuation_yaml():
     """lm-eval's `mmlu_continuation`: the question alone after the description, each choice's text scored."""
-    import jinja2
-    import yaml
-
-    folder = Path(importlib.util.find_spec("lm_eval").origin).parent / "tasks" / "mmlu" / "continuation"
-    template = yaml.safe_load((folder / "_continuation_template_yaml").read_text())
-    task = yaml.safe_load((folder / "mmlu_high_school_physics.yaml").read_text())
-    render = jinja2.Template(template["doc_to_text"], keep_trailing_newline=True).render
-
-    def doc(q: Question) -> dict:
-        return {"question": q.question, "choices": q.choices, "answer": q.answer}
-
-    theirs = task["description"] + "".join(f"{render(**doc(s))} {s.choices[s.answer]}\n\n" for s in SHOTS[:2]) + render(**doc(Q))
+    template, task, render = lm_eval_mmlu("continuation", "_continuation_template_yaml")
+    theirs = task["description"] + "".join(f"{render(s)} {s.choices[s.answer]}\n\n" for s in SHOTS[:2]) + render(Q)
     assert mmlu.prompt(Q, SHOTS[:2], "continuation") == theirs
     assert template["doc_to_choice"] == "{{choices}}" and mmlu.continuations(Q, "continuation") == [f" {c}" for c in Q.choices]
     with pytest.raises(ValueError, match="mmlu.format='cloze'"):

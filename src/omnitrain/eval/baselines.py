@@ -1,5 +1,7 @@
 """Classical baselines that put the model's eval numbers in context: pocketsphinx for ASR, tesseract
-plus a transparent key-value heuristic for document QA. Both run offline on CPU.
+plus a transparent key-value heuristic for document QA. Both run offline on CPU. Also the systems
+``omnitrain eval`` runs in a model's place (``model.kind=pocketsphinx | tesseract``, or none: samples
+scored as they are).
 """
 
 from __future__ import annotations
@@ -12,10 +14,14 @@ import tempfile
 from functools import lru_cache
 from math import gcd
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import soundfile as sf
 from PIL import Image, ImageFilter
+
+if TYPE_CHECKING:
+    from omnitrain.eval.harness import ModelSpec
 
 __all__ = ["PocketsphinxASR", "TesseractDocQA", "OcrWord"]
 
@@ -235,3 +241,45 @@ class TesseractDocQA:
 def _stem(w: str) -> str:
     """Crude suffix stripping so "billed" meets "bill" and "signed" meets "sign"."""
     return re.sub(r"(ing|ed|es|s)$", "", w) if len(w) > 4 else w
+
+
+# ----------------------------------------------------------------------------- systems in a model's place
+def _baseline_info(kind: str, spec: ModelSpec) -> dict[str, Any]:
+    """results.json's model block for a baseline system: no checkpoint, no layout."""
+    return {"kind": kind, "path": None, "checkpoint_step": None, "layout_hash": None, "name": spec.name or kind}
+
+
+class PocketsphinxSystem:
+    """The ASR baseline (PyPI pocketsphinx, its bundled US English model): transcripts only."""
+
+    kind = "asr"
+
+    def __init__(self, spec: ModelSpec) -> None:
+        self.asr = PocketsphinxASR()
+        self.info = _baseline_info("pocketsphinx", spec)
+
+    def transcribe(self, paths: list[str]) -> list[str]:
+        return self.asr.transcribe(paths)
+
+
+class TesseractSystem:
+    """The OCR baseline for document QA (Debian tesseract-ocr): its answer to (page, question)."""
+
+    kind = "docqa"
+
+    def __init__(self, spec: ModelSpec) -> None:
+        self.qa = TesseractDocQA()
+        self.info = _baseline_info("tesseract", spec)
+
+    def answer(self, image_path: str, question: str) -> str:
+        return self.qa.answer(image_path, question)
+
+
+class SamplesOnly:
+    """No model: every task scores completions made elsewhere (``humaneval.samples``)."""
+
+    kind = "samples"
+
+    def __init__(self, spec: ModelSpec, samples: list[str]) -> None:
+        self.info = _baseline_info("samples", spec)
+        self.info.update(path=", ".join(samples), name=spec.name or ", ".join(Path(s).stem for s in samples))

@@ -39,7 +39,7 @@ from omnitrain.config import to_dict
 from omnitrain.data.audio_regroup import AudioGrouping
 from omnitrain.data.pipeline.media import MediaConfig, MediaTokenizers
 from omnitrain.eval import results as R
-from omnitrain.eval.baselines import PocketsphinxASR, TesseractDocQA
+from omnitrain.eval.baselines import PocketsphinxSystem, SamplesOnly, TesseractSystem
 from omnitrain.eval.cache import ScoreCache, fingerprint, request_key
 from omnitrain.eval.lm_eval_format import write_lm_eval
 from omnitrain.eval.mmlu import MMLUConfig
@@ -437,47 +437,6 @@ class OmniModel(TextLM):
             bar.update(len(batch))
         bar.close()
         return out
-
-
-def _baseline_info(kind: str, spec: ModelSpec) -> dict[str, Any]:
-    """results.json's model block for a baseline system: no checkpoint, no layout."""
-    return {"kind": kind, "path": None, "checkpoint_step": None, "layout_hash": None, "name": spec.name or kind}
-
-
-class PocketsphinxSystem:
-    """The ASR baseline (PyPI pocketsphinx, its bundled US English model): transcripts only."""
-
-    kind = "asr"
-
-    def __init__(self, spec: ModelSpec) -> None:
-        self.asr = PocketsphinxASR()
-        self.info = _baseline_info("pocketsphinx", spec)
-
-    def transcribe(self, paths: list[str]) -> list[str]:
-        return self.asr.transcribe(paths)
-
-
-class TesseractSystem:
-    """The OCR baseline for document QA (Debian tesseract-ocr): its answer to (page, question)."""
-
-    kind = "docqa"
-
-    def __init__(self, spec: ModelSpec) -> None:
-        self.qa = TesseractDocQA()
-        self.info = _baseline_info("tesseract", spec)
-
-    def answer(self, image_path: str, question: str) -> str:
-        return self.qa.answer(image_path, question)
-
-
-class SamplesOnly:
-    """No model: every task scores completions made elsewhere (``humaneval.samples``)."""
-
-    kind = "samples"
-
-    def __init__(self, spec: ModelSpec, samples: list[str]) -> None:
-        self.info = _baseline_info("samples", spec)
-        self.info.update(path=", ".join(samples), name=spec.name or ", ".join(Path(s).stem for s in samples))
 
 
 def pick_system(spec: ModelSpec, tasks: list[Any], batch_size: int = 16) -> Any:

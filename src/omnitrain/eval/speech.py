@@ -142,13 +142,14 @@ def make_flite_set(
     return rows
 
 
-def read_manifest(path: str | Path, needed: tuple[str, ...], media_key: str) -> list[dict]:
-    """The rows of an eval set's jsonl manifest, ``media_key`` paths made absolute against the file's
-    folder; a missing file, a line that is not JSON or a row without a ``needed`` key is an error that
-    names the line."""
+def jsonl_rows(path: str | Path, needed: tuple[str, ...], what: str = "") -> list[tuple[int, dict]]:
+    """``(line number, row)`` of an eval set's jsonl file, blank lines skipped; a missing file, a line that is not a
+    JSON object or a row without a ``needed`` key is an error that names the line. ``what``: the config key that named
+    the file, for the messages."""
     path = Path(path)
+    named = f"{what}={path}" if what else str(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist: pass a jsonl of {{{', '.join(needed)}}} rows")
+        raise FileNotFoundError(f"{named} does not exist: pass a jsonl of {{{', '.join(needed)}, ...}} rows")
     rows = []
     with open(path) as f:
         for i, line in enumerate(f, 1):
@@ -158,12 +159,21 @@ def read_manifest(path: str | Path, needed: tuple[str, ...], media_key: str) -> 
                 r = json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{i} is not JSON ({e})") from e
-            missing = [k for k in needed if k not in r]
+            missing = [k for k in needed if not isinstance(r, dict) or k not in r]
             if missing:
-                raise ValueError(f"{path}:{i}: a manifest row needs {list(needed)}; it lacks {missing} (has {sorted(r)})")
-            media = Path(r[media_key])
-            r[media_key] = str(media if media.is_absolute() else path.parent / media)
-            rows.append(r)
+                has = sorted(r) if isinstance(r, dict) else type(r).__name__
+                raise ValueError(f"{path}:{i}: a row needs {list(needed)}; it lacks {missing} (has {has})")
+            rows.append((i, r))
+    return rows
+
+
+def read_manifest(path: str | Path, needed: tuple[str, ...], media_key: str) -> list[dict]:
+    """The rows of an eval set's jsonl manifest (:func:`jsonl_rows`), ``media_key`` paths made absolute against the
+    file's folder."""
+    rows = [r for _, r in jsonl_rows(path, needed)]
+    for r in rows:
+        media = Path(r[media_key])
+        r[media_key] = str(media if media.is_absolute() else Path(path).parent / media)
     return rows
 
 

@@ -24,7 +24,6 @@ training, they are transcribed from a temporary folder and not kept); transcript
 
 from __future__ import annotations
 
-import json
 import random
 import statistics
 import tempfile
@@ -39,6 +38,7 @@ import soundfile as sf
 from tqdm import tqdm
 
 from omnitrain.eval.results import metric
+from omnitrain.eval.speech import SENTENCES, jsonl_rows
 
 SAMPLE_RATE = 16_000  # what the ASR systems hear
 # OpenAI, "Hello GPT-4o" (2024-05-13): "It can respond to audio inputs in as little as 232 milliseconds, with an
@@ -109,8 +109,6 @@ class Spoken:
 def tts_items(source: str) -> list[dict[str, Any]]:
     """``[{id, text}]`` of a tts source (see ``TTSConfig.source``)."""
     if source == "sentences":
-        from omnitrain.eval.speech import SENTENCES
-
         return [{"id": f"sentence/{i}", "text": s} for i, s in enumerate(SENTENCES)]
     if source == "digits" or source.startswith("digits:"):
         n = source.removeprefix("digits").removeprefix(":") or "20"
@@ -146,20 +144,8 @@ def s2s_items(path: str | None) -> list[dict[str, Any]]:
 
 
 def _jsonl(path: Path, needed: tuple[str, ...], what: str) -> list[dict[str, Any]]:
-    if not path.is_file():
-        raise FileNotFoundError(f"{what}={path} does not exist: pass a jsonl of {{{', '.join(needed)}, ...}} rows")
-    rows = []
-    for i, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            r = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{i} is not JSON ({e})") from e
-        missing = [k for k in needed if not isinstance(r, dict) or k not in r]
-        if missing:
-            raise ValueError(f"{path}:{i}: a row needs {list(needed)}; it lacks {missing}")
-        rows.append({**r, "_line": i})
+    """The rows of a tts / s2s jsonl (``omnitrain.eval.speech.jsonl_rows``), each with its ``_line``; none is an error."""
+    rows = [{**r, "_line": i} for i, r in jsonl_rows(path, needed, what)]
     if not rows:
         raise ValueError(f"{what}={path} holds no rows")
     return rows
